@@ -1,0 +1,569 @@
+//! KV caches behind one trait that a model's attention calls.
+//!
+//! Every cache here is the same [`Cache`]: per layer, per sequence and KV head, one
+//! store for keys and one for values, in the scheme's real packed layout (see
+//! [`store`]). Attention is computed tile by tile straight from that storage: a tile
+//! of keys and values is dequantized into a small scratch buffer, used, and dropped,
+//! so the cache is never expanded to full precision in memory.
+
+mod config;
+mod kvquant;
+mod store;
+
+pub use config::{CacheConfig, FullPrecision, Overrides, Scheme, PRESETS};
+pub use kvquant::{KvQuantCalibration, LayerCalibration, LayerSamples};
+
+use crate::error::{check_values, KvqError, Result};
+use crate::quant::outliers::outlier_count;
+use crate::rope::Rope;
+use crate::size::Bytes;
+use half::{bf16, f16};
+use kvquant::{check_calibration, NuqStore};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use store::{ChannelGroupStore, PlainStore, Residual, TokenGroupStore, TokenStore};
+
+/// The shape of a cache: layers, sequences in the batch, KV heads, head dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// What a cache holds, like `get_cache_info()` of the seed KIVI cache, but with the
+/// bytes counted for real (scales, residual and outliers included).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheInfo {
+    pub scheme: String,
+    pub num_layers: usize,
+    pub batch: usize,
+    pub total_seq_len: usize,
+    /// Tokens whose values are held quantized.
+    pub quantized_len: usize,
+    /// Tokens whose keys are held quantized (KIVI quantizes keys a group at a time).
+    pub key_quantized_len: usize,
+    /// Tokens held at full precision outside the sink (the residual window).
+    pub residual_len: usize,
+    pub sink_len: usize,
+    pub k_bits: u32,
+    pub v_bits: u32,
+    /// Bits per stored K/V element, every overhead included.
+    pub effective_bits: f64,
+    pub memory_bytes: usize,
+    /// What an f16 cache of the same length would take.
+    pub fp16_bytes: usize,
+    /// `memory_bytes / fp16_bytes`.
+    pub memory_ratio: f64,
+    pub bytes: Bytes,
+}
+
+/// The interface a model's attention uses. Layouts are row-major:
+/// keys/values `[batch][kv_head][token][dim]`, queries/outputs `[batch][q_head][token][dim]`.
+pub trait KvCache: Send {
+    fn config(&self) -> &CacheConfig;
+    fn shape(&self) -> CacheShape;
+    /// Whether `append` expects keys before RoPE (the cache rotates them on read).
+    fn wants_pre_rope_keys(&self) -> bool;
+    /// Tokens held: the position the next step starts at (always 0 without a cache).
+    fn seq_len(&self) -> usize;
+    /// Appends the K/V of `tokens` new tokens of one layer.
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()>;
+    /// Causal attention of `tokens` queries (the newest positions) over everything the
+    /// layer holds. `row_start[b]` masks the left padding of sequence `b` (empty: none).
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, row_start: &[usize], out: &mut [f32]) -> Result<()>;
+    /// The layer's keys (after RoPE) and values as the attention sees them.
+    fn materialize(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn bytes(&self) -> Bytes;
+    fn memory_bytes(&self) -> usize {
+        self.bytes().total()
+    }
+    fn info(&self) -> CacheInfo;
+    /// Keeps sequences `rows` (in that order, repeats allowed): beam search, batches.
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
+    fn reset(&mut self);
+}
+
+#[derive(Clone)]
+struct Stream {
+    sink_k: Vec<f16>,
+    sink_v: Vec<f16>,
+    k: Box<dyn TokenStore>,
+    v: Box<dyn TokenStore>,
+}
+
+#[derive(Clone, Default)]
+struct Layer {
+    streams: Vec<Stream>,
+    len: usize,
+    /// The K/V of the last `append`, full precision: what past-only attention and
+    /// the no-cache path read for the current step. Not part of the cache's memory.
+    fresh_k: Vec<f32>,
+    fresh_v: Vec<f32>,
+    fresh: usize,
+}
+
+#[derive(Clone, Default)]
+struct Scratch {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    codes: Vec<u8>,
+    scores: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Tokens per attention tile.
+const TILE: usize = 64;
+
+/// A KV cache of any [`Scheme`].
+#[derive(Clone)]
+pub struct Cache {
+    config: CacheConfig,
+    shape: CacheShape,
+    rope: Option<Arc<Rope>>,
+    calibration: Option<Arc<KvQuantCalibration>>,
+    layers: Vec<Layer>,
+    scratch: Vec<Scratch>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Which {
+    K,
+    V,
+}
+
+impl Cache {
+    /// A cache for `config`. `rope` is needed when keys are stored before RoPE;
+    /// `calibration` for KVQuant.
+    pub fn new(config: &CacheConfig, shape: CacheShape, rope: Option<Arc<Rope>>, calibration: Option<Arc<KvQuantCalibration>>) -> Result<Self> {
+        config.validate(shape.head_dim)?;
+        if shape.layers == 0 || shape.batch == 0 || shape.kv_heads == 0 {
+            return Err(KvqError::InvalidParam("a cache needs at least one layer, sequence and KV head".into()));
+        }
+        if config.pre_rope {
+            match &rope {
+                None => return Err(KvqError::InvalidParam("a cache that stores keys before RoPE needs the model's RoPE".into())),
+                Some(r) if r.head_dim != shape.head_dim => {
+                    return Err(KvqError::Shape(format!("RoPE is for head dim {}, the cache has {}", r.head_dim, shape.head_dim)))
+                }
+                _ => {}
+            }
+        }
+        if let Scheme::KvQuant { bits, outlier_fraction } = config.scheme {
+            let c = calibration.as_ref().ok_or_else(|| {
+                KvqError::InvalidParam("a KVQuant cache needs a calibration (KvQuantCalibration::fit)".into())
+            })?;
+            check_calibration(c, shape.layers, shape.kv_heads, shape.head_dim, bits, outlier_fraction)?;
+        }
+        let mut cache = Cache { config: config.clone(), shape, rope, calibration, layers: Vec::new(), scratch: Vec::new() };
+        cache.layers = (0..shape.layers)
+            .map(|l| Layer { streams: (0..shape.batch * shape.kv_heads).map(|s| cache.new_stream(l, s % shape.kv_heads)).collect(), ..Layer::default() })
+            .collect();
+        cache.scratch = vec![Scratch::default(); shape.batch * shape.kv_heads];
+        Ok(cache)
+    }
+
+    /// The cache that keeps nothing (generation recomputes the prefix every step).
+    pub fn none(shape: CacheShape) -> Self {
+        Cache::new(&CacheConfig::new(Scheme::None), shape, None, None).expect("a no-cache config is always valid")
+    }
+
+    fn new_stream(&self, layer: usize, head: usize) -> Stream {
+        let d = self.shape.head_dim;
+        let (k, v): (Box<dyn TokenStore>, Box<dyn TokenStore>) = match self.config.scheme {
+            Scheme::None | Scheme::Full(FullPrecision::F32) => (Box::new(PlainStore::<f32>::new(d)), Box::new(PlainStore::<f32>::new(d))),
+            Scheme::Full(FullPrecision::F16) => (Box::new(PlainStore::<f16>::new(d)), Box::new(PlainStore::<f16>::new(d))),
+            Scheme::Full(FullPrecision::Bf16) => (Box::new(PlainStore::<bf16>::new(d)), Box::new(PlainStore::<bf16>::new(d))),
+            Scheme::Full(FullPrecision::Fp8) => unreachable!("rejected by validate"),
+            Scheme::PerToken { bits, group_size, residual_length } => (
+                Box::new(TokenGroupStore::new(d, bits, group_size, Residual::Flush(residual_length))),
+                Box::new(TokenGroupStore::new(d, bits, group_size, Residual::Flush(residual_length))),
+            ),
+            Scheme::Kivi { k_bits, v_bits, group_size, residual_length } => (
+                Box::new(ChannelGroupStore::new(d, k_bits, group_size, residual_length)),
+                Box::new(TokenGroupStore::new(d, v_bits, group_size.min(d), Residual::Sliding(residual_length))),
+            ),
+            Scheme::KvQuant { outlier_fraction, .. } => {
+                let c = &self.calibration.as_ref().expect("checked in new").layers[layer];
+                let n_out = outlier_count(outlier_fraction, d);
+                let (center, scale) = (c.key_center[head * d..(head + 1) * d].to_vec(), c.key_scale[head * d..(head + 1) * d].to_vec());
+                (
+                    Box::new(NuqStore::keys(d, c.key_codebook.clone(), center, scale, n_out)),
+                    Box::new(NuqStore::values(d, c.value_codebook.clone(), n_out)),
+                )
+            }
+        };
+        Stream { sink_k: Vec::new(), sink_v: Vec::new(), k, v }
+    }
+
+    fn keeps_tokens(&self) -> bool {
+        !matches!(self.config.scheme, Scheme::None)
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.shape.layers {
+            Err(KvqError::LayerOutOfRange { layer, layers: self.shape.layers })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Tokens the attention of `layer` sees now (the fresh ones included).
+    fn visible(&self, layer: usize) -> usize {
+        let l = &self.layers[layer];
+        if self.keeps_tokens() {
+            l.len
+        } else {
+            l.fresh
+        }
+    }
+
+    /// The first position read from the fresh full-precision copy instead of the store.
+    fn fresh_from(&self, layer: usize) -> usize {
+        let l = &self.layers[layer];
+        if !self.keeps_tokens() {
+            0
+        } else if self.config.past_only {
+            l.len - l.fresh
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// The layer's keys as stored (before RoPE for a pre-RoPE cache) and values,
+    /// `[batch][kv_head][token][dim]`: what a calibration pass records.
+    pub fn materialize_stored(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.read_all(layer, false)
+    }
+
+    fn read_all(&self, layer: usize, rotate: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_layer(layer)?;
+        let n = self.visible(layer);
+        let d = self.shape.head_dim;
+        let streams = self.layers[layer].streams.len();
+        let mut k = vec![0f32; streams * n * d];
+        let mut v = vec![0f32; streams * n * d];
+        let mut codes = Vec::new();
+        for s in 0..streams {
+            self.read_rows(layer, s, Which::K, 0, n, &mut k[s * n * d..(s + 1) * n * d], &mut codes, rotate);
+            self.read_rows(layer, s, Which::V, 0, n, &mut v[s * n * d..(s + 1) * n * d], &mut codes, false);
+        }
+        Ok((k, v))
+    }
+
+    /// Reads positions `start..end` of one stream: sink, store or fresh copy.
+    #[allow(clippy::too_many_arguments)]
+    fn read_rows(&self, layer: usize, s: usize, which: Which, start: usize, end: usize, out: &mut [f32], codes: &mut Vec<u8>, rotate: bool) {
+        read_stream_rows(
+            &self.layers[layer],
+            s,
+            which,
+            start,
+            end,
+            self.fresh_from(layer),
+            self.shape.head_dim,
+            out,
+            codes,
+            if rotate && self.config.pre_rope { self.rope.as_deref() } else { None },
+        );
+    }
+}
+
+/// Reads positions `start..end` of stream `s` of a layer into `out`.
+#[allow(clippy::too_many_arguments)]
+fn read_stream_rows(layer: &Layer, s: usize, which: Which, start: usize, end: usize, fresh_from: usize, d: usize, out: &mut [f32], codes: &mut Vec<u8>, rope: Option<&Rope>) {
+    let st = &layer.streams[s];
+    let (sink, store, fresh) = match which {
+        Which::K => (&st.sink_k, &st.k, &layer.fresh_k),
+        Which::V => (&st.sink_v, &st.v, &layer.fresh_v),
+    };
+    let sink_n = sink.len() / d;
+    let fresh_from_pos = fresh_from.min(end);
+    // 1. Sink tokens.
+    let sink_end = end.min(sink_n).min(fresh_from_pos);
+    for p in start..sink_end {
+        for (o, h) in out[(p - start) * d..(p - start + 1) * d].iter_mut().zip(&sink[p * d..(p + 1) * d]) {
+            *o = h.to_f32();
+        }
+    }
+    // 2. The store.
+    let (a, b) = (start.max(sink_n), fresh_from_pos);
+    if a < b {
+        store.read(a - sink_n, b - sink_n, &mut out[(a - start) * d..(b - start) * d], codes);
+    }
+    // 3. The fresh full-precision copy of the current step.
+    let a = start.max(fresh_from_pos);
+    if a < end {
+        let base = s * layer.fresh * d;
+        let f0 = a - fresh_from;
+        out[(a - start) * d..(end - start) * d].copy_from_slice(&fresh[base + f0 * d..base + (f0 + end - a) * d]);
+    }
+    if let Some(r) = rope {
+        r.apply_rows(&mut out[..(end - start) * d], start);
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums let the compiler vectorize.
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+/// Runs `f` on every item, in parallel where the `parallel` feature is on.
+fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync + Send) {
+    #[cfg(feature = "parallel")]
+    {
+        use rayon::prelude::*;
+        items.into_par_iter().for_each(f);
+    }
+    #[cfg(not(feature = "parallel"))]
+    items.into_iter().for_each(f);
+}
+
+impl KvCache for Cache {
+    fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+
+    fn wants_pre_rope_keys(&self) -> bool {
+        self.config.pre_rope
+    }
+
+    fn seq_len(&self) -> usize {
+        self.layers.last().map_or(0, |l| if self.keeps_tokens() { l.len } else { 0 })
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
+        self.check_layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
+        let want = batch * kv_heads * tokens * d;
+        if k.len() != want || v.len() != want {
+            return Err(KvqError::Shape(format!(
+                "append of {tokens} tokens needs {want} values each for K and V ({batch} × {kv_heads} × {tokens} × {d}), got {} and {}",
+                k.len(),
+                v.len()
+            )));
+        }
+        check_values("keys", k)?;
+        check_values("values", v)?;
+        let keeps = self.keeps_tokens();
+        let sink_tokens = self.config.sink_tokens;
+        let l = &mut self.layers[layer];
+        if !keeps || self.config.past_only {
+            l.fresh_k.clear();
+            l.fresh_k.extend_from_slice(k);
+            l.fresh_v.clear();
+            l.fresh_v.extend_from_slice(v);
+        }
+        l.fresh = tokens;
+        if !keeps {
+            return Ok(());
+        }
+        let len = l.len;
+        let n_sink = sink_tokens.saturating_sub(len).min(tokens);
+        let work: Vec<(usize, &mut Stream)> = l.streams.iter_mut().enumerate().collect();
+        for_each(work, |(s, st)| {
+            let (kr, vr) = (&k[s * tokens * d..(s + 1) * tokens * d], &v[s * tokens * d..(s + 1) * tokens * d]);
+            st.sink_k.extend(kr[..n_sink * d].iter().map(|&x| f16::from_f32(x)));
+            st.sink_v.extend(vr[..n_sink * d].iter().map(|&x| f16::from_f32(x)));
+            if n_sink < tokens {
+                st.k.push(&kr[n_sink * d..]);
+                st.v.push(&vr[n_sink * d..]);
+            }
+        });
+        l.len += tokens;
+        Ok(())
+    }
+
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, row_start: &[usize], out: &mut [f32]) -> Result<()> {
+        self.check_layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
+        if q_heads == 0 || q_heads % kv_heads != 0 {
+            return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
+        }
+        let want = batch * q_heads * tokens * d;
+        if q.len() != want || out.len() != want {
+            return Err(KvqError::Shape(format!("queries and output need {want} values, got {} and {}", q.len(), out.len())));
+        }
+        if !row_start.is_empty() && row_start.len() != batch {
+            return Err(KvqError::Shape(format!("{} row starts for a batch of {batch}", row_start.len())));
+        }
+        let n = self.visible(layer);
+        if tokens > n {
+            return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {n} tokens")));
+        }
+        let rep = q_heads / kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let fresh_from = self.fresh_from(layer);
+        let rope = if self.config.pre_rope { self.rope.as_deref() } else { None };
+        let lay = &self.layers[layer];
+        let chunk = rep * tokens * d;
+        let work: Vec<_> = self.scratch.iter_mut().zip(q.chunks(chunk).zip(out.chunks_mut(chunk))).enumerate().collect();
+        for_each(work, |(s, (sc, (qs, os)))| {
+            let b = s / kv_heads;
+            let lo = row_start.get(b).copied().unwrap_or(0);
+            let nq = rep * tokens;
+            sc.k.resize(TILE * d, 0.0);
+            sc.v.resize(TILE * d, 0.0);
+            sc.scores.resize(TILE, 0.0);
+            sc.m.clear();
+            sc.m.resize(nq, f32::NEG_INFINITY);
+            sc.l.clear();
+            sc.l.resize(nq, 0.0);
+            sc.acc.clear();
+            sc.acc.resize(nq * d, 0.0);
+            let mut t0 = lo;
+            while t0 < n {
+                let t1 = n.min(t0 + TILE);
+                let rows = t1 - t0;
+                read_stream_rows(lay, s, Which::K, t0, t1, fresh_from, d, &mut sc.k[..rows * d], &mut sc.codes, rope);
+                read_stream_rows(lay, s, Which::V, t0, t1, fresh_from, d, &mut sc.v[..rows * d], &mut sc.codes, None);
+                for qi in 0..nq {
+                    let i = qi % tokens;
+                    let jmax = t1.min(n - tokens + i + 1); // causal: keys up to the query's position
+                    if jmax <= t0 {
+                        continue;
+                    }
+                    let qrow = &qs[qi * d..(qi + 1) * d];
+                    let mut mt = f32::NEG_INFINITY;
+                    for j in t0..jmax {
+                        let x = dot(qrow, &sc.k[(j - t0) * d..(j - t0 + 1) * d]) * scale;
+                        sc.scores[j - t0] = x;
+                        mt = mt.max(x);
+                    }
+                    let m_new = sc.m[qi].max(mt);
+                    let acc = &mut sc.acc[qi * d..(qi + 1) * d];
+                    if sc.m[qi] > f32::NEG_INFINITY && sc.m[qi] < m_new {
+                        let corr = (sc.m[qi] - m_new).exp();
+                        sc.l[qi] *= corr;
+                        acc.iter_mut().for_each(|a| *a *= corr);
+                    }
+                    for j in t0..jmax {
+                        let p = (sc.scores[j - t0] - m_new).exp();
+                        sc.l[qi] += p;
+                        axpy(p, &sc.v[(j - t0) * d..(j - t0 + 1) * d], acc);
+                    }
+                    sc.m[qi] = m_new;
+                }
+                t0 = t1;
+            }
+            for qi in 0..nq {
+                let o = &mut os[qi * d..(qi + 1) * d];
+                let l = sc.l[qi];
+                // A query with no visible key (inside the left padding) outputs zeros.
+                let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+                for (x, a) in o.iter_mut().zip(&sc.acc[qi * d..(qi + 1) * d]) {
+                    *x = a * inv;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn materialize(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.read_all(layer, true)
+    }
+
+    fn bytes(&self) -> Bytes {
+        let mut b = Bytes::default();
+        for l in &self.layers {
+            for st in &l.streams {
+                b += st.k.bytes() + st.v.bytes();
+                b.sink += 2 * (st.sink_k.len() + st.sink_v.len());
+            }
+        }
+        if let Some(c) = &self.calibration {
+            b.constants += self.shape.layers * c.layer_bytes();
+        }
+        b
+    }
+
+    fn info(&self) -> CacheInfo {
+        let total = self.seq_len();
+        let (mut q, mut kq, mut sink) = (0, 0, 0);
+        if let Some(st) = self.layers.first().and_then(|l| l.streams.first()) {
+            q = st.v.quantized_len();
+            kq = st.k.quantized_len();
+            sink = st.sink_v.len() / self.shape.head_dim;
+        }
+        let bytes = self.bytes();
+        let memory = bytes.total();
+        let elements = 2 * self.shape.layers * self.shape.batch * self.shape.kv_heads * self.shape.head_dim * total;
+        let (k_bits, v_bits) = self.config.bits();
+        CacheInfo {
+            scheme: self.config.label(),
+            num_layers: self.shape.layers,
+            batch: self.shape.batch,
+            total_seq_len: total,
+            quantized_len: q,
+            key_quantized_len: kq,
+            residual_len: total - q - sink,
+            sink_len: sink,
+            k_bits,
+            v_bits,
+            effective_bits: if elements > 0 { 8.0 * memory as f64 / elements as f64 } else { 0.0 },
+            memory_bytes: memory,
+            fp16_bytes: 2 * elements,
+            memory_ratio: if elements > 0 { memory as f64 / (2 * elements) as f64 } else { 0.0 },
+            bytes,
+        }
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() {
+            return Err(KvqError::InvalidParam("select_rows needs at least one row".into()));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.shape.batch) {
+            return Err(KvqError::InvalidParam(format!("row {r} is out of range for a batch of {}", self.shape.batch)));
+        }
+        let h = self.shape.kv_heads;
+        for l in &mut self.layers {
+            l.streams = rows.iter().flat_map(|&r| l.streams[r * h..(r + 1) * h].iter().cloned()).collect::<Vec<_>>();
+            l.fresh = 0;
+            l.fresh_k.clear();
+            l.fresh_v.clear();
+        }
+        self.shape.batch = rows.len();
+        self.scratch = vec![Scratch::default(); rows.len() * h];
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for l in &mut self.layers {
+            for st in &mut l.streams {
+                st.sink_k.clear();
+                st.sink_v.clear();
+                st.k.clear();
+                st.v.clear();
+            }
+            l.len = 0;
+            l.fresh = 0;
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Token stores: one sequence of `dim`-wide vectors (the keys or the values of one
+//! KV head of one sequence), held in a scheme's real packed layout.
+
+use crate::quant::pack::{pack_unchecked, packed_len, unpack_unchecked};
+use crate::quant::uniform::{Affine, AFFINE_BYTES};
+use crate::size::Bytes;
+use half::{bf16, f16};
+
+/// One stream of vectors. `push` takes inputs already checked (finite, in range).
+pub(crate) trait TokenStore: Send + Sync {
+    /// Vectors held.
+    fn len(&self) -> usize;
+    /// Vectors held in quantized form.
+    fn quantized_len(&self) -> usize;
+    /// Appends `rows.len() / dim` vectors.
+    fn push(&mut self, rows: &[f32]);
+    /// Writes vectors `start..end`, dequantized, to `out` (`(end − start) · dim`).
+    fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>);
+    /// Bytes really held.
+    fn bytes(&self) -> Bytes;
+    fn box_clone(&self) -> Box<dyn TokenStore>;
+    fn clear(&mut self);
+}
+
+impl Clone for Box<dyn TokenStore> {
+    fn clone(&self) -> Self {
+        self.box_clone()
+    }
+}
+
+/// An element type a full-precision store can hold.
+pub(crate) trait Element: Copy + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+impl Element for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Element for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+impl Element for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Full precision: every element as `T`.
+#[derive(Clone)]
+pub(crate) struct PlainStore<T> {
+    dim: usize,
+    data: Vec<T>,
+}
+
+impl<T: Element> PlainStore<T> {
+    pub fn new(dim: usize) -> Self {
+        PlainStore { dim, data: Vec::new() }
+    }
+}
+
+impl<T: Element> TokenStore for PlainStore<T> {
+    fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+    fn quantized_len(&self) -> usize {
+        0
+    }
+    fn push(&mut self, rows: &[f32]) {
+        self.data.extend(rows.iter().map(|&x| T::from_f32(x)));
+    }
+    fn read(&self, start: usize, end: usize, out: &mut [f32], _: &mut Vec<u8>) {
+        for (o, &x) in out.iter_mut().zip(&self.data[start * self.dim..end * self.dim]) {
+            *o = x.to_f32();
+        }
+    }
+    fn bytes(&self) -> Bytes {
+        Bytes { full: self.data.len() * std::mem::size_of::<T>(), ..Bytes::default() }
+    }
+    fn box_clone(&self) -> Box<dyn TokenStore> {
+        Box::new(self.clone())
+    }
+    fn clear(&mut self) {
+        self.data.clear();
+    }
+}
+
+/// When vectors leave the full-precision tail of a [`TokenGroupStore`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Residual {
+    /// HF `QuantizedCache`: the tail fills to `r` vectors, then all of them are
+    /// quantized together (`len % r` stay full precision; `r = 0`: none).
+    Flush(usize),
+    /// KIVI values: the `r` most recent vectors stay full precision.
+    Sliding(usize),
+}
+
+/// Per-token groups: each vector split into groups of `group` channels, each group
+/// with its own f16 min and scale. Unquantized vectors wait in an f16 tail.
+#[derive(Clone)]
+pub(crate) struct TokenGroupStore {
+    dim: usize,
+    bits: u8,
+    group: usize,
+    residual: Residual,
+    quantized: usize,
+    codes: Vec<u8>,
+    params: Vec<Affine>,
+    tail: Vec<f16>,
+}
+
+impl TokenGroupStore {
+    pub fn new(dim: usize, bits: u8, group: usize, residual: Residual) -> Self {
+        TokenGroupStore { dim, bits, group, residual, quantized: 0, codes: Vec::new(), params: Vec::new(), tail: Vec::new() }
+    }
+
+    fn target_quantized(&self, len: usize) -> usize {
+        match self.residual {
+            Residual::Flush(0) => len,
+            Residual::Flush(r) => len - len % r,
+            Residual::Sliding(r) => len.saturating_sub(r),
+        }
+    }
+
+    fn group_bytes(&self) -> usize {
+        packed_len(self.group, self.bits)
+    }
+}
+
+impl TokenStore for TokenGroupStore {
+    fn len(&self) -> usize {
+        self.quantized + self.tail.len() / self.dim
+    }
+    fn quantized_len(&self) -> usize {
+        self.quantized
+    }
+    fn push(&mut self, rows: &[f32]) {
+        let d = self.dim;
+        self.tail.extend(rows.iter().map(|&x| f16::from_f32(x)));
+        let target = self.target_quantized(self.len());
+        let n = target - self.quantized;
+        if n == 0 {
+            return;
+        }
+        // Quantize the n oldest tail vectors. Values are read back from the f16 tail,
+        // so a vector is quantized from exactly what the residual window held.
+        let mut vals = vec![0f32; self.group];
+        let mut codes = vec![0u8; self.group];
+        for g in self.tail[..n * d].chunks_exact(self.group) {
+            for (v, h) in vals.iter_mut().zip(g) {
+                *v = h.to_f32();
+            }
+            let a = Affine::fit_values(&vals, self.bits);
+            a.quantize(&vals, self.bits, &mut codes);
+            pack_unchecked(&codes, self.bits, &mut self.codes);
+            self.params.push(a);
+        }
+        self.tail.drain(..n * d);
+        self.quantized = target;
+    }
+    fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
+        let d = self.dim;
+        let gpt = d / self.group; // groups per token
+        let gb = self.group_bytes();
+        scratch.resize(self.group, 0);
+        for t in start..end {
+            let o = &mut out[(t - start) * d..(t - start + 1) * d];
+            if t < self.quantized {
+                for gi in 0..gpt {
+                    let i = t * gpt + gi;
+                    unpack_unchecked(&self.codes[i * gb..(i + 1) * gb], self.bits, scratch);
+                    self.params[i].dequantize(scratch, &mut o[gi * self.group..(gi + 1) * self.group]);
+                }
+            } else {
+                let r = t - self.quantized;
+                for (x, h) in o.iter_mut().zip(&self.tail[r * d..(r + 1) * d]) {
+                    *x = h.to_f32();
+                }
+            }
+        }
+    }
+    fn bytes(&self) -> Bytes {
+        Bytes {
+            codes: self.codes.len(),
+            params: self.params.len() * AFFINE_BYTES,
+            full: self.tail.len() * 2,
+            ..Bytes::default()
+        }
+    }
+    fn box_clone(&self) -> Box<dyn TokenStore> {
+        Box::new(self.clone())
+    }
+    fn clear(&mut self) {
+        self.quantized = 0;
+        self.codes.clear();
+        self.params.clear();
+        self.tail.clear();
+    }
+}
+
+/// Per-channel groups (KIVI keys): blocks of `group` tokens; within a block each
+/// channel's `group` values form one group with its own f16 min and scale. Codes are
+/// stored channel by channel (`block → channel → token`). The `residual` most recent
+/// tokens stay in an f16 tail; a block is quantized once all its tokens are older.
+#[derive(Clone)]
+pub(crate) struct ChannelGroupStore {
+    dim: usize,
+    bits: u8,
+    group: usize,
+    residual: usize,
+    quantized: usize,
+    codes: Vec<u8>,
+    params: Vec<Affine>,
+    tail: Vec<f16>,
+}
+
+impl ChannelGroupStore {
+    pub fn new(dim: usize, bits: u8, group: usize, residual: usize) -> Self {
+        ChannelGroupStore { dim, bits, group, residual, quantized: 0, codes: Vec::new(), params: Vec::new(), tail: Vec::new() }
+    }
+}
+
+impl TokenStore for ChannelGroupStore {
+    fn len(&self) -> usize {
+        self.quantized + self.tail.len() / self.dim
+    }
+    fn quantized_len(&self) -> usize {
+        self.quantized
+    }
+    fn push(&mut self, rows: &[f32]) {
+        let (d, g) = (self.dim, self.group);
+        self.tail.extend(rows.iter().map(|&x| f16::from_f32(x)));
+        let mut vals = vec![0f32; g];
+        let mut codes = vec![0u8; g];
+        while self.len() - self.quantized >= self.residual + g {
+            // The oldest g tail tokens form a full block that has left the window.
+            for c in 0..d {
+                for (j, v) in vals.iter_mut().enumerate() {
+                    *v = self.tail[j * d + c].to_f32();
+                }
+                let a = Affine::fit_values(&vals, self.bits);
+                a.quantize(&vals, self.bits, &mut codes);
+                pack_unchecked(&codes, self.bits, &mut self.codes);
+                self.params.push(a);
+            }
+            self.tail.drain(..g * d);
+            self.quantized += g;
+        }
+    }
+    fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
+        let (d, g) = (self.dim, self.group);
+        let gb = packed_len(g, self.bits);
+        scratch.resize(g, 0);
+        let qend = end.min(self.quantized);
+        let mut t = start;
+        while t < qend {
+            let block = t / g;
+            let (b0, b1) = (t, qend.min((block + 1) * g));
+            for c in 0..d {
+                let i = block * d + c;
+                unpack_unchecked(&self.codes[i * gb..(i + 1) * gb], self.bits, scratch);
+                let a = &self.params[i];
+                let (min, s) = (a.min.to_f32(), a.scale.to_f32());
+                for tt in b0..b1 {
+                    out[(tt - start) * d + c] = min + scratch[tt - block * g] as f32 * s;
+                }
+            }
+            t = b1;
+        }
+        for t in qend.max(start)..end {
+            let r = t - self.quantized;
+            for (x, h) in out[(t - start) * d..(t - start + 1) * d].iter_mut().zip(&self.tail[r * d..(r + 1) * d]) {
+                *x = h.to_f32();
+            }
+        }
+    }
+    fn bytes(&self) -> Bytes {
+        Bytes {
+            codes: self.codes.len(),
+            params: self.params.len() * AFFINE_BYTES,
+            full: self.tail.len() * 2,
+            ..Bytes::default()
+        }
+    }
+    fn box_clone(&self) -> Box<dyn TokenStore> {
+        Box::new(self.clone())
+    }
+    fn clear(&mut self) {
+        self.quantized = 0;
+        self.codes.clear();
+        self.params.clear();
+        self.tail.clear();
+    }
+}

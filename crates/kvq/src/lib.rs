@@ -1,0 +1,24 @@
+//! # kvq — the KV cache of LLM inference, and how to quantize it
+//!
+//! - [`size`]: how many bytes a KV cache takes, for any model geometry and scheme.
+//! - [`quant`]: the quantization math (uniform, bit packing, k-means codebooks,
+//!   dense-and-sparse outliers) in plain Rust; compiles to wasm.
+//! - [`cache`]: caches with real packed storage behind one trait, [`cache::KvCache`].
+//! - `model` and `generate` (feature `model`): a Llama-family decoder on candle whose
+//!   attention calls the cache, and generation with and without a cache.
+
+pub mod cache;
+pub mod error;
+pub mod quant;
+pub mod rng;
+pub mod rope;
+pub mod size;
+
+#[cfg(feature = "model")]
+pub mod generate;
+#[cfg(feature = "model")]
+pub mod model;
+
+pub use cache::{Cache, CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
+pub use error::{KvqError, Result};
+pub use size::ModelGeometry;

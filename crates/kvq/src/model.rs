@@ -1,0 +1,244 @@
+//! A Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) whose
+//! attention goes through a [`KvCache`]. Linear layers are candle `QMatMul`s, so the
+//! same code runs float weights (the small test model) and GGUF quantized weights.
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each layer:
+//!     h = rms_norm(x)
+//!     q, k, v = h·Wq, h·Wk, h·Wv
+//!     q = rope(q);  k = rope(k)        (k stays unrotated if the cache wants it so)
+//!     cache.append(k, v);  a = cache.attend(q)
+//!     x = x + a·Wo
+//!     h = rms_norm(x)
+//!     x = x + (silu(h·Wgate) * h·Wup)·Wdown
+//! logits = rms_norm(x)·Wout
+//! ```
+
+use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, KvQuantCalibration, LayerSamples, Scheme, FullPrecision};
+use crate::error::{KvqError, Result};
+use crate::rng::SplitMix64;
+use crate::rope::{Rope, RopeStyle};
+use crate::size::ModelGeometry;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+/// The hyper-parameters of a Llama-family model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    pub rms_eps: f64,
+    pub max_seq_len: usize,
+}
+
+impl LlamaConfig {
+    /// The small deterministic model of the tests: SmolLM2's shape of attention
+    /// (3 query heads per KV head), scaled down so that it runs in milliseconds.
+    pub fn tiny() -> Self {
+        LlamaConfig {
+            vocab_size: 512,
+            hidden_size: 96,
+            intermediate_size: 256,
+            layers: 4,
+            q_heads: 6,
+            kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::Half,
+            rms_eps: 1e-5,
+            max_seq_len: 4096,
+        }
+    }
+
+    pub fn geometry(&self, name: &str) -> ModelGeometry {
+        ModelGeometry { name: name.into(), layers: self.layers, q_heads: self.q_heads, kv_heads: self.kv_heads, head_dim: self.head_dim }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.q_heads == 0 || self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 {
+            return Err(KvqError::InvalidParam(format!("{} query heads cannot share {} KV heads", self.q_heads, self.kv_heads)));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(KvqError::InvalidParam(format!("head dim must be even, got {}", self.head_dim)));
+        }
+        if self.layers == 0 || self.vocab_size == 0 || self.hidden_size == 0 {
+            return Err(KvqError::InvalidParam("layers, vocabulary and hidden size must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One decoder layer's weights.
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub wq: QMatMul,
+    pub wk: QMatMul,
+    pub wv: QMatMul,
+    pub wo: QMatMul,
+    pub ffn_norm: Tensor,
+    pub w_gate: QMatMul,
+    pub w_up: QMatMul,
+    pub w_down: QMatMul,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: QMatMul,
+    pub rope: Arc<Rope>,
+    pub device: Device,
+}
+
+fn random_matrix(rng: &mut SplitMix64, out_dim: usize, in_dim: usize, gain: f32, dev: &Device) -> Result<QMatMul> {
+    // Uniform with variance gain²/in_dim keeps activations at a steady scale.
+    let a = gain * (3.0 / in_dim as f32).sqrt();
+    let w: Vec<f32> = (0..out_dim * in_dim).map(|_| rng.uniform(a)).collect();
+    Ok(QMatMul::Tensor(Tensor::from_vec(w, (out_dim, in_dim), dev)?))
+}
+
+fn random_norm(rng: &mut SplitMix64, n: usize, dev: &Device) -> Result<Tensor> {
+    let w: Vec<f32> = (0..n).map(|_| 1.0 + rng.uniform(0.1)).collect();
+    Ok(Tensor::from_vec(w, n, dev)?)
+}
+
+impl Llama {
+    /// A model with deterministic pseudo-random weights: no download, same on every machine.
+    pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let mut rng = SplitMix64::new(seed);
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let embed: Vec<f32> = (0..c.vocab_size * h).map(|_| rng.uniform(1.0)).collect();
+        let embed = Tensor::from_vec(embed, (c.vocab_size, h), device)?;
+        let mut blocks = Vec::with_capacity(c.layers);
+        for _ in 0..c.layers {
+            blocks.push(Block {
+                attn_norm: random_norm(&mut rng, h, device)?,
+                // A larger gain on Wq/Wk gives peaked attention, like trained models.
+                wq: random_matrix(&mut rng, c.q_heads * d, h, 2.0, device)?,
+                wk: random_matrix(&mut rng, c.kv_heads * d, h, 2.0, device)?,
+                wv: random_matrix(&mut rng, c.kv_heads * d, h, 1.0, device)?,
+                wo: random_matrix(&mut rng, h, c.q_heads * d, 0.5, device)?,
+                ffn_norm: random_norm(&mut rng, h, device)?,
+                w_gate: random_matrix(&mut rng, c.intermediate_size, h, 1.0, device)?,
+                w_up: random_matrix(&mut rng, c.intermediate_size, h, 1.0, device)?,
+                w_down: random_matrix(&mut rng, h, c.intermediate_size, 0.5, device)?,
+            });
+        }
+        let norm = random_norm(&mut rng, h, device)?;
+        let lm_head = random_matrix(&mut rng, c.vocab_size, h, 4.0, device)?;
+        Llama::from_parts(config, embed, blocks, norm, lm_head, device.clone())
+    }
+
+    /// Assembles a model from weights (the GGUF loader uses this too).
+    pub fn from_parts(config: LlamaConfig, embed: Tensor, blocks: Vec<Block>, norm: Tensor, lm_head: QMatMul, device: Device) -> Result<Self> {
+        config.validate()?;
+        if blocks.len() != config.layers {
+            return Err(KvqError::Shape(format!("{} blocks for {} layers", blocks.len(), config.layers)));
+        }
+        let rope = Arc::new(Rope::new(config.rope_theta, config.head_dim, config.rope_style, config.max_seq_len));
+        Ok(Llama { config, embed, blocks, norm, lm_head, rope, device })
+    }
+
+    /// The cache shape this model needs at batch `batch`.
+    pub fn cache_shape(&self, batch: usize) -> CacheShape {
+        CacheShape { layers: self.config.layers, batch, kv_heads: self.config.kv_heads, head_dim: self.config.head_dim }
+    }
+
+    /// A cache for this model (KVQuant needs `calibration`, see [`Llama::calibrate_kvquant`]).
+    pub fn new_cache(&self, config: &CacheConfig, batch: usize, calibration: Option<Arc<KvQuantCalibration>>) -> Result<Cache> {
+        Cache::new(config, self.cache_shape(batch), Some(self.rope.clone()), calibration)
+    }
+
+    /// Runs `batch` rows of `tokens.len() / batch` new tokens each through the model.
+    /// Positions continue from `cache.seq_len()`. Returns logits `[batch, t, vocab]`
+    /// for every new position, or `[batch, 1, vocab]` for the last when `all_logits` is false.
+    pub fn forward(&self, tokens: &[u32], batch: usize, row_start: &[usize], cache: &mut dyn KvCache, all_logits: bool) -> Result<Tensor> {
+        let c = &self.config;
+        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
+            return Err(KvqError::Shape(format!("{} tokens cannot form {batch} equal rows", tokens.len())));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(KvqError::InvalidParam(format!("token id {t} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        let shape = cache.shape();
+        if shape != self.cache_shape(batch) {
+            return Err(KvqError::Shape(format!("the cache is shaped {shape:?}, the model needs {:?}", self.cache_shape(batch))));
+        }
+        let t = tokens.len() / batch;
+        let pos0 = cache.seq_len();
+        if pos0 + t > c.max_seq_len {
+            return Err(KvqError::ContextOverflow { len: pos0 + t, max: c.max_seq_len });
+        }
+        let (hq, hkv, d) = (c.q_heads, c.kv_heads, c.head_dim);
+        let ids = Tensor::from_slice(tokens, batch * t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((batch, t, c.hidden_size))?;
+        let pre_rope = cache.wants_pre_rope_keys();
+        let mut attn = vec![0f32; batch * hq * t * d];
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, c.rms_eps as f32)?;
+            let mut q = heads_major(&blk.wq.forward(&h)?, batch, t, hq, d)?;
+            let mut k = heads_major(&blk.wk.forward(&h)?, batch, t, hkv, d)?;
+            let v = heads_major(&blk.wv.forward(&h)?, batch, t, hkv, d)?;
+            for row in q.chunks_exact_mut(t * d) {
+                self.rope.apply_rows(row, pos0);
+            }
+            if !pre_rope {
+                for row in k.chunks_exact_mut(t * d) {
+                    self.rope.apply_rows(row, pos0);
+                }
+            }
+            cache.append(li, &k, &v, t)?;
+            cache.attend(li, &q, hq, t, row_start, &mut attn)?;
+            let a = Tensor::from_slice(&attn, (batch, hq, t, d), &self.device)?
+                .transpose(1, 2)?
+                .reshape((batch, t, hq * d))?;
+            x = (x + blk.wo.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, c.rms_eps as f32)?;
+            let gate = candle_nn::ops::silu(&blk.w_gate.forward(&h)?)?;
+            let up = blk.w_up.forward(&h)?;
+            x = (x + blk.w_down.forward(&(gate * up)?)?)?;
+        }
+        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Records K (before RoPE) and V on `tokens` and fits a KVQuant calibration.
+    pub fn calibrate_kvquant(&self, tokens: &[u32], bits: u8, outlier_fraction: f32) -> Result<KvQuantCalibration> {
+        if tokens.is_empty() {
+            return Err(KvqError::EmptyPrompt);
+        }
+        let rec = CacheConfig { pre_rope: true, ..CacheConfig::new(Scheme::Full(FullPrecision::F32)) };
+        let mut cache = self.new_cache(&rec, 1, None)?;
+        self.forward(tokens, 1, &[], &mut cache, false)?;
+        let stored: Vec<(Vec<f32>, Vec<f32>)> = (0..self.config.layers).map(|l| cache.materialize_stored(l)).collect::<Result<_>>()?;
+        let samples: Vec<LayerSamples> = stored.iter().map(|(k, v)| LayerSamples { keys: k, values: v, tokens: tokens.len() }).collect();
+        KvQuantCalibration::fit(&samples, self.config.kv_heads, self.config.head_dim, bits as u32, outlier_fraction)
+    }
+}
+
+/// `[batch, t, heads·d]` → `[batch][head][t][d]` as a flat vector.
+fn heads_major(x: &Tensor, batch: usize, t: usize, heads: usize, d: usize) -> Result<Vec<f32>> {
+    Ok(x.reshape((batch, t, heads, d))?.transpose(1, 2)?.contiguous()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// Log-softmax over the last dimension, as f32 values (for perplexity and KL).
+pub fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let v = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let dims = v.dims().to_vec();
+    let vocab = *dims.last().unwrap_or(&0);
+    let flat = v.flatten_all()?.to_vec1::<f32>()?;
+    Ok(flat.chunks(vocab.max(1)).map(|r| r.to_vec()).collect())
+}

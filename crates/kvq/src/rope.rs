@@ -1,0 +1,90 @@
+//! Rotary position embedding (RoPE), in plain Rust so that caches that store keys
+//! *before* RoPE (KVQuant) can rotate them on read with the model's exact rotation.
+
+use serde::{Deserialize, Serialize};
+
+/// How channel pairs are formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: GGUF / llama.cpp's layout for Llama weights.
+    Interleaved,
+    /// Pairs `(i, i + d/2)`: Hugging Face's `rotate_half`.
+    Half,
+}
+
+/// RoPE for one head dimension, with a cos/sin table for the first `max_positions`.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub theta: f32,
+    pub head_dim: usize,
+    pub style: RopeStyle,
+    inv_freq: Vec<f32>,
+    table_positions: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(theta: f32, head_dim: usize, style: RopeStyle, max_positions: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for &f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { theta, head_dim, style, inv_freq, table_positions: max_positions, cos, sin }
+    }
+
+    /// Rotates one vector of `head_dim` values to position `pos`.
+    #[inline]
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        if pos < self.table_positions {
+            let c = &self.cos[pos * half..(pos + 1) * half];
+            let s = &self.sin[pos * half..(pos + 1) * half];
+            self.rotate(x, |i| (c[i], s[i]));
+        } else {
+            let inv = &self.inv_freq;
+            self.rotate(x, |i| {
+                let a = pos as f32 * inv[i];
+                (a.cos(), a.sin())
+            });
+        }
+    }
+
+    #[inline]
+    fn rotate(&self, x: &mut [f32], cs: impl Fn(usize) -> (f32, f32)) {
+        let half = self.head_dim / 2;
+        match self.style {
+            RopeStyle::Interleaved => {
+                for i in 0..half {
+                    let (c, s) = cs(i);
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    x[2 * i] = a * c - b * s;
+                    x[2 * i + 1] = a * s + b * c;
+                }
+            }
+            RopeStyle::Half => {
+                for i in 0..half {
+                    let (c, s) = cs(i);
+                    let (a, b) = (x[i], x[i + half]);
+                    x[i] = a * c - b * s;
+                    x[i + half] = a * s + b * c;
+                }
+            }
+        }
+    }
+
+    /// Rotates `rows` consecutive vectors, the first at position `pos0`.
+    pub fn apply_rows(&self, xs: &mut [f32], pos0: usize) {
+        for (i, row) in xs.chunks_exact_mut(self.head_dim).enumerate() {
+            self.apply(row, pos0 + i);
+        }
+    }
+}
