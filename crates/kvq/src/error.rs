@@ -57,6 +57,8 @@ pub const MAX_ABS_VALUE: f32 = 30_000.0;
 #[cfg(feature = "model")]
 impl From<candle_core::Error> for KvqError {
     fn from(e: candle_core::Error) -> Self {
-        KvqError::Model(e.to_string())
+        // candle appends a backtrace when RUST_BACKTRACE is set: keep the message only.
+        let msg = e.to_string();
+        KvqError::Model(msg.lines().next().unwrap_or("").to_string())
     }
 }

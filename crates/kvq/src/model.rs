@@ -42,16 +42,16 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     /// The small deterministic model of the tests: SmolLM2's shape of attention
-    /// (3 query heads per KV head), scaled down so that it runs in milliseconds.
+    /// (3 query heads per KV head, head dim 64), scaled down to run in milliseconds.
     pub fn tiny() -> Self {
         LlamaConfig {
             vocab_size: 512,
-            hidden_size: 96,
-            intermediate_size: 256,
+            hidden_size: 192,
+            intermediate_size: 512,
             layers: 4,
             q_heads: 6,
             kv_heads: 2,
-            head_dim: 16,
+            head_dim: 64,
             rope_theta: 10_000.0,
             rope_style: RopeStyle::Half,
             rms_eps: 1e-5,
@@ -210,7 +210,7 @@ impl Llama {
             let up = blk.w_up.forward(&h)?;
             x = (x + blk.w_down.forward(&(gate * up)?)?)?;
         }
-        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)?.contiguous()? };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }

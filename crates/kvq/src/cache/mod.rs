@@ -129,6 +129,17 @@ pub struct Cache {
     scratch: Vec<Scratch>,
 }
 
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("scheme", &self.config.label())
+            .field("shape", &self.shape)
+            .field("seq_len", &self.seq_len())
+            .field("memory_bytes", &self.memory_bytes())
+            .finish()
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Which {
     K,
@@ -505,7 +516,8 @@ impl KvCache for Cache {
     }
 
     fn info(&self) -> CacheInfo {
-        let total = self.seq_len();
+        // Counted on layer 0, like the rest of the per-stream numbers below.
+        let total = if self.keeps_tokens() { self.layers[0].len } else { 0 };
         let (mut q, mut kq, mut sink) = (0, 0, 0);
         if let Some(st) = self.layers.first().and_then(|l| l.streams.first()) {
             q = st.v.quantized_len();
@@ -523,7 +535,7 @@ impl KvCache for Cache {
             total_seq_len: total,
             quantized_len: q,
             key_quantized_len: kq,
-            residual_len: total - q - sink,
+            residual_len: total.saturating_sub(q + sink),
             sink_len: sink,
             k_bits,
             v_bits,

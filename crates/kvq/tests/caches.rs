@@ -1,0 +1,342 @@
+//! Caches: real bytes equal the size math; attention equals a naive reference over what
+//! the cache holds; scheme-specific guarantees; bad input gives typed errors.
+
+use kvq::cache::{Cache, CacheConfig, CacheShape, FullPrecision, KvCache, KvQuantCalibration, LayerSamples, Scheme, PRESETS};
+use kvq::rng::SplitMix64;
+use kvq::rope::{Rope, RopeStyle};
+use kvq::size::{cache_bytes, ModelGeometry};
+use kvq::KvqError;
+use std::sync::Arc;
+
+const D: usize = 64;
+const SHAPE: CacheShape = CacheShape { layers: 2, batch: 2, kv_heads: 2, head_dim: D };
+
+fn geometry() -> ModelGeometry {
+    ModelGeometry::new("test", SHAPE.layers, 6, SHAPE.kv_heads, SHAPE.head_dim).unwrap()
+}
+
+fn rope() -> Arc<Rope> {
+    Arc::new(Rope::new(10_000.0, SHAPE.head_dim, RopeStyle::Half, 1024))
+}
+
+fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+    // Keys with a few large channels, like real models.
+    (0..n).map(|i| rng.normal() * if i % D == 3 { 8.0 } else { 1.0 }).collect()
+}
+
+fn calibration(bits: u8, frac: f32) -> Arc<KvQuantCalibration> {
+    let mut rng = SplitMix64::new(7);
+    let n = 256;
+    let data: Vec<(Vec<f32>, Vec<f32>)> = (0..SHAPE.layers)
+        .map(|_| (random(&mut rng, SHAPE.kv_heads * n * D), random(&mut rng, SHAPE.kv_heads * n * D)))
+        .collect();
+    let samples: Vec<LayerSamples> = data.iter().map(|(k, v)| LayerSamples { keys: k, values: v, tokens: n }).collect();
+    Arc::new(KvQuantCalibration::fit(&samples, SHAPE.kv_heads, SHAPE.head_dim, bits as u32, frac).unwrap())
+}
+
+fn build(cfg: &CacheConfig) -> Cache {
+    let calib = match cfg.scheme {
+        Scheme::KvQuant { bits, outlier_fraction } => Some(calibration(bits, outlier_fraction)),
+        _ => None,
+    };
+    Cache::new(cfg, SHAPE, Some(rope()), calib).unwrap()
+}
+
+fn configs() -> Vec<CacheConfig> {
+    let mut v: Vec<CacheConfig> = PRESETS.iter().map(|p| CacheConfig::preset(p).unwrap()).collect();
+    // Small windows and groups so the tests cross many boundaries.
+    v.push(CacheConfig::kivi(2, 4, 8, 0));
+    v.push(CacheConfig::kivi(3, 3, 8, 12));
+    v.push(CacheConfig::kivi(2, 2, 128, 5)); // value groups: min(128, 64) channels 
+    v.push(CacheConfig::per_token(3, 8, 10));
+    v.push(CacheConfig::per_token(4, 16, 0));
+    v.push(CacheConfig { sink_tokens: 3, ..CacheConfig::kivi(2, 2, 4, 6) });
+    v.push(CacheConfig::kvquant(3, 0.0));
+    v.push(CacheConfig::kvquant(2, 0.2));
+    v
+}
+
+/// Appends `total` tokens in chunks of `chunk` to every layer.
+fn fill(cache: &mut Cache, rng: &mut SplitMix64, total: usize, chunk: usize) {
+    let per_token = SHAPE.batch * SHAPE.kv_heads * SHAPE.head_dim;
+    let mut done = 0;
+    while done < total {
+        let t = chunk.min(total - done);
+        for l in 0..SHAPE.layers {
+            let (k, v) = (random(rng, per_token * t), random(rng, per_token * t));
+            cache.append(l, &k, &v, t).unwrap();
+        }
+        done += t;
+    }
+}
+
+#[test]
+fn memory_bytes_equal_the_size_estimate() {
+    let g = geometry();
+    for cfg in configs() {
+        for &total in &[1usize, 2, 3, 7, 8, 31, 32, 33, 64, 127, 128, 129, 160, 161, 200] {
+            for &chunk in &[1usize, 5, 200] {
+                let mut cache = build(&cfg);
+                fill(&mut cache, &mut SplitMix64::new(total as u64), total, chunk);
+                let est = cache_bytes(&g, &cfg, total, SHAPE.batch).unwrap();
+                let real = cache.bytes();
+                let expect_len = if cfg.scheme == Scheme::None { 0 } else { total };
+                assert_eq!(cache.seq_len(), expect_len);
+                assert_eq!(real, est, "{} at {total} tokens in chunks of {chunk}", cfg.label());
+                assert_eq!(cache.memory_bytes(), est.total());
+            }
+        }
+    }
+}
+
+#[test]
+fn fp16_size_matches_the_seed_formula() {
+    // 2 · L · H · d · S · P for Llama-3-8B at 100k tokens: the seed's "13 GB".
+    let g = ModelGeometry::preset("llama-3-8b").unwrap();
+    let b = cache_bytes(&g, &CacheConfig::preset("fp16").unwrap(), 100_000, 1).unwrap();
+    assert_eq!(b.total(), 13_107_200_000);
+    assert_eq!(kvq::size::full_precision_bytes(&g, 100_000, 1, FullPrecision::F16), 13_107_200_000);
+}
+
+/// Naive attention over materialized K/V (post-RoPE), causal, GQA, left padding.
+fn reference_attention(k: &[f32], v: &[f32], q: &[f32], n: usize, t: usize, hq: usize, row_start: &[usize]) -> Vec<f32> {
+    let CacheShape { batch, kv_heads, head_dim: d, .. } = SHAPE;
+    let rep = hq / kv_heads;
+    let mut out = vec![0f32; batch * hq * t * d];
+    for b in 0..batch {
+        for h in 0..hq {
+            let s = b * kv_heads + h / rep;
+            for i in 0..t {
+                let pos = n - t + i;
+                let lo = row_start.get(b).copied().unwrap_or(0);
+                let qrow = &q[((b * hq + h) * t + i) * d..][..d];
+                let scores: Vec<f64> = (lo..=pos)
+                    .map(|j| {
+                        let krow = &k[(s * n + j) * d..][..d];
+                        qrow.iter().zip(krow).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                if scores.is_empty() {
+                    continue;
+                }
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                let o = &mut out[((b * hq + h) * t + i) * d..][..d];
+                for (jj, sc) in scores.iter().enumerate() {
+                    let p = (sc - m).exp() / z;
+                    let vrow = &v[(s * n + lo + jj) * d..][..d];
+                    for c in 0..d {
+                        o[c] += (p * vrow[c] as f64) as f32;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_naive_reference_over_what_the_cache_holds() {
+    let hq = 6;
+    for cfg in configs().into_iter().filter(|c| !c.past_only && c.scheme != Scheme::None) {
+        for &(prefill, steps) in &[(5usize, 3usize), (70, 2), (150, 1)] {
+            let mut cache = build(&cfg);
+            let mut rng = SplitMix64::new(42);
+            fill(&mut cache, &mut rng, prefill, prefill);
+            for step in 0..steps {
+                let t = if step == 0 { 3 } else { 1 };
+                fill(&mut cache, &mut rng, t, t);
+                let n = cache.seq_len();
+                let q = random(&mut rng, SHAPE.batch * hq * t * SHAPE.head_dim);
+                let row_start = [0usize, 2];
+                let mut out = vec![0f32; q.len()];
+                cache.attend(1, &q, hq, t, &row_start, &mut out).unwrap();
+                let (k, v) = cache.materialize(1).unwrap();
+                let want = reference_attention(&k, &v, &q, n, t, hq, &row_start);
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{}: {a} vs {b}", cfg.label());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn no_cache_attends_over_the_current_step_only() {
+    let mut cache = Cache::none(SHAPE);
+    let mut rng = SplitMix64::new(1);
+    let t = 9;
+    let per = SHAPE.batch * SHAPE.kv_heads * t * D;
+    let (k, v) = (random(&mut rng, per), random(&mut rng, per));
+    let q = random(&mut rng, SHAPE.batch * 6 * t * D);
+    cache.append(0, &k, &v, t).unwrap();
+    let mut out = vec![0f32; q.len()];
+    cache.attend(0, &q, 6, t, &[], &mut out).unwrap();
+    let want = reference_attention(&k, &v, &q, t, t, 6, &[]);
+    for (a, b) in out.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()));
+    }
+    assert_eq!(cache.seq_len(), 0);
+    assert_eq!(cache.memory_bytes(), 0);
+}
+
+#[test]
+fn kivi_window_holds_exact_f16_and_groups_are_quantized_when_full() {
+    let cfg = CacheConfig::kivi(2, 2, 8, 12);
+    let mut cache = build(&cfg);
+    let mut rng = SplitMix64::new(3);
+    fill(&mut cache, &mut rng, 12, 1);
+    let info = cache.info();
+    assert_eq!((info.quantized_len, info.key_quantized_len, info.residual_len), (0, 0, 12));
+    fill(&mut cache, &mut rng, 7, 1); // 19 tokens: values 7 quantized, keys wait for a full group
+    let info = cache.info();
+    assert_eq!((info.quantized_len, info.key_quantized_len), (7, 0));
+    fill(&mut cache, &mut rng, 1, 1); // 20 = 12 + 8: the first key group leaves the window
+    assert_eq!(cache.info().key_quantized_len, 8);
+}
+
+#[test]
+fn kivi_with_a_window_longer_than_the_sequence_is_exactly_fp16() {
+    let mut rng = SplitMix64::new(11);
+    let per_token = SHAPE.batch * SHAPE.kv_heads * SHAPE.head_dim;
+    let mut kivi = build(&CacheConfig::kivi(2, 2, 8, 64));
+    let mut fp16 = build(&CacheConfig::preset("fp16").unwrap());
+    for _ in 0..40 {
+        let (k, v) = (random(&mut rng, per_token), random(&mut rng, per_token));
+        for c in [&mut kivi, &mut fp16] {
+            for l in 0..SHAPE.layers {
+                c.append(l, &k, &v, 1).unwrap();
+            }
+        }
+    }
+    assert_eq!(kivi.materialize(0).unwrap(), fp16.materialize(0).unwrap());
+}
+
+#[test]
+fn quantization_error_shrinks_with_bits() {
+    let mut errs = Vec::new();
+    for bits in [2u8, 3, 4, 8] {
+        let mut c = build(&CacheConfig::kivi(bits, bits, 8, 0));
+        let mut fp = build(&CacheConfig::preset("fp32").unwrap());
+        for (cache, seed) in [(&mut c, 5u64), (&mut fp, 5)] {
+            fill(cache, &mut SplitMix64::new(seed), 64, 64);
+        }
+        let (a, b) = (c.materialize(0).unwrap().1, fp.materialize(0).unwrap().1);
+        errs.push(a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f32>());
+    }
+    assert!(errs.windows(2).all(|w| w[1] < w[0] / 2.0), "{errs:?}");
+}
+
+#[test]
+fn kvquant_rotates_pre_rope_keys_on_read_and_keeps_the_sink() {
+    // Outliers catch keys beyond the calibrated range (without them, those clip).
+    let cfg = CacheConfig::kvquant(8, 0.05);
+    let mut kvq = build(&cfg);
+    let mut fp = build(&CacheConfig::preset("fp32").unwrap());
+    let mut rng = SplitMix64::new(9);
+    let t = 20;
+    let per = SHAPE.batch * SHAPE.kv_heads * t * D;
+    let (k, v) = (random(&mut rng, per), random(&mut rng, per));
+    // The fp32 cache gets keys rotated by the caller, KVQuant raw keys.
+    let r = rope();
+    let mut k_rot = k.clone();
+    for row in k_rot.chunks_exact_mut(t * D) {
+        r.apply_rows(row, 0);
+    }
+    kvq.append(0, &k, &v, t).unwrap();
+    fp.append(0, &k_rot, &v, t).unwrap();
+    let (ka, _) = kvq.materialize(0).unwrap();
+    let (kb, _) = fp.materialize(0).unwrap();
+    // What attention reads is exactly the stored (pre-RoPE) keys rotated to their positions.
+    let (mut stored, _) = kvq.materialize_stored(0).unwrap();
+    for row in stored.chunks_exact_mut(t * D) {
+        r.apply_rows(row, 0);
+    }
+    assert_eq!(stored, ka);
+    let mean_err = ka.iter().zip(&kb).map(|(a, b)| (a - b).abs()).sum::<f32>() / ka.len() as f32;
+    assert!(mean_err < 0.05, "8-bit KVQuant keys after RoPE: mean error {mean_err}");
+    // The sink token is f16-exact.
+    assert_eq!(kvq.info().sink_len, 1);
+    for s in 0..SHAPE.batch * SHAPE.kv_heads {
+        for c in 0..D {
+            let (a, b) = (ka[s * t * D + c], kb[s * t * D + c]);
+            assert!((a - b).abs() <= 2e-3 * (1.0 + b.abs()), "sink {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn past_only_attends_to_the_current_step_at_full_precision() {
+    let base = CacheConfig::kivi(2, 2, 4, 0);
+    let past_only = CacheConfig { past_only: true, ..base.clone() };
+    let mut rng = SplitMix64::new(21);
+    let per = SHAPE.batch * SHAPE.kv_heads * D;
+    let (k, v) = (random(&mut rng, per * 4), random(&mut rng, per * 4));
+    let q = random(&mut rng, SHAPE.batch * 6 * 4 * D);
+    let run = |cfg: &CacheConfig| {
+        let mut c = build(cfg);
+        c.append(0, &k, &v, 4).unwrap();
+        let mut out = vec![0f32; q.len()];
+        c.attend(0, &q, 6, 4, &[], &mut out).unwrap();
+        out
+    };
+    let (a, b, exact) = (run(&past_only), run(&base), run(&CacheConfig::preset("fp32").unwrap()));
+    // With one 4-token step and no past, past-only attention is the full-precision one.
+    for (x, y) in a.iter().zip(&exact) {
+        assert!((x - y).abs() <= 1e-5);
+    }
+    assert!(b.iter().zip(&exact).any(|(x, y)| (x - y).abs() > 1e-3));
+}
+
+#[test]
+fn select_rows_reorders_sequences_and_reset_empties() {
+    let mut cache = build(&CacheConfig::preset("kivi-2").unwrap());
+    fill(&mut cache, &mut SplitMix64::new(2), 40, 40);
+    let (k, _) = cache.materialize(0).unwrap();
+    let row = SHAPE.kv_heads * 40 * D;
+    cache.select_rows(&[1, 1, 0]).unwrap();
+    assert_eq!(cache.shape().batch, 3);
+    let (k2, _) = cache.materialize(0).unwrap();
+    assert_eq!(&k2[..row], &k[row..2 * row]);
+    assert_eq!(&k2[row..2 * row], &k[row..2 * row]);
+    assert_eq!(&k2[2 * row..], &k[..row]);
+    assert!(matches!(cache.select_rows(&[3]), Err(KvqError::InvalidParam(_))));
+    assert!(cache.select_rows(&[]).is_err());
+    cache.reset();
+    assert_eq!((cache.seq_len(), cache.memory_bytes()), (0, 0));
+}
+
+#[test]
+fn bad_cache_input_is_a_typed_error() {
+    let mut cache = build(&CacheConfig::preset("kivi-2").unwrap());
+    let per = SHAPE.batch * SHAPE.kv_heads * D;
+    let good = vec![0.5f32; per];
+    let mut nan = good.clone();
+    nan[3] = f32::NAN;
+    assert!(matches!(cache.append(0, &nan, &good, 1), Err(KvqError::NonFinite { .. })));
+    let mut inf = good.clone();
+    inf[0] = f32::NEG_INFINITY;
+    assert!(matches!(cache.append(0, &good, &inf, 1), Err(KvqError::NonFinite { .. })));
+    assert!(matches!(cache.append(0, &good[1..], &good, 1), Err(KvqError::Shape(_))));
+    assert!(matches!(cache.append(5, &good, &good, 1), Err(KvqError::LayerOutOfRange { layer: 5, layers: 2 })));
+    assert_eq!(cache.seq_len(), 0, "failed appends must leave the cache untouched");
+    cache.append(0, &good, &good, 1).unwrap();
+    let mut out = vec![0f32; SHAPE.batch * 6 * D];
+    assert!(matches!(cache.attend(0, &out.clone(), 4, 1, &[], &mut out), Err(KvqError::Shape(_))));
+    assert!(matches!(cache.attend(0, &vec![0f32; SHAPE.batch * 6 * 32], 6, 2, &[], &mut vec![0f32; SHAPE.batch * 6 * 32]), Err(KvqError::Shape(_))));
+
+    let bad = |cfg: CacheConfig| Cache::new(&cfg, SHAPE, Some(rope()), None).unwrap_err();
+    assert_eq!(bad(CacheConfig::kivi(0, 2, 8, 0)), KvqError::InvalidBits(0));
+    assert_eq!(bad(CacheConfig::kivi(2, 9, 8, 0)), KvqError::InvalidBits(9));
+    assert_eq!(bad(CacheConfig::kivi(2, 2, 0, 0)), KvqError::ZeroGroupSize);
+    assert!(matches!(bad(CacheConfig::per_token(4, 6, 0)), KvqError::GroupSizeNotDividing { group: 6, len: 64, .. }));
+    assert!(matches!(bad(CacheConfig::kivi(2, 2, 6, 0)), KvqError::GroupSizeNotDividing { .. }));
+    assert!(matches!(bad(CacheConfig::kvquant(4, 0.01)), KvqError::InvalidParam(_)), "KVQuant without calibration");
+    assert!(matches!(bad(CacheConfig::kvquant(4, 1.5)), KvqError::InvalidParam(_)));
+    assert!(matches!(bad(CacheConfig::new(Scheme::Full(FullPrecision::Fp8))), KvqError::Unsupported(_)));
+    let pre = CacheConfig { pre_rope: true, ..CacheConfig::preset("fp16").unwrap() };
+    assert!(matches!(Cache::new(&pre, SHAPE, None, None), Err(KvqError::InvalidParam(_))));
+    // A calibration for other bits is refused.
+    assert!(matches!(Cache::new(&CacheConfig::kvquant(3, 0.01), SHAPE, Some(rope()), Some(calibration(2, 0.01))), Err(KvqError::InvalidParam(_))));
+    assert!(matches!(CacheConfig::preset("kivi-3"), Err(KvqError::UnknownPreset { .. })));
+}
