@@ -1,1 +1,208 @@
-fn main(){}
+//! `kvq`: the command line of the kvq course and library.
+
+mod bench;
+mod size_cmd;
+mod table;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kvq::cache::{CacheConfig, Overrides, PRESETS};
+use kvq::size::{ModelGeometry, MODEL_PRESETS};
+
+#[derive(Parser)]
+#[command(name = "kvq", version, about = "The KV cache of LLM inference, and how to quantize it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bytes of a KV cache: a model, a length, a batch, and each cache scheme.
+    Size(SizeArgs),
+    /// The model and cache presets.
+    Presets,
+    /// Benchmarks (they print tables; nothing is asserted).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct SizeArgs {
+    /// A model preset (see `kvq presets`), or `custom` with the geometry flags.
+    #[arg(long, default_value = "llama-3-8b")]
+    model: String,
+    /// Sequence length in tokens.
+    #[arg(long)]
+    seq: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Cache presets, comma-separated (default: all, plus fp8).
+    #[arg(long, value_delimiter = ',')]
+    cache: Vec<String>,
+    #[command(flatten)]
+    geometry: GeometryArgs,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GeometryArgs {
+    /// Override the number of layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Override the number of query heads.
+    #[arg(long)]
+    q_heads: Option<usize>,
+    /// Override the number of KV heads (GQA: fewer than query heads; MQA: 1).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Override the head dimension.
+    #[arg(long)]
+    head_dim: Option<usize>,
+}
+
+/// Flags that override a cache preset's parameters.
+#[derive(Args)]
+struct OverrideArgs {
+    /// Bits of keys and values.
+    #[arg(long)]
+    bits: Option<u8>,
+    #[arg(long)]
+    k_bits: Option<u8>,
+    #[arg(long)]
+    v_bits: Option<u8>,
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// Tokens kept at full precision (KIVI: the most recent ones).
+    #[arg(long)]
+    residual: Option<usize>,
+    /// Fraction of each vector kept as sparse f16 outliers (KVQuant).
+    #[arg(long)]
+    outliers: Option<f32>,
+    /// Leading tokens kept in f16 (attention sink).
+    #[arg(long)]
+    sink: Option<usize>,
+    /// Past-only quantization (WKVQuant): true or false.
+    #[arg(long)]
+    past_only: Option<bool>,
+}
+
+impl OverrideArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            bits: self.bits,
+            k_bits: self.k_bits,
+            v_bits: self.v_bits,
+            group_size: self.group_size,
+            residual_length: self.residual,
+            outlier_fraction: self.outliers,
+            sink_tokens: self.sink,
+            past_only: self.past_only,
+            pre_rope: None,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Quantize+pack throughput of each scheme (GB/s of f32 input).
+    Quant {
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also write the table (with date, machine, commit) to this Markdown file.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Decode latency per token with and without a cache, on the small decoder.
+    Decode {
+        #[arg(long, value_delimiter = ',', default_value = "64,128,256,512,1024,2048")]
+        contexts: Vec<usize>,
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        #[arg(long, value_delimiter = ',', default_value = "none,fp16,kivi-4,kivi-2")]
+        caches: Vec<String>,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+fn geometry(a: &SizeArgs) -> Result<ModelGeometry> {
+    let g = &a.geometry;
+    let base = if a.model == "custom" {
+        match (g.layers, g.q_heads, g.kv_heads, g.head_dim) {
+            (Some(l), Some(q), kv, Some(d)) => ModelGeometry::new("custom", l, q, kv.unwrap_or(q), d)?,
+            _ => bail!("--model custom needs --layers, --q-heads and --head-dim (and --kv-heads for GQA)"),
+        }
+    } else {
+        ModelGeometry::preset(&a.model)?
+    };
+    Ok(ModelGeometry::new(
+        &base.name,
+        g.layers.unwrap_or(base.layers),
+        g.q_heads.unwrap_or(base.q_heads),
+        g.kv_heads.unwrap_or(base.kv_heads),
+        g.head_dim.unwrap_or(base.head_dim),
+    )?)
+}
+
+fn write_result(out: &Option<std::path::PathBuf>, title: &str, body: &str) -> Result<()> {
+    print!("{body}");
+    if let Some(path) = out {
+        let text = format!("# {title}\n\n{}\n{body}", bench::provenance());
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Size(a) => {
+            let g = geometry(&a)?;
+            let caches = if a.cache.is_empty() { size_cmd::default_caches() } else { a.cache.clone() };
+            let r = size_cmd::report(&g, a.seq, a.batch, &caches, &a.overrides.overrides())?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                size_cmd::print(&r);
+            }
+        }
+        Command::Presets => {
+            println!("Model presets (from each model's published config.json):");
+            for (name, l, q, kv, d, src) in MODEL_PRESETS {
+                println!("  {name:<14} {l:>3} layers, {q:>2} query heads, {kv:>2} KV heads, head dim {d:<4} ({src})");
+            }
+            println!("\nCache presets:");
+            for p in PRESETS {
+                println!("  {p:<12} {}", CacheConfig::preset(p)?.label());
+            }
+        }
+        Command::Bench(BenchCmd::Quant { tokens, kv_heads, head_dim, reps, out }) => {
+            let body = bench::quant(tokens, kv_heads, head_dim, reps)?;
+            write_result(&out, "Quantize + pack throughput", &body)?;
+        }
+        Command::Bench(BenchCmd::Decode { contexts, steps, caches, out }) => {
+            let body = bench::decode(&contexts, steps, &caches)?;
+            write_result(&out, "Decode latency with and without a cache", &body)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}

@@ -15,6 +15,15 @@ pub enum FullPrecision {
 }
 
 impl FullPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            FullPrecision::F32 => "fp32",
+            FullPrecision::F16 => "fp16",
+            FullPrecision::Bf16 => "bf16",
+            FullPrecision::Fp8 => "fp8",
+        }
+    }
+
     pub fn bytes(self) -> usize {
         match self {
             FullPrecision::F32 => 4,
@@ -127,7 +136,7 @@ impl CacheConfig {
     pub fn label(&self) -> String {
         let mut s = match &self.scheme {
             Scheme::None => "none".to_string(),
-            Scheme::Full(p) => format!("{p:?}").to_lowercase(),
+            Scheme::Full(p) => p.name().to_string(),
             Scheme::PerToken { bits, group_size, residual_length } => {
                 format!("per-token-{bits} (g{group_size} r{residual_length})")
             }

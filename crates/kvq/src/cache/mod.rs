@@ -295,10 +295,8 @@ fn read_stream_rows(layer: &Layer, s: usize, which: Which, start: usize, end: us
     let fresh_from_pos = fresh_from.min(end);
     // 1. Sink tokens.
     let sink_end = end.min(sink_n).min(fresh_from_pos);
-    for p in start..sink_end {
-        for (o, h) in out[(p - start) * d..(p - start + 1) * d].iter_mut().zip(&sink[p * d..(p + 1) * d]) {
-            *o = h.to_f32();
-        }
+    if start < sink_end {
+        store::read_f16(&sink[start * d..sink_end * d], &mut out[..(sink_end - start) * d]);
     }
     // 2. The store.
     let (a, b) = (start.max(sink_n), fresh_from_pos);
@@ -342,14 +340,20 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Runs `f` on every item, in parallel where the `parallel` feature is on.
-fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync + Send) {
+/// Below this many multiply-adds (or elements) a step runs on one thread: handing
+/// a single decode token to a thread pool costs more than the work itself.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Runs `f` on every item, in parallel where the `parallel` feature is on and the
+/// work is large enough to pay for it.
+fn for_each<T: Send>(items: Vec<T>, work: usize, f: impl Fn(T) + Sync + Send) {
     #[cfg(feature = "parallel")]
-    {
+    if work >= PARALLEL_MIN_WORK && items.len() > 1 {
         use rayon::prelude::*;
         items.into_par_iter().for_each(f);
+        return;
     }
-    #[cfg(not(feature = "parallel"))]
+    let _ = work;
     items.into_iter().for_each(f);
 }
 
@@ -399,10 +403,10 @@ impl KvCache for Cache {
         let len = l.len;
         let n_sink = sink_tokens.saturating_sub(len).min(tokens);
         let work: Vec<(usize, &mut Stream)> = l.streams.iter_mut().enumerate().collect();
-        for_each(work, |(s, st)| {
+        for_each(work, k.len() * 8, |(s, st)| {
             let (kr, vr) = (&k[s * tokens * d..(s + 1) * tokens * d], &v[s * tokens * d..(s + 1) * tokens * d]);
-            st.sink_k.extend(kr[..n_sink * d].iter().map(|&x| f16::from_f32(x)));
-            st.sink_v.extend(vr[..n_sink * d].iter().map(|&x| f16::from_f32(x)));
+            store::extend_f16(&mut st.sink_k, &kr[..n_sink * d]);
+            store::extend_f16(&mut st.sink_v, &vr[..n_sink * d]);
             if n_sink < tokens {
                 st.k.push(&kr[n_sink * d..]);
                 st.v.push(&vr[n_sink * d..]);
@@ -436,7 +440,7 @@ impl KvCache for Cache {
         let lay = &self.layers[layer];
         let chunk = rep * tokens * d;
         let work: Vec<_> = self.scratch.iter_mut().zip(q.chunks(chunk).zip(out.chunks_mut(chunk))).enumerate().collect();
-        for_each(work, |(s, (sc, (qs, os)))| {
+        for_each(work, 2 * q.len() * n, |(s, (sc, (qs, os)))| {
             let b = s / kv_heads;
             let lo = row_start.get(b).copied().unwrap_or(0);
             let nq = rep * tokens;

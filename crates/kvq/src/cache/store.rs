@@ -4,7 +4,21 @@
 use crate::quant::pack::{pack_unchecked, packed_len, unpack_unchecked};
 use crate::quant::uniform::{Affine, AFFINE_BYTES};
 use crate::size::Bytes;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+
+/// Appends `src` to `dst` as f16 (vectorized conversion).
+pub(crate) fn extend_f16(dst: &mut Vec<f16>, src: &[f32]) {
+    let n = dst.len();
+    dst.resize(n + src.len(), f16::ZERO);
+    dst[n..].convert_from_f32_slice(src);
+}
+
+/// Writes `src` to `dst` as f32 (vectorized conversion).
+#[inline]
+pub(crate) fn read_f16(src: &[f16], dst: &mut [f32]) {
+    src.convert_to_f32_slice(dst);
+}
 
 /// One stream of vectors. `push` takes inputs already checked (finite, in range).
 pub(crate) trait TokenStore: Send + Sync {
@@ -29,32 +43,34 @@ impl Clone for Box<dyn TokenStore> {
 }
 
 /// An element type a full-precision store can hold.
-pub(crate) trait Element: Copy + Send + Sync + 'static {
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
+pub(crate) trait Element: Copy + Default + Send + Sync + 'static {
+    fn extend_from_f32(dst: &mut Vec<Self>, src: &[f32]);
+    fn write_f32(src: &[Self], dst: &mut [f32]);
 }
 impl Element for f32 {
-    fn from_f32(x: f32) -> Self {
-        x
+    fn extend_from_f32(dst: &mut Vec<Self>, src: &[f32]) {
+        dst.extend_from_slice(src);
     }
-    fn to_f32(self) -> f32 {
-        self
+    fn write_f32(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 }
 impl Element for f16 {
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
+    fn extend_from_f32(dst: &mut Vec<Self>, src: &[f32]) {
+        extend_f16(dst, src);
     }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+    fn write_f32(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
 }
 impl Element for bf16 {
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
+    fn extend_from_f32(dst: &mut Vec<Self>, src: &[f32]) {
+        let n = dst.len();
+        dst.resize(n + src.len(), bf16::ZERO);
+        dst[n..].convert_from_f32_slice(src);
     }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+    fn write_f32(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -79,12 +95,10 @@ impl<T: Element> TokenStore for PlainStore<T> {
         0
     }
     fn push(&mut self, rows: &[f32]) {
-        self.data.extend(rows.iter().map(|&x| T::from_f32(x)));
+        T::extend_from_f32(&mut self.data, rows);
     }
     fn read(&self, start: usize, end: usize, out: &mut [f32], _: &mut Vec<u8>) {
-        for (o, &x) in out.iter_mut().zip(&self.data[start * self.dim..end * self.dim]) {
-            *o = x.to_f32();
-        }
+        T::write_f32(&self.data[start * self.dim..end * self.dim], &mut out[..(end - start) * self.dim]);
     }
     fn bytes(&self) -> Bytes {
         Bytes { full: self.data.len() * std::mem::size_of::<T>(), ..Bytes::default() }
@@ -148,7 +162,7 @@ impl TokenStore for TokenGroupStore {
     }
     fn push(&mut self, rows: &[f32]) {
         let d = self.dim;
-        self.tail.extend(rows.iter().map(|&x| f16::from_f32(x)));
+        extend_f16(&mut self.tail, rows);
         let target = self.target_quantized(self.len());
         let n = target - self.quantized;
         if n == 0 {
@@ -185,9 +199,7 @@ impl TokenStore for TokenGroupStore {
                 }
             } else {
                 let r = t - self.quantized;
-                for (x, h) in o.iter_mut().zip(&self.tail[r * d..(r + 1) * d]) {
-                    *x = h.to_f32();
-                }
+                read_f16(&self.tail[r * d..(r + 1) * d], o);
             }
         }
     }
@@ -241,7 +253,7 @@ impl TokenStore for ChannelGroupStore {
     }
     fn push(&mut self, rows: &[f32]) {
         let (d, g) = (self.dim, self.group);
-        self.tail.extend(rows.iter().map(|&x| f16::from_f32(x)));
+        extend_f16(&mut self.tail, rows);
         let mut vals = vec![0f32; g];
         let mut codes = vec![0u8; g];
         while self.len() - self.quantized >= self.residual + g {
@@ -279,11 +291,10 @@ impl TokenStore for ChannelGroupStore {
             }
             t = b1;
         }
-        for t in qend.max(start)..end {
-            let r = t - self.quantized;
-            for (x, h) in out[(t - start) * d..(t - start + 1) * d].iter_mut().zip(&self.tail[r * d..(r + 1) * d]) {
-                *x = h.to_f32();
-            }
+        let t0 = qend.max(start);
+        if t0 < end {
+            let (r0, r1) = (t0 - self.quantized, end - self.quantized);
+            read_f16(&self.tail[r0 * d..r1 * d], &mut out[(t0 - start) * d..(end - start) * d]);
         }
     }
     fn bytes(&self) -> Bytes {

@@ -1,0 +1,95 @@
+//! `kvq size`: bytes of a KV cache for a model, a length, a batch and each scheme.
+
+use crate::table::Table;
+use anyhow::Result;
+use kvq::cache::{CacheConfig, FullPrecision, Overrides, Scheme, PRESETS};
+use kvq::size::{cache_bytes, full_precision_bytes, human, with_commas, ModelGeometry};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct SizeRow {
+    pub cache: String,
+    pub bytes: u128,
+    pub human: String,
+    pub ratio_vs_fp16: f64,
+    pub compression_vs_fp16: f64,
+    pub bits_per_element: f64,
+    pub breakdown: kvq::size::Bytes,
+}
+
+#[derive(Serialize)]
+pub struct SizeReport {
+    pub model: ModelGeometry,
+    pub attention: &'static str,
+    pub seq: usize,
+    pub batch: usize,
+    pub formula: String,
+    pub rows: Vec<SizeRow>,
+}
+
+pub fn report(g: &ModelGeometry, seq: usize, batch: usize, caches: &[String], ov: &Overrides) -> Result<SizeReport> {
+    let fp16 = full_precision_bytes(g, seq, batch, FullPrecision::F16);
+    let elements = fp16 / 2;
+    let mut rows = Vec::new();
+    for name in caches {
+        let cfg = match name.as_str() {
+            "fp8" => CacheConfig::new(Scheme::Full(FullPrecision::Fp8)),
+            other => ov.apply(CacheConfig::preset(other)?)?,
+        };
+        let b = cache_bytes(g, &cfg, seq, batch)?;
+        let total = b.total() as u128;
+        rows.push(SizeRow {
+            cache: if name == "fp8" { "fp8 (size only)".into() } else { cfg.label() },
+            bytes: total,
+            human: human(total),
+            ratio_vs_fp16: if fp16 > 0 { total as f64 / fp16 as f64 } else { 0.0 },
+            compression_vs_fp16: if total > 0 { fp16 as f64 / total as f64 } else { 0.0 },
+            bits_per_element: if elements > 0 { 8.0 * total as f64 / elements as f64 } else { 0.0 },
+            breakdown: b,
+        });
+    }
+    Ok(SizeReport {
+        model: g.clone(),
+        attention: g.attention_kind(),
+        seq,
+        batch,
+        formula: format!(
+            "fp16 = 2 · L · H_kv · d · S · B · 2 bytes = 2 · {} · {} · {} · {} · {} · 2 = {} bytes",
+            g.layers,
+            g.kv_heads,
+            g.head_dim,
+            seq,
+            batch,
+            with_commas(fp16)
+        ),
+        rows,
+    })
+}
+
+pub fn print(r: &SizeReport) {
+    println!(
+        "{}: {} layers, {} query heads, {} KV heads ({}), head dim {}; {} tokens × batch {}",
+        r.model.name, r.model.layers, r.model.q_heads, r.model.kv_heads, r.attention, r.model.head_dim, r.seq, r.batch
+    );
+    println!("{}\n", r.formula);
+    let mut t = Table::new(&["cache", "bytes", "size", "vs fp16", "bits/elem", "codes", "scales+zeros", "full-precision", "outliers+sink+consts"]);
+    for row in &r.rows {
+        let b = &row.breakdown;
+        t.row(vec![
+            row.cache.clone(),
+            with_commas(row.bytes),
+            row.human.clone(),
+            if row.bytes == 0 { "-".into() } else { format!("{:.1}% ({:.2}×)", 100.0 * row.ratio_vs_fp16, row.compression_vs_fp16) },
+            format!("{:.2}", row.bits_per_element),
+            with_commas(b.codes as u128),
+            with_commas(b.params as u128),
+            with_commas(b.full as u128),
+            with_commas((b.outliers + b.sink + b.constants) as u128),
+        ]);
+    }
+    print!("{}", t.markdown());
+}
+
+pub fn default_caches() -> Vec<String> {
+    PRESETS.iter().filter(|p| **p != "none").map(|s| s.to_string()).chain(std::iter::once("fp8".to_string())).collect()
+}
