@@ -67,7 +67,7 @@ pub fn quant(tokens: usize, kv_heads: usize, head_dim: usize, reps: usize) -> Re
         let calib = match cfg.scheme {
             Scheme::KvQuant { bits, outlier_fraction } => {
                 let samples = [LayerSamples { keys: &k, values: &v, tokens }];
-                Some(Arc::new(KvQuantCalibration::fit(&samples, kv_heads, head_dim, bits as u32, outlier_fraction)?))
+                Some(Arc::new(KvQuantCalibration::fit(&samples, kv_heads, head_dim, bits as u32, outlier_fraction, true)?))
             }
             _ => None,
         };

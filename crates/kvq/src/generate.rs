@@ -58,8 +58,12 @@ impl Sampler {
         if logits.is_empty() {
             return Err(KvqError::InvalidParam("no logits to sample from".into()));
         }
-        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
-            return Err(KvqError::NonFinite { what: "logits", index: i, value: f32::NAN });
+        // -inf is a legitimate (masked) logit; NaN and +inf are not.
+        if let Some(i) = logits.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+            return Err(KvqError::NonFinite { what: "logits", index: i, value: logits[i] });
+        }
+        if logits.iter().all(|x| *x == f32::NEG_INFINITY) {
+            return Err(KvqError::InvalidParam("every logit is -inf: nothing to sample".into()));
         }
         let argmax = || logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b }) as u32;
         if self.params.temperature == 0.0 {
@@ -117,7 +121,7 @@ pub struct StepStats {
     pub step: usize,
     /// Tokens fed to the model per row in this step (the prompt, 1, or the whole prefix).
     pub tokens_fed: usize,
-    /// Sequence length after the step (padding included).
+    /// Sequence length the step ran on (padding included; the sampled token not yet).
     pub seq_len: usize,
     pub latency_s: f64,
     pub cache_bytes: usize,
@@ -161,6 +165,12 @@ pub fn generate(model: &Llama, cache: &mut dyn KvCache, prompts: &[Vec<u32>], op
     if longest > max_seq {
         return Err(KvqError::ContextOverflow { len: longest, max: max_seq });
     }
+    if opts.pad_token as usize >= model.config.vocab_size {
+        return Err(KvqError::InvalidParam(format!("pad token {} is outside the vocabulary of {}", opts.pad_token, model.config.vocab_size)));
+    }
+    if let Some(&t) = prompts.iter().flatten().find(|&&t| t as usize >= model.config.vocab_size) {
+        return Err(KvqError::InvalidParam(format!("token id {t} is outside the vocabulary of {}", model.config.vocab_size)));
+    }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
     cache.reset();
     // Left padding: every row ends at the same position; attention skips the pads.
@@ -170,7 +180,7 @@ pub fn generate(model: &Llama, cache: &mut dyn KvCache, prompts: &[Vec<u32>], op
         v.extend_from_slice(p);
         v
     }).collect();
-    let mask = if row_start.iter().any(|&s| s > 0) { row_start.clone() } else { Vec::new() };
+    cache.set_padding(&row_start)?;
     let mut out = vec![Vec::new(); batch];
     let mut done = vec![false; batch];
     let mut steps = Vec::new();
@@ -179,8 +189,8 @@ pub fn generate(model: &Llama, cache: &mut dyn KvCache, prompts: &[Vec<u32>], op
     let mut feed = Vec::new();
     for step in 0..opts.max_new_tokens {
         let len = seqs[0].len();
-        if len >= max_seq {
-            break; // the context is full
+        if len > max_seq {
+            break; // the context is full: the last token can be produced but not fed
         }
         let from = cache.seq_len();
         feed.clear();
@@ -188,7 +198,7 @@ pub fn generate(model: &Llama, cache: &mut dyn KvCache, prompts: &[Vec<u32>], op
             feed.extend_from_slice(&s[from..]);
         }
         let t0 = Instant::now();
-        let logits = model.forward(&feed, batch, &mask, cache, false)?;
+        let logits = model.forward(&feed, batch, cache, false)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let vocab = logits.len() / batch;
         for b in 0..batch {

@@ -162,9 +162,13 @@ impl Llama {
     }
 
     /// Runs `batch` rows of `tokens.len() / batch` new tokens each through the model.
-    /// Positions continue from `cache.seq_len()`. Returns logits `[batch, t, vocab]`
-    /// for every new position, or `[batch, 1, vocab]` for the last when `all_logits` is false.
-    pub fn forward(&self, tokens: &[u32], batch: usize, row_start: &[usize], cache: &mut dyn KvCache, all_logits: bool) -> Result<Tensor> {
+    /// Positions continue from `cache.seq_len()`; left padding declared on the cache
+    /// ([`KvCache::set_padding`]) is skipped. Returns logits `[batch, t, vocab]` for every
+    /// new position, or `[batch, 1, vocab]` for the last when `all_logits` is false.
+    ///
+    /// A forward that fails after it has started appending resets the cache, so the
+    /// layers never disagree about how many tokens they hold.
+    pub fn forward(&self, tokens: &[u32], batch: usize, cache: &mut dyn KvCache, all_logits: bool) -> Result<Tensor> {
         let c = &self.config;
         if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
             return Err(KvqError::Shape(format!("{} tokens cannot form {batch} equal rows", tokens.len())));
@@ -181,6 +185,16 @@ impl Llama {
         if pos0 + t > c.max_seq_len {
             return Err(KvqError::ContextOverflow { len: pos0 + t, max: c.max_seq_len });
         }
+        let out = self.forward_layers(tokens, batch, t, pos0, cache, all_logits);
+        if out.is_err() {
+            cache.reset();
+        }
+        out
+    }
+
+    fn forward_layers(&self, tokens: &[u32], batch: usize, t: usize, pos0: usize, cache: &mut dyn KvCache, all_logits: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let pad = cache.padding().to_vec();
         let (hq, hkv, d) = (c.q_heads, c.kv_heads, c.head_dim);
         let ids = Tensor::from_slice(tokens, batch * t, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.reshape((batch, t, c.hidden_size))?;
@@ -191,16 +205,12 @@ impl Llama {
             let mut q = heads_major(&blk.wq.forward(&h)?, batch, t, hq, d)?;
             let mut k = heads_major(&blk.wk.forward(&h)?, batch, t, hkv, d)?;
             let v = heads_major(&blk.wv.forward(&h)?, batch, t, hkv, d)?;
-            for row in q.chunks_exact_mut(t * d) {
-                self.rope.apply_rows(row, pos0);
-            }
+            self.rotate(&mut q, hq, t, pos0, &pad);
             if !pre_rope {
-                for row in k.chunks_exact_mut(t * d) {
-                    self.rope.apply_rows(row, pos0);
-                }
+                self.rotate(&mut k, hkv, t, pos0, &pad);
             }
             cache.append(li, &k, &v, t)?;
-            cache.attend(li, &q, hq, t, row_start, &mut attn)?;
+            cache.attend(li, &q, hq, t, &mut attn)?;
             let a = Tensor::from_slice(&attn, (batch, hq, t, d), &self.device)?
                 .transpose(1, 2)?
                 .reshape((batch, t, hq * d))?;
@@ -215,6 +225,17 @@ impl Llama {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
+    /// RoPE on `[batch][head][t][d]` rows: a row's positions count from its first real
+    /// token (pads, which attention never sees, stay unrotated).
+    fn rotate(&self, x: &mut [f32], heads: usize, t: usize, pos0: usize, pad: &[usize]) {
+        let d = self.config.head_dim;
+        for (i, row) in x.chunks_exact_mut(t * d).enumerate() {
+            let p = pad[i / heads];
+            let first = p.saturating_sub(pos0).min(t);
+            self.rope.apply_rows(&mut row[first * d..], pos0 + first - p);
+        }
+    }
+
     /// Records K (before RoPE) and V on `tokens` and fits a KVQuant calibration.
     pub fn calibrate_kvquant(&self, tokens: &[u32], bits: u8, outlier_fraction: f32) -> Result<KvQuantCalibration> {
         if tokens.is_empty() {
@@ -222,10 +243,10 @@ impl Llama {
         }
         let rec = CacheConfig { pre_rope: true, ..CacheConfig::new(Scheme::Full(FullPrecision::F32)) };
         let mut cache = self.new_cache(&rec, 1, None)?;
-        self.forward(tokens, 1, &[], &mut cache, false)?;
+        self.forward(tokens, 1, &mut cache, false)?;
         let stored: Vec<(Vec<f32>, Vec<f32>)> = (0..self.config.layers).map(|l| cache.materialize_stored(l)).collect::<Result<_>>()?;
         let samples: Vec<LayerSamples> = stored.iter().map(|(k, v)| LayerSamples { keys: k, values: v, tokens: tokens.len() }).collect();
-        KvQuantCalibration::fit(&samples, self.config.kv_heads, self.config.head_dim, bits as u32, outlier_fraction)
+        KvQuantCalibration::fit(&samples, self.config.kv_heads, self.config.head_dim, bits as u32, outlier_fraction, true)
     }
 }
 

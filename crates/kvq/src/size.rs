@@ -141,12 +141,20 @@ pub fn full_precision_bytes(g: &ModelGeometry, seq: usize, batch: usize, p: Full
 /// Exact bytes a cache of configuration `cfg` holds after `seq` tokens at batch `batch`.
 pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usize) -> Result<Bytes> {
     if let Scheme::Full(FullPrecision::Fp8) = cfg.scheme {
+        if full_precision_bytes(g, seq, batch, FullPrecision::F32) > (usize::MAX / 4) as u128 {
+            return Err(KvqError::InvalidParam(format!("{seq} tokens × batch {batch} is too large to count in bytes")));
+        }
         // Size-only element type: plain arithmetic, no cache behind it.
         let n = seq.saturating_sub(cfg.sink_tokens.min(seq));
         let per_stream = Bytes { full: 2 * n * g.head_dim, sink: 2 * (seq - n) * g.head_dim * 2, ..Bytes::default() };
         return Ok(per_stream * (g.layers * g.kv_heads * batch));
     }
     cfg.validate(g.head_dim)?;
+    // Every scheme takes at most 4 bytes an element plus small constants: if fp32 fits
+    // comfortably in usize, no sum below can overflow.
+    if full_precision_bytes(g, seq, batch, FullPrecision::F32) > (usize::MAX / 4) as u128 {
+        return Err(KvqError::InvalidParam(format!("{seq} tokens × batch {batch} is too large to count in bytes")));
+    }
     let d = g.head_dim;
     let sink = if matches!(cfg.scheme, Scheme::None) { 0 } else { cfg.sink_tokens.min(seq) };
     let n = seq - sink; // tokens in the store proper

@@ -31,7 +31,7 @@ fn calibration(bits: u8, frac: f32) -> Arc<KvQuantCalibration> {
         .map(|_| (random(&mut rng, SHAPE.kv_heads * n * D), random(&mut rng, SHAPE.kv_heads * n * D)))
         .collect();
     let samples: Vec<LayerSamples> = data.iter().map(|(k, v)| LayerSamples { keys: k, values: v, tokens: n }).collect();
-    Arc::new(KvQuantCalibration::fit(&samples, SHAPE.kv_heads, SHAPE.head_dim, bits as u32, frac).unwrap())
+    Arc::new(KvQuantCalibration::fit(&samples, SHAPE.kv_heads, SHAPE.head_dim, bits as u32, frac, true).unwrap())
 }
 
 fn build(cfg: &CacheConfig) -> Cache {
@@ -141,6 +141,8 @@ fn attention_matches_naive_reference_over_what_the_cache_holds() {
     for cfg in configs().into_iter().filter(|c| !c.past_only && c.scheme != Scheme::None) {
         for &(prefill, steps) in &[(5usize, 3usize), (70, 2), (150, 1)] {
             let mut cache = build(&cfg);
+            let row_start = [0usize, 3];
+            cache.set_padding(&row_start).unwrap();
             let mut rng = SplitMix64::new(42);
             fill(&mut cache, &mut rng, prefill, prefill);
             for step in 0..steps {
@@ -148,9 +150,8 @@ fn attention_matches_naive_reference_over_what_the_cache_holds() {
                 fill(&mut cache, &mut rng, t, t);
                 let n = cache.seq_len();
                 let q = random(&mut rng, SHAPE.batch * hq * t * SHAPE.head_dim);
-                let row_start = [0usize, 2];
                 let mut out = vec![0f32; q.len()];
-                cache.attend(1, &q, hq, t, &row_start, &mut out).unwrap();
+                cache.attend(1, &q, hq, t, &mut out).unwrap();
                 let (k, v) = cache.materialize(1).unwrap();
                 let want = reference_attention(&k, &v, &q, n, t, hq, &row_start);
                 for (a, b) in out.iter().zip(&want) {
@@ -163,7 +164,7 @@ fn attention_matches_naive_reference_over_what_the_cache_holds() {
 
 #[test]
 fn no_cache_attends_over_the_current_step_only() {
-    let mut cache = Cache::none(SHAPE);
+    let mut cache = Cache::none(SHAPE).unwrap();
     let mut rng = SplitMix64::new(1);
     let t = 9;
     let per = SHAPE.batch * SHAPE.kv_heads * t * D;
@@ -171,7 +172,7 @@ fn no_cache_attends_over_the_current_step_only() {
     let q = random(&mut rng, SHAPE.batch * 6 * t * D);
     cache.append(0, &k, &v, t).unwrap();
     let mut out = vec![0f32; q.len()];
-    cache.attend(0, &q, 6, t, &[], &mut out).unwrap();
+    cache.attend(0, &q, 6, t, &mut out).unwrap();
     let want = reference_attention(&k, &v, &q, t, t, 6, &[]);
     for (a, b) in out.iter().zip(&want) {
         assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()));
@@ -209,7 +210,7 @@ fn kivi_with_a_window_longer_than_the_sequence_is_exactly_fp16() {
             }
         }
     }
-    assert_eq!(kivi.materialize(0).unwrap(), fp16.materialize(0).unwrap());
+    assert!(kivi.materialize(0).unwrap() == fp16.materialize(0).unwrap());
 }
 
 #[test]
@@ -252,7 +253,7 @@ fn kvquant_rotates_pre_rope_keys_on_read_and_keeps_the_sink() {
     for row in stored.chunks_exact_mut(t * D) {
         r.apply_rows(row, 0);
     }
-    assert_eq!(stored, ka);
+    assert!(stored == ka);
     let mean_err = ka.iter().zip(&kb).map(|(a, b)| (a - b).abs()).sum::<f32>() / ka.len() as f32;
     assert!(mean_err < 0.05, "8-bit KVQuant keys after RoPE: mean error {mean_err}");
     // The sink token is f16-exact.
@@ -277,7 +278,7 @@ fn past_only_attends_to_the_current_step_at_full_precision() {
         let mut c = build(cfg);
         c.append(0, &k, &v, 4).unwrap();
         let mut out = vec![0f32; q.len()];
-        c.attend(0, &q, 6, 4, &[], &mut out).unwrap();
+        c.attend(0, &q, 6, 4, &mut out).unwrap();
         out
     };
     let (a, b, exact) = (run(&past_only), run(&base), run(&CacheConfig::preset("fp32").unwrap()));
@@ -290,16 +291,16 @@ fn past_only_attends_to_the_current_step_at_full_precision() {
 
 #[test]
 fn select_rows_reorders_sequences_and_reset_empties() {
-    let mut cache = build(&CacheConfig::preset("kivi-2").unwrap());
+    let mut cache = build(&CacheConfig::kivi(2, 2, 8, 4));
     fill(&mut cache, &mut SplitMix64::new(2), 40, 40);
     let (k, _) = cache.materialize(0).unwrap();
     let row = SHAPE.kv_heads * 40 * D;
     cache.select_rows(&[1, 1, 0]).unwrap();
     assert_eq!(cache.shape().batch, 3);
     let (k2, _) = cache.materialize(0).unwrap();
-    assert_eq!(&k2[..row], &k[row..2 * row]);
-    assert_eq!(&k2[row..2 * row], &k[row..2 * row]);
-    assert_eq!(&k2[2 * row..], &k[..row]);
+    assert!(k2[..row] == k[row..2 * row]);
+    assert!(k2[row..2 * row] == k[row..2 * row]);
+    assert!(k2[2 * row..] == k[..row]);
     assert!(matches!(cache.select_rows(&[3]), Err(KvqError::InvalidParam(_))));
     assert!(cache.select_rows(&[]).is_err());
     cache.reset();
@@ -322,8 +323,15 @@ fn bad_cache_input_is_a_typed_error() {
     assert_eq!(cache.seq_len(), 0, "failed appends must leave the cache untouched");
     cache.append(0, &good, &good, 1).unwrap();
     let mut out = vec![0f32; SHAPE.batch * 6 * D];
-    assert!(matches!(cache.attend(0, &out.clone(), 4, 1, &[], &mut out), Err(KvqError::Shape(_))));
-    assert!(matches!(cache.attend(0, &vec![0f32; SHAPE.batch * 6 * 32], 6, 2, &[], &mut vec![0f32; SHAPE.batch * 6 * 32]), Err(KvqError::Shape(_))));
+    assert!(matches!(cache.attend(0, &out.clone(), 4, 1, &mut out), Err(KvqError::Shape(_))));
+    assert!(matches!(cache.attend(0, &vec![0f32; SHAPE.batch * 6 * 2 * D], 6, 2, &mut vec![0f32; SHAPE.batch * 6 * 2 * D]), Err(KvqError::Shape(_))));
+    assert!(matches!(cache.attend(0, &[], 6, 0, &mut []), Err(KvqError::Shape(_))));
+    let mut nan_q = vec![0f32; SHAPE.batch * 6 * D];
+    nan_q[5] = f32::NAN;
+    assert!(matches!(cache.attend(0, &nan_q, 6, 1, &mut out), Err(KvqError::NonFinite { .. })));
+    assert!(matches!(cache.append(0, &[], &[], usize::MAX / 2), Err(KvqError::Shape(_))));
+    assert!(matches!(cache.set_padding(&[0, 1]), Err(KvqError::InvalidParam(_))), "padding on a non-empty cache");
+    assert!(matches!(cache.set_padding(&[0]), Err(KvqError::Shape(_))));
 
     let bad = |cfg: CacheConfig| Cache::new(&cfg, SHAPE, Some(rope()), None).unwrap_err();
     assert_eq!(bad(CacheConfig::kivi(0, 2, 8, 0)), KvqError::InvalidBits(0));
@@ -339,4 +347,19 @@ fn bad_cache_input_is_a_typed_error() {
     // A calibration for other bits is refused.
     assert!(matches!(Cache::new(&CacheConfig::kvquant(3, 0.01), SHAPE, Some(rope()), Some(calibration(2, 0.01))), Err(KvqError::InvalidParam(_))));
     assert!(matches!(CacheConfig::preset("kivi-3"), Err(KvqError::UnknownPreset { .. })));
+    // Lengths beyond any sane cache are refused, not overflowed.
+    assert!(matches!(bad(CacheConfig::kivi(2, 2, 32, usize::MAX)), KvqError::InvalidParam(_)));
+    assert!(matches!(bad(CacheConfig::kivi(2, 2, 1 << 40, 0)), KvqError::InvalidParam(_)));
+    assert!(matches!(bad(CacheConfig { sink_tokens: 1, ..CacheConfig::preset("fp32").unwrap() }), KvqError::InvalidParam(_)));
+    assert!(Cache::none(CacheShape { head_dim: 3, ..SHAPE }).is_err());
+    assert!(Cache::none(CacheShape { batch: 0, ..SHAPE }).is_err());
+    // A calibration only goes with KVQuant, and with keys stored the same way.
+    assert!(matches!(Cache::new(&CacheConfig::preset("fp16").unwrap(), SHAPE, Some(rope()), Some(calibration(2, 0.01))), Err(KvqError::InvalidParam(_))));
+    let post = CacheConfig { pre_rope: false, ..CacheConfig::kvquant(2, 0.01) };
+    assert!(matches!(Cache::new(&post, SHAPE, Some(rope()), Some(calibration(2, 0.01))), Err(KvqError::InvalidParam(_))));
+    let mut broken = (*calibration(2, 0.01)).clone();
+    broken.layers[1].key_scale.pop();
+    assert!(matches!(Cache::new(&CacheConfig::kvquant(2, 0.01), SHAPE, Some(rope()), Some(Arc::new(broken))), Err(KvqError::Shape(_))));
+    let g = geometry();
+    assert!(cache_bytes(&g, &CacheConfig::preset("fp16").unwrap(), usize::MAX / 2, 1000).is_err());
 }

@@ -2,7 +2,7 @@
 
 use half::f16;
 use kvq::quant::outliers::{outlier_count, split_by_magnitude};
-use kvq::quant::{pack, packed_len, unpack, Affine, Axis, Codebook, QuantizedMatrix};
+use kvq::quant::{pack, packed_len, unpack, Axis, Codebook, QuantizedMatrix};
 use kvq::KvqError;
 use proptest::prelude::*;
 
@@ -44,7 +44,7 @@ proptest! {
         for t in 0..tokens {
             for c in 0..channels {
                 let (x, y) = (data[t * channels + c], back[t * channels + c]);
-                let bound = 0.5 * q.step_at(t, c) * (1.0 + 1e-5) + 1e-6 * x.abs();
+                let bound = 0.5 * q.step_at(t, c).unwrap() * (1.0 + 1e-5) + 1e-6 * x.abs();
                 prop_assert!((x - y).abs() <= bound, "x={x} y={y} bound={bound} bits={bits}");
             }
         }
@@ -62,7 +62,7 @@ proptest! {
         prop_assert_eq!(cb.levels().len(), 1 << bits);
         for &x in &xs {
             let code = cb.encode(x);
-            let err = (cb.decode(code) - x).abs();
+            let err = (cb.decode(code).unwrap() - x).abs();
             for &l in cb.levels() {
                 prop_assert!(err <= (l - x).abs() + 1e-6);
             }
@@ -75,7 +75,7 @@ proptest! {
         let mut rng = kvq::rng::SplitMix64::new(seed);
         let xs: Vec<f32> = (0..len).map(|_| rng.normal() * 10.0).collect();
         let n = outlier_count(frac, len);
-        let (dense, sparse) = split_by_magnitude(&xs, n, 0.0);
+        let (dense, sparse) = split_by_magnitude(&xs, n, 0.0).unwrap();
         prop_assert_eq!(sparse.index.len(), n);
         let smallest_kept = sparse.index.iter().map(|&i| xs[i as usize].abs()).fold(f32::INFINITY, f32::min);
         for (i, &x) in xs.iter().enumerate() {
@@ -131,6 +131,14 @@ fn bad_quantizer_input_is_a_typed_error() {
     bad[7] = 1e6;
     assert!(matches!(QuantizedMatrix::quantize(&bad, 1, 64, Axis::PerToken, 32, 4), Err(KvqError::OutOfRange { index: 7, .. })));
     assert!(matches!(pack(&[0, 4], 2), Err(KvqError::CodeOutOfRange { code: 4, index: 1, bits: 2 })));
+    assert_eq!(pack(&[1], 9).unwrap_err(), KvqError::InvalidBits(9));
+    assert_eq!(pack(&[0], 0).unwrap_err(), KvqError::InvalidBits(0));
+    assert_eq!(unpack(&[0], 40, &mut [0u8; 1]).unwrap_err(), KvqError::InvalidBits(40));
+    assert!(split_by_magnitude(&[], 1, 0.0).unwrap().1.index.is_empty());
+    assert!(split_by_magnitude(&vec![1.0; 70_000], 1, 0.0).is_err());
+    let cb = Codebook::uniform(-1.0, 1.0, 2).unwrap();
+    assert_eq!(cb.decode(5), None);
+    assert!(kvq::cache::KvQuantCalibration::fit(&[kvq::cache::LayerSamples { keys: &[], values: &[], tokens: 1 }], 1, 0, 2, 0.01, true).is_err());
     assert!(Codebook::kmeans(&[], None, 2, 10).is_err());
     assert!(Codebook::kmeans(&[1.0], Some(&[-1.0]), 2, 10).is_err());
 }
@@ -139,10 +147,13 @@ fn bad_quantizer_input_is_a_typed_error() {
 fn extreme_ranges_keep_finite_scales() {
     // ±MAX_ABS_VALUE at 1 bit is the widest step an f16 scale must hold.
     let m = kvq::error::MAX_ABS_VALUE;
-    let a = Affine::fit(-m, m, 1);
-    assert!(a.scale.to_f32().is_finite() && a.min.to_f32() <= -m);
+    let q = QuantizedMatrix::quantize(&[-m, m], 1, 2, Axis::PerToken, 2, 1).unwrap();
+    assert!(q.params[0].scale.to_f32().is_finite() && q.params[0].min.to_f32() <= -m);
+    assert_eq!(q.dequantize(), vec![q.params[0].min.to_f32(), q.params[0].min.to_f32() + q.params[0].scale.to_f32()]);
     // A constant group reconstructs exactly.
     let q = QuantizedMatrix::quantize(&[0.1f32; 32], 1, 32, Axis::PerToken, 32, 2).unwrap();
-    assert!(q.dequantize().iter().all(|&y| (y - 0.1).abs() <= 0.5 * q.step_at(0, 0) * (1.0 + 1e-5)));
-    assert!(q.step_at(0, 0) < 1e-4);
+    assert!(q.dequantize().iter().all(|&y| (y - 0.1).abs() <= 0.5 * q.step_at(0, 0).unwrap() * (1.0 + 1e-5)));
+    assert!(q.step_at(0, 0).unwrap() < 1e-4);
+    assert_eq!(q.step_at(1, 0), None);
+    assert_eq!(q.step_at(0, 32), None);
 }

@@ -40,15 +40,19 @@ pub enum Scheme {
     None,
     /// Every element at full precision.
     Full(FullPrecision),
-    /// Keys and values per token, groups of `group_size` channels (HF's quanto/HQQ
-    /// `QuantizedCache`). New tokens gather at full precision until `residual_length`
-    /// of them are there; then they are quantized together (so `seq % residual_length`
-    /// tokens are full precision; 0 means quantize at once).
+    /// Keys and values per token, groups of `group_size` channels (the algorithm of
+    /// HF's quanto/HQQ `QuantizedCache`). New tokens gather at full precision until
+    /// `residual_length` of them are there; then they are quantized together, so
+    /// `seq % residual_length` tokens are full precision (0: quantize at once).
+    /// HF differs in one respect: it quantizes the whole prompt at prefill, so its
+    /// residual holds decode tokens only; here the rule does not depend on chunking.
     PerToken { bits: u8, group_size: usize, residual_length: usize },
     /// KIVI: keys per channel in groups of `group_size` tokens, values per token in
     /// groups of `min(group_size, head_dim)` channels. The `residual_length` most
     /// recent tokens stay full precision; an older key group is quantized as soon as all
-    /// its `group_size` tokens have left the window, an older value at once.
+    /// its `group_size` tokens have left the window, an older value at once. (KIVI's
+    /// reference code instead quantizes the whole key window when it reaches
+    /// `residual_length`, keeping 0 to R−1 recent keys; here at least R are kept.)
     Kivi { k_bits: u8, v_bits: u8, group_size: usize, residual_length: usize },
     /// KVQuant: `bits`-bit non-uniform codes from calibrated codebooks; keys per channel
     /// (offline per-channel centre and scale), values per token; `outlier_fraction` of
@@ -74,6 +78,9 @@ pub const PRESETS: &[&str] = &[
     "none", "fp32", "fp16", "bf16", "per-token-4", "per-token-2", "kivi-4", "kivi-2", "kvquant-4",
     "kvquant-3", "kvquant-2",
 ];
+
+/// Largest group size, residual window or sink a configuration may ask for.
+pub const MAX_LENGTH_PARAM: usize = 1 << 20;
 
 /// KIVI's published defaults.
 pub const KIVI_GROUP: usize = 32;
@@ -116,8 +123,9 @@ impl CacheConfig {
             // HF's QuantizedCache attends to the current step at full precision.
             "per-token-4" => Self { past_only: true, ..Self::per_token(4, PER_TOKEN_GROUP, PER_TOKEN_RESIDUAL) },
             "per-token-2" => Self { past_only: true, ..Self::per_token(2, PER_TOKEN_GROUP, PER_TOKEN_RESIDUAL) },
-            "kivi-4" => Self::kivi(4, 4, KIVI_GROUP, KIVI_RESIDUAL),
-            "kivi-2" => Self::kivi(2, 2, KIVI_GROUP, KIVI_RESIDUAL),
+            // KIVI's reference code attends to the prompt at full precision during prefill.
+            "kivi-4" => Self { past_only: true, ..Self::kivi(4, 4, KIVI_GROUP, KIVI_RESIDUAL) },
+            "kivi-2" => Self { past_only: true, ..Self::kivi(2, 2, KIVI_GROUP, KIVI_RESIDUAL) },
             "kvquant-4" => Self::kvquant(4, KVQUANT_OUTLIERS),
             "kvquant-3" => Self::kvquant(3, KVQUANT_OUTLIERS),
             "kvquant-2" => Self::kvquant(2, KVQUANT_OUTLIERS),
@@ -181,6 +189,24 @@ impl CacheConfig {
 
     /// Checks the configuration against a head dimension.
     pub fn validate(&self, head_dim: usize) -> Result<()> {
+        let too_big = |what: &str, x: usize| {
+            if x > MAX_LENGTH_PARAM {
+                Err(KvqError::InvalidParam(format!("{what} of {x} is beyond the limit of {MAX_LENGTH_PARAM}")))
+            } else {
+                Ok(())
+            }
+        };
+        too_big("sink", self.sink_tokens)?;
+        match self.scheme {
+            Scheme::PerToken { group_size, residual_length, .. } | Scheme::Kivi { group_size, residual_length, .. } => {
+                too_big("group size", group_size)?;
+                too_big("residual length", residual_length)?;
+            }
+            Scheme::None | Scheme::Full(_) if self.sink_tokens > 0 => {
+                return Err(KvqError::InvalidParam(format!("an attention sink applies to quantized caches, not {}", self.label())));
+            }
+            _ => {}
+        }
         match self.scheme {
             Scheme::None | Scheme::Full(_) => {}
             Scheme::PerToken { bits, group_size, .. } => {

@@ -30,6 +30,8 @@ pub struct LayerCalibration {
 #[derive(Clone, Debug)]
 pub struct KvQuantCalibration {
     pub bits: u8,
+    /// Whether the keys were recorded before RoPE (a cache must store them the same way).
+    pub keys_pre_rope: bool,
     pub outlier_fraction: f32,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -68,6 +70,18 @@ fn value_normalizer(xs: &[f32], outliers: &[u16], is_out: &mut [bool]) -> (f16, 
     (center, half)
 }
 
+/// Outlier scores of a value vector: distance from its median, so that both tails
+/// count (a vector of tens with one zero has the zero as its outlier).
+fn value_scores(xs: &[f32], tmp: &mut [f32], score: &mut [f32]) {
+    tmp.copy_from_slice(xs);
+    let mid = tmp.len() / 2;
+    let (_, median, _) = tmp.select_nth_unstable_by(mid, f32::total_cmp);
+    let median = *median;
+    for (s, x) in score.iter_mut().zip(xs) {
+        *s = (x - median).abs();
+    }
+}
+
 #[inline]
 fn normalize(x: f32, center: f32, half: f32) -> f32 {
     if half > 0.0 {
@@ -79,8 +93,13 @@ fn normalize(x: f32, center: f32, half: f32) -> f32 {
 
 impl KvQuantCalibration {
     /// Fits the per-channel key normalization and both codebooks of every layer.
-    pub fn fit(samples: &[LayerSamples], kv_heads: usize, head_dim: usize, bits: u32, outlier_fraction: f32) -> Result<Self> {
+    pub fn fit(samples: &[LayerSamples], kv_heads: usize, head_dim: usize, bits: u32, outlier_fraction: f32, keys_pre_rope: bool) -> Result<Self> {
         let bits = check_bits(bits)?;
+        if head_dim < 2 || head_dim % 2 != 0 || head_dim > u16::MAX as usize || kv_heads == 0 {
+            return Err(KvqError::InvalidParam(format!(
+                "calibration needs an even head dimension in 2..=65534 and at least one KV head, got {head_dim} and {kv_heads}"
+            )));
+        }
         if !(0.0..=1.0).contains(&outlier_fraction) {
             return Err(KvqError::InvalidParam(format!("outlier fraction must be between 0 and 1, got {outlier_fraction}")));
         }
@@ -131,11 +150,9 @@ impl KvQuantCalibration {
             }
             // Values: per token, outliers out, the rest mapped to [-1, 1].
             let mut value_norm = Vec::with_capacity(s.values.len());
-            let (mut idx, mut is_out, mut score) = (Vec::new(), vec![false; d], vec![0f32; d]);
+            let (mut idx, mut is_out, mut score, mut tmp) = (Vec::new(), vec![false; d], vec![0f32; d], vec![0f32; d]);
             for v in s.values.chunks_exact(d) {
-                for (sc, x) in score.iter_mut().zip(v) {
-                    *sc = x.abs();
-                }
+                value_scores(v, &mut tmp, &mut score);
                 top_outliers(&score, n_out, &mut idx);
                 let (c, h) = value_normalizer(v, &idx, &mut is_out);
                 for (x, &o) in v.iter().zip(&is_out) {
@@ -157,7 +174,7 @@ impl KvQuantCalibration {
                 value_codebook: Codebook::kmeans(&value_norm, None, bits as u32, 100)?,
             });
         }
-        Ok(KvQuantCalibration { bits, outlier_fraction, kv_heads, head_dim, layers })
+        Ok(KvQuantCalibration { bits, keys_pre_rope, outlier_fraction, kv_heads, head_dim, layers })
     }
 
     /// Bytes of one layer's constants in the cache: f16 key centre and scale per
@@ -223,6 +240,7 @@ impl TokenStore for NuqStore {
         let mut codes = vec![0u8; d];
         let mut idx = Vec::with_capacity(self.n_out);
         let mut is_out = vec![false; d];
+        let mut tmp = vec![0f32; d];
         for x in rows.chunks_exact(d) {
             match &self.channel_norm {
                 Some(cs) => {
@@ -234,9 +252,7 @@ impl TokenStore for NuqStore {
                     top_outliers(&score, self.n_out, &mut idx);
                 }
                 None => {
-                    for (s, v) in score.iter_mut().zip(x) {
-                        *s = v.abs();
-                    }
+                    value_scores(x, &mut tmp, &mut score);
                     top_outliers(&score, self.n_out, &mut idx);
                     let (c, h) = value_normalizer(x, &idx, &mut is_out);
                     for (n, v) in norm.iter_mut().zip(x) {
@@ -267,14 +283,14 @@ impl TokenStore for NuqStore {
             match &self.channel_norm {
                 Some(cs) => {
                     for c in 0..d {
-                        o[c] = cs.0[c] + cs.1[c] * self.codebook.decode(scratch[c]);
+                        o[c] = cs.0[c] + cs.1[c] * self.codebook.level(scratch[c]);
                     }
                 }
                 None => {
                     let (c, h) = self.token_norm[t];
                     let (c, h) = (c.to_f32(), h.to_f32());
                     for (x, &q) in o.iter_mut().zip(scratch.iter()) {
-                        *x = c + h * self.codebook.decode(q);
+                        *x = c + h * self.codebook.level(q);
                     }
                 }
             }
@@ -304,7 +320,25 @@ impl TokenStore for NuqStore {
 }
 
 /// Checks that a calibration fits a cache's geometry and scheme.
-pub(crate) fn check_calibration(c: &KvQuantCalibration, layers: usize, kv_heads: usize, head_dim: usize, bits: u8, frac: f32) -> Result<()> {
+pub(crate) fn check_calibration(c: &KvQuantCalibration, layers: usize, kv_heads: usize, head_dim: usize, bits: u8, frac: f32, pre_rope: bool) -> Result<()> {
+    if c.keys_pre_rope != pre_rope {
+        return Err(KvqError::InvalidParam(format!(
+            "the calibration recorded keys {} RoPE, the cache stores them {}",
+            if c.keys_pre_rope { "before" } else { "after" },
+            if pre_rope { "before" } else { "after" }
+        )));
+    }
+    for (i, l) in c.layers.iter().enumerate() {
+        if l.key_center.len() != kv_heads * head_dim || l.key_scale.len() != kv_heads * head_dim {
+            return Err(KvqError::Shape(format!("calibration layer {i}: key centre/scale must hold {} values", kv_heads * head_dim)));
+        }
+        if l.key_codebook.bits() != bits || l.value_codebook.bits() != bits {
+            return Err(KvqError::InvalidParam(format!("calibration layer {i}: codebooks are not {bits}-bit")));
+        }
+        if let Some(j) = l.key_scale.iter().chain(&l.key_center).position(|x| !x.is_finite()) {
+            return Err(KvqError::NonFinite { what: "calibration key centre/scale", index: j, value: f32::NAN });
+        }
+    }
     if c.layers.len() != layers || c.kv_heads != kv_heads || c.head_dim != head_dim {
         return Err(KvqError::Shape(format!(
             "calibration is for {} layers × {} KV heads × {} dims, the cache has {layers} × {kv_heads} × {head_dim}",

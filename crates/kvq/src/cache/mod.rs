@@ -68,11 +68,18 @@ pub trait KvCache: Send {
     fn wants_pre_rope_keys(&self) -> bool;
     /// Tokens held: the position the next step starts at (always 0 without a cache).
     fn seq_len(&self) -> usize;
+    /// Declares left padding: the first `row_start[b]` positions of sequence `b` are
+    /// pads. Pads are never stored nor attended to, and RoPE positions of a sequence
+    /// count from its first real token (like HF's `position_ids`), so a padded row
+    /// computes what it would alone. Only allowed while the cache is empty.
+    fn set_padding(&mut self, row_start: &[usize]) -> Result<()>;
+    /// The left padding of each sequence (zeros when there is none).
+    fn padding(&self) -> &[usize];
     /// Appends the K/V of `tokens` new tokens of one layer.
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()>;
     /// Causal attention of `tokens` queries (the newest positions) over everything the
-    /// layer holds. `row_start[b]` masks the left padding of sequence `b` (empty: none).
-    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, row_start: &[usize], out: &mut [f32]) -> Result<()>;
+    /// layer holds.
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()>;
     /// The layer's keys (after RoPE) and values as the attention sees them.
     fn materialize(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)>;
     fn bytes(&self) -> Bytes;
@@ -127,6 +134,8 @@ pub struct Cache {
     calibration: Option<Arc<KvQuantCalibration>>,
     layers: Vec<Layer>,
     scratch: Vec<Scratch>,
+    /// Left padding per sequence.
+    row_start: Vec<usize>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -154,6 +163,9 @@ impl Cache {
         if shape.layers == 0 || shape.batch == 0 || shape.kv_heads == 0 {
             return Err(KvqError::InvalidParam("a cache needs at least one layer, sequence and KV head".into()));
         }
+        if calibration.is_some() && !matches!(config.scheme, Scheme::KvQuant { .. }) {
+            return Err(KvqError::InvalidParam(format!("a calibration is for KVQuant caches, not {}", config.label())));
+        }
         if config.pre_rope {
             match &rope {
                 None => return Err(KvqError::InvalidParam("a cache that stores keys before RoPE needs the model's RoPE".into())),
@@ -167,9 +179,9 @@ impl Cache {
             let c = calibration.as_ref().ok_or_else(|| {
                 KvqError::InvalidParam("a KVQuant cache needs a calibration (KvQuantCalibration::fit)".into())
             })?;
-            check_calibration(c, shape.layers, shape.kv_heads, shape.head_dim, bits, outlier_fraction)?;
+            check_calibration(c, shape.layers, shape.kv_heads, shape.head_dim, bits, outlier_fraction, config.pre_rope)?;
         }
-        let mut cache = Cache { config: config.clone(), shape, rope, calibration, layers: Vec::new(), scratch: Vec::new() };
+        let mut cache = Cache { config: config.clone(), shape, rope, calibration, layers: Vec::new(), scratch: Vec::new(), row_start: vec![0; shape.batch] };
         cache.layers = (0..shape.layers)
             .map(|l| Layer { streams: (0..shape.batch * shape.kv_heads).map(|s| cache.new_stream(l, s % shape.kv_heads)).collect(), ..Layer::default() })
             .collect();
@@ -178,8 +190,8 @@ impl Cache {
     }
 
     /// The cache that keeps nothing (generation recomputes the prefix every step).
-    pub fn none(shape: CacheShape) -> Self {
-        Cache::new(&CacheConfig::new(Scheme::None), shape, None, None).expect("a no-cache config is always valid")
+    pub fn none(shape: CacheShape) -> Result<Self> {
+        Cache::new(&CacheConfig::new(Scheme::None), shape, None, None)
     }
 
     fn new_stream(&self, layer: usize, head: usize) -> Stream {
@@ -268,50 +280,60 @@ impl Cache {
     /// Reads positions `start..end` of one stream: sink, store or fresh copy.
     #[allow(clippy::too_many_arguments)]
     fn read_rows(&self, layer: usize, s: usize, which: Which, start: usize, end: usize, out: &mut [f32], codes: &mut Vec<u8>, rotate: bool) {
-        read_stream_rows(
-            &self.layers[layer],
-            s,
-            which,
-            start,
-            end,
-            self.fresh_from(layer),
-            self.shape.head_dim,
-            out,
-            codes,
-            if rotate && self.config.pre_rope { self.rope.as_deref() } else { None },
-        );
+        let at = At { fresh_from: self.fresh_from(layer), pad: self.row_start[s / self.shape.kv_heads], d: self.shape.head_dim };
+        let rope = if rotate && self.config.pre_rope { self.rope.as_deref() } else { None };
+        read_stream_rows(&self.layers[layer], s, which, start, end, at, out, codes, rope);
     }
 }
 
-/// Reads positions `start..end` of stream `s` of a layer into `out`.
+/// Where a stream's positions come from: the fresh copy from `fresh_from` on; the
+/// first `pad` positions are padding (read as zeros).
+#[derive(Clone, Copy)]
+struct At {
+    fresh_from: usize,
+    pad: usize,
+    d: usize,
+}
+
+/// Reads positions `start..end` of stream `s` of a layer into `out`: padding, sink,
+/// store, or the fresh full-precision copy of the current step; pre-RoPE keys are
+/// rotated to their position within the sequence.
 #[allow(clippy::too_many_arguments)]
-fn read_stream_rows(layer: &Layer, s: usize, which: Which, start: usize, end: usize, fresh_from: usize, d: usize, out: &mut [f32], codes: &mut Vec<u8>, rope: Option<&Rope>) {
+fn read_stream_rows(layer: &Layer, s: usize, which: Which, start: usize, end: usize, at: At, out: &mut [f32], codes: &mut Vec<u8>, rope: Option<&Rope>) {
+    let At { fresh_from, pad, d } = at;
     let st = &layer.streams[s];
     let (sink, store, fresh) = match which {
         Which::K => (&st.sink_k, &st.k, &layer.fresh_k),
         Which::V => (&st.sink_v, &st.v, &layer.fresh_v),
     };
     let sink_n = sink.len() / d;
-    let fresh_from_pos = fresh_from.min(end);
-    // 1. Sink tokens.
-    let sink_end = end.min(sink_n).min(fresh_from_pos);
-    if start < sink_end {
-        store::read_f16(&sink[start * d..sink_end * d], &mut out[..(sink_end - start) * d]);
-    }
-    // 2. The store.
-    let (a, b) = (start.max(sink_n), fresh_from_pos);
+    let stored_end = fresh_from.clamp(start, end);
+    // 1. Padding.
+    let a = start;
+    let b = pad.clamp(start, stored_end);
+    out[(a - start) * d..(b - start) * d].fill(0.0);
+    // 2. Sink tokens (the first real ones).
+    let a = b;
+    let b = (pad + sink_n).clamp(a, stored_end);
     if a < b {
-        store.read(a - sink_n, b - sink_n, &mut out[(a - start) * d..(b - start) * d], codes);
+        store::read_f16(&sink[(a - pad) * d..(b - pad) * d], &mut out[(a - start) * d..(b - start) * d]);
     }
-    // 3. The fresh full-precision copy of the current step.
-    let a = start.max(fresh_from_pos);
+    // 3. The store.
+    let a = b;
+    let b = stored_end;
+    if a < b {
+        store.read(a - pad - sink_n, b - pad - sink_n, &mut out[(a - start) * d..(b - start) * d], codes);
+    }
+    // 4. The fresh full-precision copy of the current step.
+    let a = stored_end;
     if a < end {
         let base = s * layer.fresh * d;
         let f0 = a - fresh_from;
         out[(a - start) * d..(end - start) * d].copy_from_slice(&fresh[base + f0 * d..base + (f0 + end - a) * d]);
     }
     if let Some(r) = rope {
-        r.apply_rows(&mut out[..(end - start) * d], start);
+        let a = pad.clamp(start, end);
+        r.apply_rows(&mut out[(a - start) * d..(end - start) * d], a - pad);
     }
 }
 
@@ -342,7 +364,13 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 /// Below this many multiply-adds (or elements) a step runs on one thread: handing
 /// a single decode token to a thread pool costs more than the work itself.
+#[cfg(feature = "parallel")]
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// `a · b`, or a shape error when it does not fit in `usize`.
+fn checked_product(xs: &[usize], what: &str) -> Result<usize> {
+    xs.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x)).ok_or_else(|| KvqError::Shape(format!("{what}: {xs:?} is too large")))
+}
 
 /// Runs `f` on every item, in parallel where the `parallel` feature is on and the
 /// work is large enough to pay for it.
@@ -374,10 +402,28 @@ impl KvCache for Cache {
         self.layers.last().map_or(0, |l| if self.keeps_tokens() { l.len } else { 0 })
     }
 
+    fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
+        if row_start.len() != self.shape.batch {
+            return Err(KvqError::Shape(format!("{} padding lengths for a batch of {}", row_start.len(), self.shape.batch)));
+        }
+        if self.layers.iter().any(|l| l.len > 0) {
+            return Err(KvqError::InvalidParam("padding can only be set on an empty cache (call reset first)".into()));
+        }
+        self.row_start.copy_from_slice(row_start);
+        Ok(())
+    }
+
+    fn padding(&self) -> &[usize] {
+        &self.row_start
+    }
+
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
         self.check_layer(layer)?;
         let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
-        let want = batch * kv_heads * tokens * d;
+        let want = checked_product(&[batch, kv_heads, tokens, d], "append size")?;
+        if tokens == 0 {
+            return Err(KvqError::Shape("append needs at least one token".into()));
+        }
         if k.len() != want || v.len() != want {
             return Err(KvqError::Shape(format!(
                 "append of {tokens} tokens needs {want} values each for K and V ({batch} × {kv_heads} × {tokens} × {d}), got {} and {}",
@@ -401,33 +447,40 @@ impl KvCache for Cache {
             return Ok(());
         }
         let len = l.len;
-        let n_sink = sink_tokens.saturating_sub(len).min(tokens);
+        let row_start = &self.row_start;
         let work: Vec<(usize, &mut Stream)> = l.streams.iter_mut().enumerate().collect();
-        for_each(work, k.len() * 8, |(s, st)| {
+        for_each(work, k.len().saturating_mul(8), |(s, st)| {
+            // Pads are not stored; the first real tokens go to the sink.
+            let pad = row_start[s / kv_heads];
+            let skip = pad.saturating_sub(len).min(tokens);
+            let n_sink = sink_tokens.saturating_sub(len.saturating_sub(pad)).min(tokens - skip);
             let (kr, vr) = (&k[s * tokens * d..(s + 1) * tokens * d], &v[s * tokens * d..(s + 1) * tokens * d]);
-            store::extend_f16(&mut st.sink_k, &kr[..n_sink * d]);
-            store::extend_f16(&mut st.sink_v, &vr[..n_sink * d]);
-            if n_sink < tokens {
-                st.k.push(&kr[n_sink * d..]);
-                st.v.push(&vr[n_sink * d..]);
+            store::extend_f16(&mut st.sink_k, &kr[skip * d..(skip + n_sink) * d]);
+            store::extend_f16(&mut st.sink_v, &vr[skip * d..(skip + n_sink) * d]);
+            if skip + n_sink < tokens {
+                st.k.push(&kr[(skip + n_sink) * d..]);
+                st.v.push(&vr[(skip + n_sink) * d..]);
             }
         });
         l.len += tokens;
         Ok(())
     }
 
-    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, row_start: &[usize], out: &mut [f32]) -> Result<()> {
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()> {
         self.check_layer(layer)?;
         let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
         if q_heads == 0 || q_heads % kv_heads != 0 {
             return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
         }
-        let want = batch * q_heads * tokens * d;
+        let want = checked_product(&[batch, q_heads, tokens, d], "attention size")?;
+        if tokens == 0 {
+            return Err(KvqError::Shape("attention needs at least one query token".into()));
+        }
         if q.len() != want || out.len() != want {
             return Err(KvqError::Shape(format!("queries and output need {want} values, got {} and {}", q.len(), out.len())));
         }
-        if !row_start.is_empty() && row_start.len() != batch {
-            return Err(KvqError::Shape(format!("{} row starts for a batch of {batch}", row_start.len())));
+        if let Some(index) = q.iter().position(|x| !x.is_finite()) {
+            return Err(KvqError::NonFinite { what: "queries", index, value: q[index] });
         }
         let n = self.visible(layer);
         if tokens > n {
@@ -438,11 +491,12 @@ impl KvCache for Cache {
         let fresh_from = self.fresh_from(layer);
         let rope = if self.config.pre_rope { self.rope.as_deref() } else { None };
         let lay = &self.layers[layer];
+        let row_start = &self.row_start;
         let chunk = rep * tokens * d;
         let work: Vec<_> = self.scratch.iter_mut().zip(q.chunks(chunk).zip(out.chunks_mut(chunk))).enumerate().collect();
-        for_each(work, 2 * q.len() * n, |(s, (sc, (qs, os)))| {
-            let b = s / kv_heads;
-            let lo = row_start.get(b).copied().unwrap_or(0);
+        for_each(work, q.len().saturating_mul(n).saturating_mul(2), |(s, (sc, (qs, os)))| {
+            let lo = row_start[s / kv_heads];
+            let at = At { fresh_from, pad: lo, d };
             let nq = rep * tokens;
             sc.k.resize(TILE * d, 0.0);
             sc.v.resize(TILE * d, 0.0);
@@ -457,8 +511,8 @@ impl KvCache for Cache {
             while t0 < n {
                 let t1 = n.min(t0 + TILE);
                 let rows = t1 - t0;
-                read_stream_rows(lay, s, Which::K, t0, t1, fresh_from, d, &mut sc.k[..rows * d], &mut sc.codes, rope);
-                read_stream_rows(lay, s, Which::V, t0, t1, fresh_from, d, &mut sc.v[..rows * d], &mut sc.codes, None);
+                read_stream_rows(lay, s, Which::K, t0, t1, at, &mut sc.k[..rows * d], &mut sc.codes, rope);
+                read_stream_rows(lay, s, Which::V, t0, t1, at, &mut sc.v[..rows * d], &mut sc.codes, None);
                 for qi in 0..nq {
                     let i = qi % tokens;
                     let jmax = t1.min(n - tokens + i + 1); // causal: keys up to the query's position
@@ -521,8 +575,9 @@ impl KvCache for Cache {
 
     fn info(&self) -> CacheInfo {
         // Counted on layer 0, like the rest of the per-stream numbers below.
-        let total = if self.keeps_tokens() { self.layers[0].len } else { 0 };
+        let total = if self.keeps_tokens() { self.layers[0].len.saturating_sub(self.row_start[0]) } else { 0 };
         let (mut q, mut kq, mut sink) = (0, 0, 0);
+        // Counts of the first sequence (with left padding, rows hold different numbers).
         if let Some(st) = self.layers.first().and_then(|l| l.streams.first()) {
             q = st.v.quantized_len();
             kq = st.k.quantized_len();
@@ -530,7 +585,9 @@ impl KvCache for Cache {
         }
         let bytes = self.bytes();
         let memory = bytes.total();
-        let elements = 2 * self.shape.layers * self.shape.batch * self.shape.kv_heads * self.shape.head_dim * total;
+        let held = if self.keeps_tokens() { self.layers[0].len } else { 0 };
+        let real_tokens: usize = self.row_start.iter().map(|&p| held.saturating_sub(p)).sum();
+        let elements = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * real_tokens;
         let (k_bits, v_bits) = self.config.bits();
         CacheInfo {
             scheme: self.config.label(),
@@ -559,6 +616,7 @@ impl KvCache for Cache {
             return Err(KvqError::InvalidParam(format!("row {r} is out of range for a batch of {}", self.shape.batch)));
         }
         let h = self.shape.kv_heads;
+        self.row_start = rows.iter().map(|&r| self.row_start[r]).collect();
         for l in &mut self.layers {
             l.streams = rows.iter().flat_map(|&r| l.streams[r * h..(r + 1) * h].iter().cloned()).collect::<Vec<_>>();
             l.fresh = 0;
@@ -581,5 +639,6 @@ impl KvCache for Cache {
             l.len = 0;
             l.fresh = 0;
         }
+        self.row_start.iter_mut().for_each(|p| *p = 0);
     }
 }

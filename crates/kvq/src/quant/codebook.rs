@@ -125,8 +125,14 @@ impl Codebook {
         self.bounds.partition_point(|&b| b < x) as u8
     }
 
+    /// The level of a code, or `None` for a code beyond the codebook.
+    pub fn decode(&self, code: u8) -> Option<f32> {
+        self.levels.get(code as usize).copied()
+    }
+
+    /// The level of a code produced by [`Codebook::encode`].
     #[inline]
-    pub fn decode(&self, code: u8) -> f32 {
+    pub(crate) fn level(&self, code: u8) -> f32 {
         self.levels[code as usize]
     }
 

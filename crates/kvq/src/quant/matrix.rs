@@ -66,7 +66,8 @@ pub fn check_layout(tokens: usize, channels: usize, axis: Axis, group: usize, bi
 impl QuantizedMatrix {
     /// Quantizes `data` (`tokens × channels`, row-major).
     pub fn quantize(data: &[f32], tokens: usize, channels: usize, axis: Axis, group: usize, bits: u32) -> Result<Self> {
-        if data.len() != tokens * channels {
+        let n = tokens.checked_mul(channels).ok_or_else(|| KvqError::Shape(format!("{tokens} × {channels} is too large")))?;
+        if data.len() != n {
             return Err(KvqError::Shape(format!(
                 "{} values given for a {tokens} × {channels} matrix",
                 data.len()
@@ -136,13 +137,17 @@ impl QuantizedMatrix {
         out
     }
 
-    /// The quantization step of the group holding element `(token, channel)`.
-    pub fn step_at(&self, token: usize, channel: usize) -> f32 {
+    /// The quantization step of the group holding element `(token, channel)`,
+    /// or `None` outside the matrix.
+    pub fn step_at(&self, token: usize, channel: usize) -> Option<f32> {
+        if token >= self.tokens || channel >= self.channels {
+            return None;
+        }
         let i = match self.axis {
             Axis::PerToken => token * (self.channels / self.group) + channel / self.group,
             Axis::PerChannel => (token / self.group) * self.channels + channel,
         };
-        self.params[i].step()
+        Some(self.params[i].step())
     }
 
     /// Bytes this matrix really holds: packed codes plus f16 min and scale per group.

@@ -2,7 +2,11 @@
 //! kept aside exactly (as f16 value + u16 index within their vector), so they no longer
 //! stretch the range the dense part is quantized over.
 
+use crate::error::{KvqError, Result};
 use half::f16;
+
+/// The longest vector an outlier index (u16) can address.
+pub const MAX_VECTOR: usize = 1 << 16;
 
 /// Bytes one outlier takes: f16 value + u16 index.
 pub const OUTLIER_BYTES: usize = 4;
@@ -26,9 +30,10 @@ pub struct Sparse {
 
 /// Indices of the `count` entries with the largest `score` (ties → lower index first),
 /// returned in ascending order. `score` is typically `|x − centre| / scale`.
-pub fn top_outliers(score: &[f32], count: usize, out: &mut Vec<u16>) {
+/// `score` has at most 65,536 entries (indices are u16); callers check.
+pub(crate) fn top_outliers(score: &[f32], count: usize, out: &mut Vec<u16>) {
     out.clear();
-    if count == 0 {
+    if count == 0 || score.is_empty() {
         return;
     }
     let mut idx: Vec<u16> = (0..score.len() as u16).collect();
@@ -42,7 +47,10 @@ pub fn top_outliers(score: &[f32], count: usize, out: &mut Vec<u16>) {
 
 /// Splits `xs` into a dense vector (outliers replaced by `fill`) and the sparse outliers,
 /// chosen as the `count` largest `|x|`.
-pub fn split_by_magnitude(xs: &[f32], count: usize, fill: f32) -> (Vec<f32>, Sparse) {
+pub fn split_by_magnitude(xs: &[f32], count: usize, fill: f32) -> Result<(Vec<f32>, Sparse)> {
+    if xs.len() > MAX_VECTOR {
+        return Err(KvqError::Shape(format!("outlier indices are u16: a vector may hold at most {MAX_VECTOR} values, got {}", xs.len())));
+    }
     let score: Vec<f32> = xs.iter().map(|x| x.abs()).collect();
     let mut index = Vec::new();
     top_outliers(&score, count, &mut index);
@@ -54,5 +62,5 @@ pub fn split_by_magnitude(xs: &[f32], count: usize, fill: f32) -> (Vec<f32>, Spa
             f16::from_f32(xs[i as usize])
         })
         .collect();
-    (dense, Sparse { index, value })
+    Ok((dense, Sparse { index, value }))
 }

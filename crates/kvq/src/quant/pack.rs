@@ -20,6 +20,7 @@ pub const fn packed_len(n: usize, bits: u8) -> usize {
 
 /// Appends `codes` packed at `bits` bits to `out`. Fails if a code needs more bits.
 pub fn pack_into(codes: &[u8], bits: u8, out: &mut Vec<u8>) -> Result<()> {
+    check_bits(bits as u32)?;
     let max = if bits == 8 { u8::MAX } else { (1u8 << bits) - 1 };
     if let Some(index) = codes.iter().position(|&c| c > max) {
         return Err(KvqError::CodeOutOfRange { code: codes[index], index, bits });
@@ -73,13 +74,14 @@ pub(crate) fn pack_unchecked(codes: &[u8], bits: u8, out: &mut Vec<u8>) {
 
 /// Packs `codes` into a new vector.
 pub fn pack(codes: &[u8], bits: u8) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(packed_len(codes.len(), bits));
+    let mut out = Vec::with_capacity(packed_len(codes.len(), bits.min(8)));
     pack_into(codes, bits, &mut out)?;
     Ok(out)
 }
 
 /// Unpacks `out.len()` codes of `bits` bits from `packed`.
 pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) -> Result<()> {
+    check_bits(bits as u32)?;
     let need = packed_len(out.len(), bits);
     if packed.len() < need {
         return Err(KvqError::Shape(format!(

@@ -63,8 +63,9 @@ pub fn f16_ceil(x: f32) -> f16 {
 }
 
 impl Affine {
-    /// Parameters covering `[lo, hi]` with `bits`-bit codes.
-    pub fn fit(lo: f32, hi: f32, bits: u8) -> Affine {
+    /// Parameters covering `[lo, hi]` with `bits`-bit codes (`bits` in 1..=8, checked
+    /// by the callers: this runs once per group in the hot loops).
+    pub(crate) fn fit(lo: f32, hi: f32, bits: u8) -> Affine {
         let qmax = ((1u32 << bits) - 1) as f32;
         let min = f16_floor(lo);
         let range = hi - min.to_f32();
@@ -73,7 +74,7 @@ impl Affine {
     }
 
     /// Parameters for a group of values.
-    pub fn fit_values(xs: &[f32], bits: u8) -> Affine {
+    pub(crate) fn fit_values(xs: &[f32], bits: u8) -> Affine {
         let (lo, hi) = min_max(xs);
         Affine::fit(lo, hi, bits)
     }
@@ -85,7 +86,7 @@ impl Affine {
 
     /// Quantizes `xs` into `codes` (same length).
     #[inline]
-    pub fn quantize(&self, xs: &[f32], bits: u8, codes: &mut [u8]) {
+    pub(crate) fn quantize(&self, xs: &[f32], bits: u8, codes: &mut [u8]) {
         let qmax = ((1u32 << bits) - 1) as f32;
         let min = self.min.to_f32();
         let s = self.scale.to_f32();

@@ -1,0 +1,69 @@
+//! The `kvq` binary: the numbers it prints and its errors.
+
+use std::process::Command;
+
+fn kvq(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kvq")).args(args).output().expect("run kvq");
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn llama_3_8b_at_100k_tokens_is_13_gb_in_fp16() {
+    let (code, out, _) = kvq(&["size", "--model", "llama-3-8b", "--seq", "100000"]);
+    assert_eq!(code, 0);
+    let fp16 = out.lines().find(|l| l.starts_with("| fp16 ")).expect("an fp16 row");
+    assert!(fp16.contains("13,107,200,000"), "{fp16}");
+    // kivi-2's real compression, scales and residual window included: 2,471,231,488 bytes.
+    let kivi = out.lines().find(|l| l.starts_with("| kivi-2 ")).expect("a kivi-2 row");
+    assert!(kivi.contains("2,471,231,488") && kivi.contains("5.30×"), "{kivi}");
+}
+
+#[test]
+fn json_output_has_the_breakdown() {
+    let (code, out, _) = kvq(&["size", "--model", "smollm2-135m", "--seq", "8192", "--batch", "200", "--cache", "fp16,kivi-2", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rows"][0]["bytes"], 2u64 * 30 * 3 * 64 * 8192 * 200 * 2);
+    let b = &v["rows"][1]["breakdown"];
+    let total: u64 = ["codes", "params", "full", "outliers", "sink", "constants"].iter().map(|k| b[k].as_u64().unwrap()).sum();
+    assert_eq!(v["rows"][1]["bytes"].as_u64().unwrap(), total);
+    assert!(b["params"].as_u64().unwrap() > 0 && b["full"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn nanogpt_at_1024_tokens_and_4_bits() {
+    // The seed lesson's estimate ignores scales: 6 · 2 · 384 · 1024 · 0.5 B = 2,359,296 B.
+    // kvq counts them: 4-bit codes plus f16 min and scale per group of 64 channels.
+    let (code, out, _) = kvq(&["size", "--model", "nanogpt", "--seq", "1024", "--cache", "per-token-4", "--residual", "0", "--past-only", "false"]);
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with("| per-token-4")).unwrap();
+    assert!(row.contains("2,654,208"), "{row}"); // 2,359,296 + 2·6·6·1024·4
+}
+
+#[test]
+fn custom_geometry_and_overrides() {
+    let (code, out, _) = kvq(&["size", "--model", "custom", "--layers", "2", "--q-heads", "4", "--kv-heads", "1", "--head-dim", "64", "--seq", "10", "--cache", "fp32"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("MQA") && out.contains("| fp32") && out.contains("10,240"), "{out}");
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_message() {
+    for (args, needle) in [
+        (vec!["size", "--model", "gpt-9", "--seq", "10"], "unknown model preset"),
+        (vec!["size", "--seq", "10", "--cache", "kivi-9"], "unknown cache preset"),
+        (vec!["size", "--seq", "10", "--cache", "kivi-2", "--bits", "9"], "bits must be between 1 and 8"),
+        (vec!["size", "--seq", "10", "--cache", "kivi-2", "--bits", "0"], "bits must be between 1 and 8"),
+        (vec!["size", "--seq", "10", "--cache", "kivi-2", "--group-size", "0"], "group size must be at least 1"),
+        (vec!["size", "--seq", "10", "--cache", "per-token-4", "--group-size", "48"], "does not divide"),
+        (vec!["size", "--seq", "10", "--cache", "kvquant-2", "--outliers", "1.5"], "outlier fraction"),
+        (vec!["size", "--seq", "10", "--cache", "fp16", "--group-size", "32"], "does not apply"),
+        (vec!["size", "--model", "custom", "--seq", "10"], "--model custom needs"),
+        (vec!["size", "--model", "custom", "--layers", "2", "--q-heads", "6", "--kv-heads", "4", "--head-dim", "64", "--seq", "1"], "cannot share"),
+    ] {
+        let (code, _, err) = kvq(&args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
