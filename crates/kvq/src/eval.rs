@@ -1,0 +1,128 @@
+//! Quality of a cache: perplexity of a text streamed through the model with that
+//! cache, and how far its next-token distributions drift from a full-precision
+//! reference (KL divergence, top-1 agreement) — all caches run in lockstep over the
+//! same tokens, so no logits need to be stored.
+
+use crate::cache::KvCache;
+use crate::error::{KvqError, Result};
+use crate::model::Llama;
+use candle_core::D;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// What one cache scored on one text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    pub cache: String,
+    /// Tokens predicted (the text's length minus one).
+    pub predicted: usize,
+    pub nll: f64,
+    pub ppl: f64,
+    /// Mean KL(reference ‖ cache) over positions, in nats.
+    pub kl: f64,
+    /// Fraction of positions whose argmax equals the reference's.
+    pub top1_agreement: f64,
+    /// Bytes the cache held at the end, and per token.
+    pub bytes: usize,
+    pub bytes_per_token: f64,
+    pub effective_bits: f64,
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct Acc {
+    nll: f64,
+    kl: f64,
+    agree: usize,
+    n: usize,
+    seconds: f64,
+}
+
+/// Streams `ids` through the model `chunk` tokens at a time (1 = token by token,
+/// exactly as in decoding) with the reference cache and each cache in `caches`.
+/// `progress(done, total)` is called after each chunk.
+pub fn evaluate(model: &Llama, ids: &[u32], reference: (&str, &mut dyn KvCache), caches: &mut [(String, Box<dyn KvCache>)], chunk: usize, mut progress: impl FnMut(usize, usize)) -> Result<(EvalRow, Vec<EvalRow>)> {
+    if ids.len() < 2 {
+        return Err(KvqError::InvalidParam("perplexity needs at least two tokens".into()));
+    }
+    if chunk == 0 {
+        return Err(KvqError::InvalidParam("chunk must be at least 1".into()));
+    }
+    if ids.len() > model.config.max_seq_len {
+        return Err(KvqError::ContextOverflow { len: ids.len(), max: model.config.max_seq_len });
+    }
+    let (ref_name, ref_cache) = reference;
+    ref_cache.reset();
+    for (_, c) in caches.iter_mut() {
+        c.reset();
+    }
+    let mut ref_acc = Acc::default();
+    let mut accs: Vec<Acc> = caches.iter().map(|_| Acc::default()).collect();
+    let mut pos = 0;
+    while pos < ids.len() - 1 {
+        // Positions pos..end predict tokens pos+1..end+1.
+        let end = (pos + chunk).min(ids.len() - 1);
+        let feed = &ids[pos..end];
+        let targets = &ids[pos + 1..end + 1];
+        let t0 = Instant::now();
+        let ref_lp = log_probs(model, feed, ref_cache)?;
+        ref_acc.seconds += t0.elapsed().as_secs_f64();
+        score(&mut ref_acc, &ref_lp, &ref_lp, targets);
+        for ((_, c), acc) in caches.iter_mut().zip(accs.iter_mut()) {
+            let t0 = Instant::now();
+            let lp = log_probs(model, feed, c.as_mut())?;
+            acc.seconds += t0.elapsed().as_secs_f64();
+            score(acc, &lp, &ref_lp, targets);
+        }
+        pos = end;
+        progress(pos + 1, ids.len());
+    }
+    let row = |name: &str, a: &Acc, c: &dyn KvCache| {
+        let info = c.info();
+        let tokens = info.total_seq_len.max(1);
+        EvalRow {
+            cache: name.to_string(),
+            predicted: a.n,
+            nll: a.nll / a.n as f64,
+            ppl: (a.nll / a.n as f64).exp(),
+            kl: a.kl / a.n as f64,
+            top1_agreement: a.agree as f64 / a.n as f64,
+            bytes: info.memory_bytes,
+            bytes_per_token: info.memory_bytes as f64 / tokens as f64,
+            effective_bits: info.effective_bits,
+            seconds: a.seconds,
+        }
+    };
+    let reference_row = row(ref_name, &ref_acc, ref_cache);
+    let rows = caches.iter().zip(&accs).map(|((n, c), a)| row(n, a, c.as_ref())).collect();
+    Ok((reference_row, rows))
+}
+
+/// Log-probabilities `[t][vocab]` of the next token at each fed position.
+fn log_probs(model: &Llama, feed: &[u32], cache: &mut dyn KvCache) -> Result<Vec<Vec<f32>>> {
+    let logits = model.forward(feed, 1, cache, true)?;
+    let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?;
+    Ok(lp.to_vec2::<f32>()?)
+}
+
+fn score(acc: &mut Acc, lp: &[Vec<f32>], ref_lp: &[Vec<f32>], targets: &[u32]) {
+    for ((row, r), &t) in lp.iter().zip(ref_lp).zip(targets) {
+        acc.nll -= row[t as usize] as f64;
+        let mut kl = 0f64;
+        for (&q, &p) in row.iter().zip(r) {
+            let pf = (p as f64).exp();
+            if pf > 0.0 {
+                kl += pf * (p as f64 - q as f64);
+            }
+        }
+        acc.kl += kl.max(0.0);
+        if argmax(row) == argmax(r) {
+            acc.agree += 1;
+        }
+        acc.n += 1;
+    }
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    xs.iter().enumerate().fold(0, |b, (i, &x)| if x > xs[b] { i } else { b })
+}
