@@ -112,12 +112,24 @@ pub fn quant(tokens: usize, kv_heads: usize, head_dim: usize, reps: usize) -> Re
     ))
 }
 
-/// Per-token decode latency with and without a cache, on the small decoder.
-pub fn decode(contexts: &[usize], steps: usize, caches: &[String]) -> Result<String> {
-    let m = Llama::random(LlamaConfig::tiny(), 1234, &Device::Cpu)?;
+/// Per-token decode latency with and without a cache: on the small decoder, or on the
+/// real model (`real = Some((model, text ids))`).
+pub fn decode(contexts: &[usize], steps: usize, caches: &[String], real: Option<(&Llama, Vec<u32>)>) -> Result<String> {
+    let tiny;
+    let (m, source): (&Llama, Vec<u32>) = match real {
+        Some((m, ids)) => (m, ids),
+        None => {
+            tiny = Llama::random(LlamaConfig::tiny(), 1234, &Device::Cpu)?;
+            let max = contexts.iter().copied().max().unwrap_or(0) as u32;
+            (&tiny, (0..max).map(|i| (i * 37 + 5) % 512).collect())
+        }
+    };
     let mut t = Table::new(&["context", "cache", "ms / token", "× vs fp32 cache", "cache bytes"]);
     for &ctx in contexts {
-        let prompt: Vec<u32> = (0..ctx as u32).map(|i| (i * 37 + 5) % 512).collect();
+        if ctx > source.len() {
+            anyhow::bail!("context {ctx} is longer than the {} tokens of text at hand", source.len());
+        }
+        let prompt: Vec<u32> = source[..ctx].to_vec();
         let mut base = 0.0;
         let mut names = vec!["fp32".to_string()];
         names.extend(caches.iter().filter(|c| *c != "fp32").cloned());
@@ -145,9 +157,10 @@ pub fn decode(contexts: &[usize], steps: usize, caches: &[String]) -> Result<Str
             ]);
         }
     }
-    let c = LlamaConfig::tiny();
+    let c = &m.config;
+    let which = if tiny_used(&source, m) { "the small test decoder" } else { "SmolLM2-135M-Instruct (weights Q8_0), text of data/tour.txt repeated" };
     Ok(format!(
-        "### Decode latency with and without a cache (small decoder, CPU)\n\nThe test decoder: {} layers, {} query heads, {} KV heads, head dim {}, hidden {}. Prompt of `context` tokens, then greedy steps; mean latency of the steps after the first.\n\n{}",
+        "### Decode latency with and without a cache (CPU)\n\nModel: {which}: {} layers, {} query heads, {} KV heads, head dim {}, hidden {}. Prompt of `context` tokens, then greedy steps; mean latency of the steps after the first (without a cache each step recomputes the whole prefix).\n\n{}",
         c.layers,
         c.q_heads,
         c.kv_heads,
@@ -155,4 +168,8 @@ pub fn decode(contexts: &[usize], steps: usize, caches: &[String]) -> Result<Str
         c.hidden_size,
         t.markdown()
     ))
+}
+
+fn tiny_used(_source: &[u32], m: &Llama) -> bool {
+    m.config == LlamaConfig::tiny()
 }

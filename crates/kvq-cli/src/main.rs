@@ -1,5 +1,10 @@
 //! `kvq`: the command line of the kvq course and library.
 
+// Reuses freed memory instead of returning it to the kernel: per-step tensors of a
+// few hundred kB otherwise cost fresh zeroed pages every decode step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod plot;
 mod run_cmd;
@@ -56,8 +61,9 @@ struct ModelArgs {
     /// Path of a GGUF file (default: $KVQ_MODEL, else the file `kvq fetch` saves).
     #[arg(long)]
     model: Option<std::path::PathBuf>,
-    /// Weights in memory: stored (as in the file), q8_0, f16 or f32.
-    #[arg(long, default_value = "stored")]
+    /// Weights in memory: q8_0 (re-quantized at load: candle's SIMD path on CPU),
+    /// stored (as in the file: Q4_1, whose candle dot product is scalar), f16 or f32.
+    #[arg(long, default_value = "q8_0")]
     weights: String,
 }
 
@@ -117,6 +123,9 @@ struct GenerateCli {
     seed: u64,
     #[arg(long)]
     json: bool,
+    /// Keep generating past end-of-text tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 #[derive(Args)]
@@ -223,6 +232,9 @@ enum BenchCmd {
         steps: usize,
         #[arg(long, value_delimiter = ',', default_value = "none,fp16,kivi-4,kivi-2")]
         caches: Vec<String>,
+        /// Use the real model (SmolLM2-135M) instead of the small test decoder.
+        #[arg(long)]
+        real: bool,
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -295,6 +307,7 @@ fn run() -> Result<()> {
             max_new_tokens: g.max_new_tokens,
             sampling: kvq::generate::Sampling { temperature: g.temperature, top_p: g.top_p, seed: g.seed },
             json: g.json,
+            ignore_eos: g.ignore_eos,
         })?,
         Command::Ppl(p) => run_cmd::run_ppl(run_cmd::PplArgs {
             model: p.model.model.clone(),
@@ -313,8 +326,18 @@ fn run() -> Result<()> {
             let p = run_cmd::fetch(dir)?;
             println!("{}", p.display());
         }
-        Command::Bench(BenchCmd::Decode { contexts, steps, caches, out }) => {
-            let body = bench::decode(&contexts, steps, &caches)?;
+        Command::Bench(BenchCmd::Decode { contexts, steps, caches, real, out }) => {
+            let loaded;
+            let real = if real {
+                loaded = run_cmd::load_model(None, kvq::gguf::WeightFormat::Q8_0)?;
+                let text = include_str!("../../../data/tour.txt");
+                let ids = loaded.1.encode(text)?;
+                let need = contexts.iter().copied().max().unwrap_or(0) + steps + 2;
+                Some((&loaded.0, ids.iter().copied().cycle().take(need).collect()))
+            } else {
+                None
+            };
+            let body = bench::decode(&contexts, steps, &caches, real)?;
             write_result(&out, "Decode latency with and without a cache", &body)?;
         }
     }

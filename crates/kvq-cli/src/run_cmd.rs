@@ -68,6 +68,7 @@ pub struct GenerateArgs {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     pub json: bool,
+    pub ignore_eos: bool,
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -85,6 +86,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("no prompts: the file has no non-empty line");
     }
+    a.overrides.apply(CacheConfig::preset(&a.cache)?)?; // fail before loading the model
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
@@ -95,7 +97,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     }
     let batch = ids.len();
     let (cfg, mut cache) = build_cache(&model, &tok, &a.cache, &a.overrides, batch, CALIBRATION_TEXT)?;
-    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, sampling: a.sampling, stop_tokens: tok.stop_tokens(), pad_token: tok.pad.unwrap_or(tok.eos) };
+    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, sampling: a.sampling, stop_tokens: if a.ignore_eos { Vec::new() } else { tok.stop_tokens() }, pad_token: tok.pad.unwrap_or(tok.eos) };
     let stream = batch == 1 && !a.json;
     let mut dec = StreamDecoder::new(&tok);
     if stream {
@@ -114,7 +116,8 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let texts: Vec<String> = g.tokens.iter().map(|t| tok.decode(t).unwrap_or_default()).collect();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "cache": cfg.label(), "prompts": prompts, "completions": texts, "tokens": g.tokens,
+            "cache": cfg.label(), "weights": format!("{:?}", a.weights), "prompts": prompts, "prompt_ids": ids, "completions": texts, "tokens": g.tokens,
+            "prefill_s": g.steps.first().map(|s| s.latency_s), "new_tokens": g.tokens.iter().map(Vec::len).sum::<usize>(),
             "time_to_first_token_s": g.time_to_first_token_s, "decode_tokens_per_s": g.decode_tokens_per_s(),
             "cache_info": info,
         }))?);
@@ -202,6 +205,9 @@ pub struct PplArgs {
 
 pub fn run_ppl(a: PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    for name in a.caches.iter().chain([&a.reference]) {
+        a.overrides.apply(CacheConfig::preset(name)?)?; // fail before loading the model
+    }
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let mut ids = tok.encode(&text)?;
     if ids.len() < 2 {

@@ -67,3 +67,24 @@ fn bad_input_exits_non_zero_with_a_message() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn generate_and_ppl_reject_bad_input_before_loading_anything() {
+    let dir = std::env::temp_dir();
+    let missing = dir.join("kvq-no-such-model.gguf");
+    let m = missing.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["generate", "--model", m, "--prompt", "hi"], "not found"),
+        (vec!["generate", "--model", m, "--prompt", "hi", "--cache", "kivi-7"], "unknown cache preset"),
+        (vec!["generate", "--model", m, "--prompt", "hi", "--cache", "kivi-2", "--bits", "9"], "bits must be between 1 and 8"),
+        (vec!["generate", "--model", m], "--prompt TEXT or --prompts FILE"),
+        (vec!["generate", "--model", m, "--prompt", "hi", "--weights", "q3"], "unknown weight format"),
+        (vec!["ppl", "--model", m, "--text", "/nonexistent/text.txt"], "reading /nonexistent/text.txt"),
+        (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--caches", "fp16,wat"], "unknown cache preset"),
+    ] {
+        let (code, _, err) = kvq(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -269,8 +269,21 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// Applies the overrides; one that the scheme has no use for is an error.
+    /// Applies the overrides; one that the scheme has no use for is an error, and so
+    /// is a value out of range (what depends on the head dimension is checked when
+    /// the cache is built).
     pub fn apply(&self, mut cfg: CacheConfig) -> Result<CacheConfig> {
+        for b in [self.bits, self.k_bits, self.v_bits].into_iter().flatten() {
+            check_bits(b as u32)?;
+        }
+        if self.group_size == Some(0) {
+            return Err(KvqError::ZeroGroupSize);
+        }
+        if let Some(f) = self.outlier_fraction {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(KvqError::InvalidParam(format!("outlier fraction must be between 0 and 1, got {f}")));
+            }
+        }
         let label = cfg.label();
         let bad = |flag: &str| Err(KvqError::InvalidParam(format!("{flag} does not apply to the {label} cache")));
         match &mut cfg.scheme {

@@ -362,10 +362,12 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Below this many multiply-adds (or elements) a step runs on one thread: handing
-/// a single decode token to a thread pool costs more than the work itself.
+/// Below this many multiply-adds (or elements) a step runs on one thread. A decode
+/// step is below it: handing it to a pool costs more than it saves, and candle's
+/// matmul pool keeps a worker spinning between matmuls that a second thread of ours
+/// would fight for a core (measured: `kvq bench`, bench/results/).
 #[cfg(feature = "parallel")]
-const PARALLEL_MIN_WORK: usize = 1 << 16;
+const PARALLEL_MIN_WORK: usize = 1 << 22;
 
 /// `a · b`, or a shape error when it does not fit in `usize`.
 fn checked_product(xs: &[usize], what: &str) -> Result<usize> {
