@@ -25,10 +25,16 @@ def run(gguf, ids, new_tokens, threads, kv):
     t0 = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        # Without logits_all, llama.cpp keeps the logits of the last token only.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
     out = []
     t1 = time.perf_counter()
     for _ in range(new_tokens):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         out.append(tok)
         if len(out) == new_tokens:
             break

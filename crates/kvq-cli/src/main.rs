@@ -61,9 +61,9 @@ struct ModelArgs {
     /// Path of a GGUF file (default: $KVQ_MODEL, else the file `kvq fetch` saves).
     #[arg(long)]
     model: Option<std::path::PathBuf>,
-    /// Weights in memory: q8_0 (re-quantized at load: candle's SIMD path on CPU),
-    /// stored (as in the file: Q4_1, whose candle dot product is scalar), f16 or f32.
-    #[arg(long, default_value = "q8_0")]
+    /// Weights in memory: stored (as in the file, Q4_1 and Q8_0, on kvq's SIMD matmul),
+    /// q8_0 (re-quantized at load, on candle's matmul), f16 or f32 (dequantized).
+    #[arg(long, default_value = "stored")]
     weights: String,
 }
 
@@ -329,7 +329,7 @@ fn run() -> Result<()> {
         Command::Bench(BenchCmd::Decode { contexts, steps, caches, real, out }) => {
             let loaded;
             let real = if real {
-                loaded = run_cmd::load_model(None, kvq::gguf::WeightFormat::Q8_0)?;
+                loaded = run_cmd::load_model(None, kvq::gguf::WeightFormat::AsStored)?;
                 let text = include_str!("../../../data/tour.txt");
                 let ids = loaded.1.encode(text)?;
                 let need = contexts.iter().copied().max().unwrap_or(0) + steps + 2;

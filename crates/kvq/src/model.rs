@@ -214,6 +214,17 @@ impl Llama {
         if pos0 + t > c.max_seq_len {
             return Err(KvqError::ContextOverflow { len: pos0 + t, max: c.max_seq_len });
         }
+        // On a worker of the thread pool, the parallel loops inside (attention, the
+        // Q4_1 matmul) run on this thread plus the others, with no wake-up of a
+        // sleeping pool for every one of the ~200 matmuls of a decode step.
+        // (candle's own matmuls have their own spinning pool: leave them where they are.)
+        #[cfg(feature = "parallel")]
+        let out = if self.uses_kvq_matmul() {
+            rayon::scope(|_| self.forward_layers(tokens, batch, t, pos0, cache, all_logits))
+        } else {
+            self.forward_layers(tokens, batch, t, pos0, cache, all_logits)
+        };
+        #[cfg(not(feature = "parallel"))]
         let out = self.forward_layers(tokens, batch, t, pos0, cache, all_logits);
         if out.is_err() {
             cache.reset();
@@ -252,6 +263,11 @@ impl Llama {
         let x = if all_logits { x } else { x.narrow(1, t - 1, 1)?.contiguous()? };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Whether the linear layers run on kvq's SIMD matmul (rather than candle's).
+    fn uses_kvq_matmul(&self) -> bool {
+        matches!(self.lm_head, Linear::Q41(_)) || self.blocks.iter().any(|b| matches!(b.wq, Linear::Q41(_)))
     }
 
     /// RoPE on `[batch][head][t][d]` rows: a row's positions count from its first real

@@ -1,11 +1,12 @@
-//! A fast CPU matmul for GGUF's Q4_1 weights (what the default model ships).
+//! A fast CPU matmul for GGUF's Q4_1 and Q8_0 weights (what the default model ships:
+//! Q4_1 layers, a Q8_0 embedding that is also the LM head).
 //!
 //! candle's Q4_1 dot product is scalar; this one uses AVX2 (the same idea as
 //! llama.cpp): activations are quantized to 8 bits per block of 32 (scale `d`, and
-//! `s = d·Σq`), and a block's dot product is
-//! `d_w·d_x·Σ q_w·q_x + m_w·s_x`, with the 4-bit × 8-bit products summed by
-//! `maddubs`. Weight rows are processed in small tiles so that, when many input rows
-//! come at once (prefill), a tile stays in cache while every row passes over it.
+//! `s = d·Σq`), and a block's dot product is `d_w·d_x·Σ q_w·q_x + m_w·s_x` for Q4_1
+//! (`d_w·d_x·Σ q_w·q_x` for Q8_0), the integer products summed by `maddubs`. Weight
+//! rows are processed in small tiles so that, when many input rows come at once
+//! (prefill), a tile stays in cache while every row passes over it.
 
 use crate::error::{KvqError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -16,13 +17,32 @@ const QK: usize = 32;
 /// ggml's `block_q4_1`: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles
 /// (weight `j` in the low nibble of byte `j`, weight `j + 16` in the high one).
 const BLOCK_BYTES: usize = 20;
+/// ggml's `block_q8_0`: f16 scale `d`, 32 signed bytes.
+const Q8_BLOCK_BYTES: usize = 34;
+
+/// The block format of a [`Q41Matrix`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q4_1,
+    Q8_0,
+}
+
+impl BlockFormat {
+    fn bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => BLOCK_BYTES,
+            BlockFormat::Q8_0 => Q8_BLOCK_BYTES,
+        }
+    }
+}
 /// Weight rows per tile.
 const TILE_ROWS: usize = 16;
 
-/// A `rows × cols` Q4_1 matrix (as stored in the GGUF file).
+/// A `rows × cols` matrix of Q4_1 or Q8_0 blocks (as stored in the GGUF file).
 pub struct Q41Matrix {
     rows: usize,
     cols: usize,
+    format: BlockFormat,
     data: Vec<u8>,
 }
 
@@ -36,21 +56,27 @@ pub struct Q8Rows {
 }
 
 impl Q41Matrix {
-    /// Takes a Q4_1 tensor of shape `(rows, cols)`.
+    /// Takes a Q4_1 or Q8_0 tensor of shape `(rows, cols)`.
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {
-        if t.dtype() != GgmlDType::Q4_1 {
-            return Err(KvqError::Unsupported(format!("Q41Matrix needs Q4_1 weights, got {:?}", t.dtype())));
-        }
+        let format = match t.dtype() {
+            GgmlDType::Q4_1 => BlockFormat::Q4_1,
+            GgmlDType::Q8_0 => BlockFormat::Q8_0,
+            other => return Err(KvqError::Unsupported(format!("kvq's CPU matmul takes Q4_1 or Q8_0 weights, got {other:?}"))),
+        };
         let dims = t.shape().dims();
         if dims.len() != 2 || dims[1] % QK != 0 {
             return Err(KvqError::Shape(format!("Q4_1 weights must be 2-D with a multiple of 32 columns, got {dims:?}")));
         }
         let data = t.data()?.into_owned();
         let (rows, cols) = (dims[0], dims[1]);
-        if data.len() != rows * cols / QK * BLOCK_BYTES {
-            return Err(KvqError::Shape(format!("{} bytes for a {rows} × {cols} Q4_1 matrix", data.len())));
+        if data.len() != rows * cols / QK * format.bytes() {
+            return Err(KvqError::Shape(format!("{} bytes for a {rows} × {cols} {format:?} matrix", data.len())));
         }
-        Ok(Q41Matrix { rows, cols, data })
+        Ok(Q41Matrix { rows, cols, format, data })
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
     }
 
     pub fn rows(&self) -> usize {
@@ -64,12 +90,22 @@ impl Q41Matrix {
     /// The weights as f32, `rows × cols` (for tests and references).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for b in self.data.chunks_exact(BLOCK_BYTES) {
-            let (d, m) = dm(b);
+        for b in self.data.chunks_exact(self.format.bytes()) {
             let mut vals = [0f32; QK];
-            for j in 0..16 {
-                vals[j] = d * (b[4 + j] & 15) as f32 + m;
-                vals[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+            match self.format {
+                BlockFormat::Q4_1 => {
+                    let (d, m) = dm(b);
+                    for j in 0..16 {
+                        vals[j] = d * (b[4 + j] & 15) as f32 + m;
+                        vals[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                    }
+                }
+                BlockFormat::Q8_0 => {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    for j in 0..QK {
+                        vals[j] = d * b[2 + j] as i8 as f32;
+                    }
+                }
             }
             out.extend_from_slice(&vals);
         }
@@ -100,11 +136,11 @@ impl Q41Matrix {
             let p = &ptr;
             let r0 = t * TILE_ROWS;
             let r1 = (r0 + TILE_ROWS).min(rows);
-            let row_bytes = self.cols / QK * BLOCK_BYTES;
+            let row_bytes = self.cols / QK * self.format.bytes();
             for i in 0..n {
                 for r in r0..r1 {
                     let w = &self.data[r * row_bytes..(r + 1) * row_bytes];
-                    let v = dot(w, x, i);
+                    let v = dot(self.format, w, x, i);
                     // SAFETY: each (i, r) is written by exactly one tile.
                     unsafe { *p.0.add(i * rows + r) = v };
                 }
@@ -158,21 +194,44 @@ fn dm(b: &[u8]) -> (f32, f32) {
 
 /// Dot product of one weight row with activation row `i`.
 #[inline]
-fn dot(w: &[u8], x: &Q8Rows, i: usize) -> f32 {
+fn dot(format: BlockFormat, w: &[u8], x: &Q8Rows, i: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
             // SAFETY: the CPU supports avx2, fma and f16c (checked above).
-            return unsafe { dot_avx2(w, x, i) };
+            return unsafe {
+                match format {
+                    BlockFormat::Q4_1 => dot_avx2(w, x, i),
+                    BlockFormat::Q8_0 => dot_q8_avx2(w, x, i),
+                }
+            };
         }
     }
-    dot_scalar(w, x, i)
+    match format {
+        BlockFormat::Q4_1 => dot_scalar(w, x, i),
+        BlockFormat::Q8_0 => dot_q8_scalar(w, x, i),
+    }
 }
 
 /// The portable reference of the dot product.
 pub fn dot_scalar_reference(m: &Q41Matrix, x: &Q8Rows, i: usize, r: usize) -> f32 {
-    let row_bytes = m.cols / QK * BLOCK_BYTES;
-    dot_scalar(&m.data[r * row_bytes..(r + 1) * row_bytes], x, i)
+    let row_bytes = m.cols / QK * m.format.bytes();
+    let w = &m.data[r * row_bytes..(r + 1) * row_bytes];
+    match m.format {
+        BlockFormat::Q4_1 => dot_scalar(w, x, i),
+        BlockFormat::Q8_0 => dot_q8_scalar(w, x, i),
+    }
+}
+
+fn dot_q8_scalar(w: &[u8], x: &Q8Rows, i: usize) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(Q8_BLOCK_BYTES).enumerate() {
+        let k = i * x.blocks + b;
+        let qx = &x.qs[k * QK..(k + 1) * QK];
+        let sum: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * qx[j] as i32).sum();
+        acc += f16::from_le_bytes([blk[0], blk[1]]).to_f32() * x.d[k] * sum as f32;
+    }
+    acc
 }
 
 fn dot_scalar(w: &[u8], x: &Q8Rows, i: usize) -> f32 {
@@ -240,4 +299,29 @@ unsafe fn dot_avx2(w: &[u8], x: &Q8Rows, i: usize) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s) + _mm_cvtss_f32(acc_m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_avx2(w: &[u8], x: &Q8Rows, i: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = w.len() / Q8_BLOCK_BYTES;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let base = i * x.blocks;
+    let wp = w.as_ptr();
+    let xq = x.qs.as_ptr().add(base * QK);
+    for b in 0..nb {
+        let blk = wp.add(b * Q8_BLOCK_BYTES);
+        let d_w = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const u16) as i32)));
+        let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+        // maddubs wants unsigned × signed: |w| × (x · sign w).
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)), ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d_w * *x.d.get_unchecked(base + b)), _mm256_cvtepi32_ps(p), acc);
+    }
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
 }

@@ -7,17 +7,21 @@ use kvq::q4::{dot_scalar_reference, Q41Matrix, Q8Rows};
 use kvq::rng::SplitMix64;
 
 fn setup(rows: usize, cols: usize, n: usize, seed: u64) -> (Q41Matrix, QTensor, Vec<f32>) {
+    setup_as(GgmlDType::Q4_1, rows, cols, n, seed)
+}
+
+fn setup_as(dtype: GgmlDType, rows: usize, cols: usize, n: usize, seed: u64) -> (Q41Matrix, QTensor, Vec<f32>) {
     let mut rng = SplitMix64::new(seed);
     let w: Vec<f32> = (0..rows * cols).map(|i| rng.normal() * if i % 7 == 0 { 0.5 } else { 0.05 } + 0.01).collect();
-    let qt = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), GgmlDType::Q4_1).unwrap();
+    let qt = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
     let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
     (Q41Matrix::from_qtensor(&qt).unwrap(), qt, x)
 }
 
 #[test]
 fn simd_equals_the_scalar_reference() {
-    for (rows, cols, n) in [(16, 32, 1), (37, 576, 3), (100, 1536, 2)] {
-        let (m, _, x) = setup(rows, cols, n, rows as u64);
+    for (dtype, rows, cols, n) in [(GgmlDType::Q4_1, 16, 32, 1), (GgmlDType::Q4_1, 37, 576, 3), (GgmlDType::Q4_1, 100, 1536, 2), (GgmlDType::Q8_0, 16, 32, 1), (GgmlDType::Q8_0, 53, 576, 3)] {
+        let (m, _, x) = setup_as(dtype, rows, cols, n, rows as u64);
         let q = Q8Rows::quantize(&x, cols);
         let out = m.matmul_q8(&q);
         for i in 0..n {
@@ -36,8 +40,9 @@ fn simd_equals_the_scalar_reference() {
 
 #[test]
 fn close_to_the_dequantized_f32_matmul_and_to_candle() {
+  for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
     let (rows, cols, n) = (64, 576, 5);
-    let (m, qt, x) = setup(rows, cols, n, 9);
+    let (m, qt, x) = setup_as(dtype, rows, cols, n, 9);
     let xt = Tensor::from_vec(x.clone(), (1, n, cols), &Device::Cpu).unwrap();
     let ours = m.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let w = m.dequantize();
@@ -58,6 +63,7 @@ fn close_to_the_dequantized_f32_matmul_and_to_candle() {
     // product: about half a percent. candle quantizes activations the same way.
     assert!(rel_exact < 1e-2, "{rel_exact}");
     assert!(rel_candle < 2e-3, "{rel_candle}");
+  }
 }
 
 #[test]
@@ -65,6 +71,6 @@ fn wrong_inputs_are_errors() {
     let (m, _, _) = setup(16, 64, 1, 1);
     let x = Tensor::zeros((2, 63), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(m.forward(&x).is_err());
-    let f = QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap();
+    let f = QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap();
     assert!(Q41Matrix::from_qtensor(&f).is_err());
 }

@@ -337,7 +337,81 @@ fn read_stream_rows(layer: &Layer, s: usize, which: Which, start: usize, end: us
     }
 }
 
-#[inline]
+/// One tile of keys/values (positions `t0..t1` of `n`) for the queries of a stream.
+struct Tile<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    t0: usize,
+    t1: usize,
+    n: usize,
+    tokens: usize,
+    d: usize,
+    scale: f32,
+}
+
+/// Online-softmax state of each query: running max, sum and weighted values.
+struct Online<'a> {
+    scores: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+/// Folds one tile into the online softmax of every query, with AVX2+FMA code when
+/// the CPU has it (the same source, compiled twice).
+fn attend_tile(q: &[f32], tile: &Tile, state: Online) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        if *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            // SAFETY: the CPU supports avx2 and fma.
+            return unsafe { attend_tile_avx2(q, tile, state) };
+        }
+    }
+    attend_tile_generic(q, tile, state)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_tile_avx2(q: &[f32], tile: &Tile, state: Online) {
+    attend_tile_generic(q, tile, state)
+}
+
+#[inline(always)]
+fn attend_tile_generic(q: &[f32], tile: &Tile, st: Online) {
+    let Tile { k, v, t0, t1, n, tokens, d, scale } = *tile;
+    let nq = st.m.len();
+    for qi in 0..nq {
+        let i = qi % tokens;
+        let jmax = t1.min(n - tokens + i + 1); // causal: keys up to the query's position
+        if jmax <= t0 {
+            continue;
+        }
+        let qrow = &q[qi * d..(qi + 1) * d];
+        let mut mt = f32::NEG_INFINITY;
+        for j in t0..jmax {
+            let x = dot(qrow, &k[(j - t0) * d..(j - t0 + 1) * d]) * scale;
+            st.scores[j - t0] = x;
+            mt = mt.max(x);
+        }
+        let m_new = st.m[qi].max(mt);
+        let acc = &mut st.acc[qi * d..(qi + 1) * d];
+        if st.m[qi] > f32::NEG_INFINITY && st.m[qi] < m_new {
+            let corr = (st.m[qi] - m_new).exp();
+            st.l[qi] *= corr;
+            acc.iter_mut().for_each(|a| *a *= corr);
+        }
+        for j in t0..jmax {
+            let p = (st.scores[j - t0] - m_new).exp();
+            st.l[qi] += p;
+            axpy(p, &v[(j - t0) * d..(j - t0 + 1) * d], acc);
+        }
+        st.m[qi] = m_new;
+    }
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent sums let the compiler vectorize.
     let mut acc = [0f32; 8];
@@ -355,7 +429,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
@@ -515,33 +589,9 @@ impl KvCache for Cache {
                 let rows = t1 - t0;
                 read_stream_rows(lay, s, Which::K, t0, t1, at, &mut sc.k[..rows * d], &mut sc.codes, rope);
                 read_stream_rows(lay, s, Which::V, t0, t1, at, &mut sc.v[..rows * d], &mut sc.codes, None);
-                for qi in 0..nq {
-                    let i = qi % tokens;
-                    let jmax = t1.min(n - tokens + i + 1); // causal: keys up to the query's position
-                    if jmax <= t0 {
-                        continue;
-                    }
-                    let qrow = &qs[qi * d..(qi + 1) * d];
-                    let mut mt = f32::NEG_INFINITY;
-                    for j in t0..jmax {
-                        let x = dot(qrow, &sc.k[(j - t0) * d..(j - t0 + 1) * d]) * scale;
-                        sc.scores[j - t0] = x;
-                        mt = mt.max(x);
-                    }
-                    let m_new = sc.m[qi].max(mt);
-                    let acc = &mut sc.acc[qi * d..(qi + 1) * d];
-                    if sc.m[qi] > f32::NEG_INFINITY && sc.m[qi] < m_new {
-                        let corr = (sc.m[qi] - m_new).exp();
-                        sc.l[qi] *= corr;
-                        acc.iter_mut().for_each(|a| *a *= corr);
-                    }
-                    for j in t0..jmax {
-                        let p = (sc.scores[j - t0] - m_new).exp();
-                        sc.l[qi] += p;
-                        axpy(p, &sc.v[(j - t0) * d..(j - t0 + 1) * d], acc);
-                    }
-                    sc.m[qi] = m_new;
-                }
+                let tile = Tile { k: &sc.k[..rows * d], v: &sc.v[..rows * d], t0, t1, n, tokens, d, scale };
+                let state = Online { scores: &mut sc.scores, m: &mut sc.m, l: &mut sc.l, acc: &mut sc.acc };
+                attend_tile(qs, &tile, state);
                 t0 = t1;
             }
             for qi in 0..nq {
