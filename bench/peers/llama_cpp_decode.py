@@ -53,10 +53,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default="f16,q8_0,q4_0")
+    ap.add_argument("--reps", type=int, default=3, help="runs per cache type; the median is reported")
     a = ap.parse_args()
     ids = json.load(open(a.kvq_json))["prompt_ids"][0]
     for kv in a.types.split(","):
-        print(json.dumps(run(a.gguf, ids, a.new_tokens, a.threads, kv)), flush=True)
+        runs = sorted((run(a.gguf, ids, a.new_tokens, a.threads, kv) for _ in range(a.reps)),
+                      key=lambda r: r["decode_tokens_per_s"])
+        med = runs[len(runs) // 2]
+        med["runs_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
+        print(json.dumps(med), flush=True)
 
 
 if __name__ == "__main__":

@@ -436,12 +436,12 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Below this many multiply-adds (or elements) a step runs on one thread. A decode
-/// step is below it: handing it to a pool costs more than it saves, and candle's
-/// matmul pool keeps a worker spinning between matmuls that a second thread of ours
-/// would fight for a core (measured: `kvq bench`, bench/results/).
+/// Below this many multiply-adds (or elements) a step runs on one thread: handing a
+/// tiny step to the pool costs more than it saves. A decode step over a few hundred
+/// tokens is above it (measured in bench/results/cpu-decode-vs-llamacpp.md: ~1.3×
+/// faster decode on 2 cores than one thread).
 #[cfg(feature = "parallel")]
-const PARALLEL_MIN_WORK: usize = 1 << 22;
+const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// `a · b`, or a shape error when it does not fit in `usize`.
 fn checked_product(xs: &[usize], what: &str) -> Result<usize> {

@@ -74,6 +74,34 @@ impl Element for bf16 {
     }
 }
 
+/// Unpacks and dequantizes one group (`out.len()` codes): 2- and 4-bit codes straight
+/// from their bytes, other widths through `scratch`.
+#[inline]
+fn dequantize_group(packed: &[u8], bits: u8, a: &Affine, out: &mut [f32], scratch: &mut Vec<u8>) {
+    let (min, s) = (a.min.to_f32(), a.scale.to_f32());
+    match bits {
+        2 if out.len() % 4 == 0 => {
+            for (o, &b) in out.chunks_exact_mut(4).zip(packed) {
+                o[0] = min + (b & 3) as f32 * s;
+                o[1] = min + ((b >> 2) & 3) as f32 * s;
+                o[2] = min + ((b >> 4) & 3) as f32 * s;
+                o[3] = min + (b >> 6) as f32 * s;
+            }
+        }
+        4 if out.len() % 2 == 0 => {
+            for (o, &b) in out.chunks_exact_mut(2).zip(packed) {
+                o[0] = min + (b & 15) as f32 * s;
+                o[1] = min + (b >> 4) as f32 * s;
+            }
+        }
+        _ => {
+            scratch.resize(out.len(), 0);
+            unpack_unchecked(packed, bits, scratch);
+            a.dequantize(scratch, out);
+        }
+    }
+}
+
 /// Full precision: every element as `T`.
 #[derive(Clone)]
 pub(crate) struct PlainStore<T> {
@@ -194,8 +222,7 @@ impl TokenStore for TokenGroupStore {
             if t < self.quantized {
                 for gi in 0..gpt {
                     let i = t * gpt + gi;
-                    unpack_unchecked(&self.codes[i * gb..(i + 1) * gb], self.bits, scratch);
-                    self.params[i].dequantize(scratch, &mut o[gi * self.group..(gi + 1) * self.group]);
+                    dequantize_group(&self.codes[i * gb..(i + 1) * gb], self.bits, &self.params[i], &mut o[gi * self.group..(gi + 1) * self.group], scratch);
                 }
             } else {
                 let r = t - self.quantized;
@@ -277,16 +304,16 @@ impl TokenStore for ChannelGroupStore {
         scratch.resize(g, 0);
         let qend = end.min(self.quantized);
         let mut t = start;
+        let mut col = vec![0f32; g];
         while t < qend {
             let block = t / g;
             let (b0, b1) = (t, qend.min((block + 1) * g));
+            let (j0, j1) = (b0 - block * g, b1 - block * g);
             for c in 0..d {
                 let i = block * d + c;
-                unpack_unchecked(&self.codes[i * gb..(i + 1) * gb], self.bits, scratch);
-                let a = &self.params[i];
-                let (min, s) = (a.min.to_f32(), a.scale.to_f32());
-                for tt in b0..b1 {
-                    out[(tt - start) * d + c] = min + scratch[tt - block * g] as f32 * s;
+                dequantize_group(&self.codes[i * gb..(i + 1) * gb], self.bits, &self.params[i], &mut col, scratch);
+                for (j, &x) in col[j0..j1].iter().enumerate() {
+                    out[(b0 - start + j) * d + c] = x;
                 }
             }
             t = b1;
