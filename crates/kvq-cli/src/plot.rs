@@ -40,10 +40,13 @@ pub fn loglog(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(72)
-        .build_cartesian_2d((x0 / 1.2..x1 * 1.2).log_scale(), (y0 / 1.5..y1 * 1.5).log_scale())
+        // Less than a decade wide (bits 2..8), a base-10 axis would have no tick at all.
+        .build_cartesian_2d((x0 / 1.2..x1 * 1.2).log_scale().base(if x1 / x0 < 10.0 { 2.0 } else { 10.0 }), (y0 / 1.5..y1 * 1.5).log_scale())
         .map_err(|e| anyhow!("{e}"))?;
     chart
         .configure_mesh()
+        .x_labels(12)
+        .y_labels(12)
         .x_desc(x_label)
         .y_desc(y_label)
         .y_label_formatter(&|y| format_num(*y))
@@ -64,11 +67,17 @@ pub fn loglog(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(if rising(series) { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::UpperRight })
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Whether the data mostly go up from left to right (then the legend goes upper left).
+fn rising(series: &[Series]) -> bool {
+    let slope: f64 = series.iter().filter(|s| s.points.len() > 1).map(|s| s.points.last().unwrap().1.ln() - s.points[0].1.ln()).sum();
+    slope >= 0.0
 }
 
 fn format_num(x: f64) -> String {
