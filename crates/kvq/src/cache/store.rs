@@ -149,6 +149,26 @@ pub(crate) enum Residual {
     Sliding(usize),
 }
 
+/// What both group stores hold: packed codes and f16 (min, scale) per group for the
+/// first `quantized` vectors, the rest in an f16 tail.
+#[derive(Clone, Default)]
+struct Packed {
+    quantized: usize,
+    codes: Vec<u8>,
+    params: Vec<Affine>,
+    tail: Vec<f16>,
+}
+
+impl Packed {
+    fn bytes(&self) -> Bytes {
+        Bytes { codes: self.codes.len(), params: self.params.len() * AFFINE_BYTES, full: self.tail.len() * 2, ..Bytes::default() }
+    }
+
+    fn clear(&mut self) {
+        *self = Packed::default();
+    }
+}
+
 /// Per-token groups: each vector split into groups of `group` channels, each group
 /// with its own f16 min and scale. Unquantized vectors wait in an f16 tail.
 #[derive(Clone)]
@@ -157,15 +177,12 @@ pub(crate) struct TokenGroupStore {
     bits: u8,
     group: usize,
     residual: Residual,
-    quantized: usize,
-    codes: Vec<u8>,
-    params: Vec<Affine>,
-    tail: Vec<f16>,
+    st: Packed,
 }
 
 impl TokenGroupStore {
     pub fn new(dim: usize, bits: u8, group: usize, residual: Residual) -> Self {
-        TokenGroupStore { dim, bits, group, residual, quantized: 0, codes: Vec::new(), params: Vec::new(), tail: Vec::new() }
+        TokenGroupStore { dim, bits, group, residual, st: Packed::default() }
     }
 
     fn target_quantized(&self, len: usize) -> usize {
@@ -183,16 +200,16 @@ impl TokenGroupStore {
 
 impl TokenStore for TokenGroupStore {
     fn len(&self) -> usize {
-        self.quantized + self.tail.len() / self.dim
+        self.st.quantized + self.st.tail.len() / self.dim
     }
     fn quantized_len(&self) -> usize {
-        self.quantized
+        self.st.quantized
     }
     fn push(&mut self, rows: &[f32]) {
         let d = self.dim;
-        extend_f16(&mut self.tail, rows);
+        extend_f16(&mut self.st.tail, rows);
         let target = self.target_quantized(self.len());
-        let n = target - self.quantized;
+        let n = target - self.st.quantized;
         if n == 0 {
             return;
         }
@@ -200,17 +217,17 @@ impl TokenStore for TokenGroupStore {
         // so a vector is quantized from exactly what the residual window held.
         let mut vals = vec![0f32; self.group];
         let mut codes = vec![0u8; self.group];
-        for g in self.tail[..n * d].chunks_exact(self.group) {
+        for g in self.st.tail[..n * d].chunks_exact(self.group) {
             for (v, h) in vals.iter_mut().zip(g) {
                 *v = h.to_f32();
             }
             let a = Affine::fit_values(&vals, self.bits);
             a.quantize(&vals, self.bits, &mut codes);
-            pack_unchecked(&codes, self.bits, &mut self.codes);
-            self.params.push(a);
+            pack_unchecked(&codes, self.bits, &mut self.st.codes);
+            self.st.params.push(a);
         }
-        self.tail.drain(..n * d);
-        self.quantized = target;
+        self.st.tail.drain(..n * d);
+        self.st.quantized = target;
     }
     fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
         let d = self.dim;
@@ -219,33 +236,25 @@ impl TokenStore for TokenGroupStore {
         scratch.resize(self.group, 0);
         for t in start..end {
             let o = &mut out[(t - start) * d..(t - start + 1) * d];
-            if t < self.quantized {
+            if t < self.st.quantized {
                 for gi in 0..gpt {
                     let i = t * gpt + gi;
-                    dequantize_group(&self.codes[i * gb..(i + 1) * gb], self.bits, &self.params[i], &mut o[gi * self.group..(gi + 1) * self.group], scratch);
+                    dequantize_group(&self.st.codes[i * gb..(i + 1) * gb], self.bits, &self.st.params[i], &mut o[gi * self.group..(gi + 1) * self.group], scratch);
                 }
             } else {
-                let r = t - self.quantized;
-                read_f16(&self.tail[r * d..(r + 1) * d], o);
+                let r = t - self.st.quantized;
+                read_f16(&self.st.tail[r * d..(r + 1) * d], o);
             }
         }
     }
     fn bytes(&self) -> Bytes {
-        Bytes {
-            codes: self.codes.len(),
-            params: self.params.len() * AFFINE_BYTES,
-            full: self.tail.len() * 2,
-            ..Bytes::default()
-        }
+        self.st.bytes()
     }
     fn box_clone(&self) -> Box<dyn TokenStore> {
         Box::new(self.clone())
     }
     fn clear(&mut self) {
-        self.quantized = 0;
-        self.codes.clear();
-        self.params.clear();
-        self.tail.clear();
+        self.st.clear();
     }
 }
 
@@ -259,50 +268,47 @@ pub(crate) struct ChannelGroupStore {
     bits: u8,
     group: usize,
     residual: usize,
-    quantized: usize,
-    codes: Vec<u8>,
-    params: Vec<Affine>,
-    tail: Vec<f16>,
+    st: Packed,
 }
 
 impl ChannelGroupStore {
     pub fn new(dim: usize, bits: u8, group: usize, residual: usize) -> Self {
-        ChannelGroupStore { dim, bits, group, residual, quantized: 0, codes: Vec::new(), params: Vec::new(), tail: Vec::new() }
+        ChannelGroupStore { dim, bits, group, residual, st: Packed::default() }
     }
 }
 
 impl TokenStore for ChannelGroupStore {
     fn len(&self) -> usize {
-        self.quantized + self.tail.len() / self.dim
+        self.st.quantized + self.st.tail.len() / self.dim
     }
     fn quantized_len(&self) -> usize {
-        self.quantized
+        self.st.quantized
     }
     fn push(&mut self, rows: &[f32]) {
         let (d, g) = (self.dim, self.group);
-        extend_f16(&mut self.tail, rows);
+        extend_f16(&mut self.st.tail, rows);
         let mut vals = vec![0f32; g];
         let mut codes = vec![0u8; g];
-        while self.len() - self.quantized >= self.residual + g {
+        while self.len() - self.st.quantized >= self.residual + g {
             // The oldest g tail tokens form a full block that has left the window.
             for c in 0..d {
                 for (j, v) in vals.iter_mut().enumerate() {
-                    *v = self.tail[j * d + c].to_f32();
+                    *v = self.st.tail[j * d + c].to_f32();
                 }
                 let a = Affine::fit_values(&vals, self.bits);
                 a.quantize(&vals, self.bits, &mut codes);
-                pack_unchecked(&codes, self.bits, &mut self.codes);
-                self.params.push(a);
+                pack_unchecked(&codes, self.bits, &mut self.st.codes);
+                self.st.params.push(a);
             }
-            self.tail.drain(..g * d);
-            self.quantized += g;
+            self.st.tail.drain(..g * d);
+            self.st.quantized += g;
         }
     }
     fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
         let (d, g) = (self.dim, self.group);
         let gb = packed_len(g, self.bits);
         scratch.resize(g, 0);
-        let qend = end.min(self.quantized);
+        let qend = end.min(self.st.quantized);
         let mut t = start;
         let mut col = vec![0f32; g];
         while t < qend {
@@ -311,7 +317,7 @@ impl TokenStore for ChannelGroupStore {
             let (j0, j1) = (b0 - block * g, b1 - block * g);
             for c in 0..d {
                 let i = block * d + c;
-                dequantize_group(&self.codes[i * gb..(i + 1) * gb], self.bits, &self.params[i], &mut col, scratch);
+                dequantize_group(&self.st.codes[i * gb..(i + 1) * gb], self.bits, &self.st.params[i], &mut col, scratch);
                 for (j, &x) in col[j0..j1].iter().enumerate() {
                     out[(b0 - start + j) * d + c] = x;
                 }
@@ -320,25 +326,17 @@ impl TokenStore for ChannelGroupStore {
         }
         let t0 = qend.max(start);
         if t0 < end {
-            let (r0, r1) = (t0 - self.quantized, end - self.quantized);
-            read_f16(&self.tail[r0 * d..r1 * d], &mut out[(t0 - start) * d..(end - start) * d]);
+            let (r0, r1) = (t0 - self.st.quantized, end - self.st.quantized);
+            read_f16(&self.st.tail[r0 * d..r1 * d], &mut out[(t0 - start) * d..(end - start) * d]);
         }
     }
     fn bytes(&self) -> Bytes {
-        Bytes {
-            codes: self.codes.len(),
-            params: self.params.len() * AFFINE_BYTES,
-            full: self.tail.len() * 2,
-            ..Bytes::default()
-        }
+        self.st.bytes()
     }
     fn box_clone(&self) -> Box<dyn TokenStore> {
         Box::new(self.clone())
     }
     fn clear(&mut self) {
-        self.quantized = 0;
-        self.codes.clear();
-        self.params.clear();
-        self.tail.clear();
+        self.st.clear();
     }
 }
