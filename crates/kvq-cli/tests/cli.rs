@@ -73,6 +73,12 @@ fn generate_and_ppl_reject_bad_input_before_loading_anything() {
     let dir = std::env::temp_dir();
     let missing = dir.join("kvq-no-such-model.gguf");
     let m = missing.to_str().unwrap();
+    let junk = dir.join(format!("kvq-junk-{}.gguf", std::process::id()));
+    std::fs::write(&junk, b"GGUF but not really").unwrap();
+    let (code, _, err) = kvq(&["generate", "--model", junk.to_str().unwrap(), "--prompt", "hi"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a readable GGUF") && !err.contains("panicked"), "{err}");
+    std::fs::remove_file(&junk).ok();
     for (args, needle) in [
         (vec!["generate", "--model", m, "--prompt", "hi"], "not found"),
         (vec!["generate", "--model", m, "--prompt", "hi", "--cache", "kivi-7"], "unknown cache preset"),
