@@ -59,8 +59,14 @@ enum Command {
 #[derive(Args)]
 struct ModelArgs {
     /// Path of a GGUF file (default: $KVQ_MODEL, else the file `kvq fetch` saves).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "hf_repo")]
     model: Option<std::path::PathBuf>,
+    /// Download the GGUF from this Hugging Face hub repository (online; with --hf-file).
+    #[arg(long, requires = "hf_file")]
+    hf_repo: Option<String>,
+    /// The GGUF file in --hf-repo.
+    #[arg(long, requires = "hf_repo")]
+    hf_file: Option<String>,
     /// Weights in memory: stored (as in the file, Q4_1 and Q8_0, on kvq's SIMD matmul),
     /// q8_0 (re-quantized at load, on candle's matmul), f16 or f32 (dequantized).
     #[arg(long, default_value = "stored")]
@@ -192,6 +198,27 @@ struct OverrideArgs {
     past_only: Option<bool>,
 }
 
+impl ModelArgs {
+    /// The model path: --model, or a file downloaded from the hub (cached by hf-hub).
+    fn path(&self) -> Result<Option<std::path::PathBuf>> {
+        match (&self.hf_repo, &self.hf_file) {
+            (Some(repo), Some(file)) => hub_download(repo, file).map(Some),
+            _ => Ok(self.model.clone()),
+        }
+    }
+}
+
+#[cfg(feature = "hub")]
+fn hub_download(repo: &str, file: &str) -> Result<std::path::PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::new().with_progress(true).build().context("starting the Hugging Face hub client")?;
+    api.model(repo.to_string()).get(file).with_context(|| format!("downloading {file} from the Hugging Face hub repository {repo}"))
+}
+
+#[cfg(not(feature = "hub"))]
+fn hub_download(_: &str, _: &str) -> Result<std::path::PathBuf> {
+    bail!("this kvq was built without the `hub` feature: download the file yourself and pass --model")
+}
+
 impl OverrideArgs {
     fn overrides(&self) -> Overrides {
         Overrides {
@@ -297,7 +324,7 @@ fn run() -> Result<()> {
             write_result(&out, "Quantize + pack throughput", &body)?;
         }
         Command::Generate(g) => run_cmd::run_generate(run_cmd::GenerateArgs {
-            model: g.model.model.clone(),
+            model: g.model.path()?,
             weights: g.model.weights.parse()?,
             prompt: g.prompt.clone(),
             prompts_file: g.prompts.clone(),
@@ -310,7 +337,7 @@ fn run() -> Result<()> {
             ignore_eos: g.ignore_eos,
         })?,
         Command::Ppl(p) => run_cmd::run_ppl(run_cmd::PplArgs {
-            model: p.model.model.clone(),
+            model: p.model.path()?,
             weights: p.model.weights.parse()?,
             text: p.text.clone(),
             max_tokens: p.max_tokens,
@@ -321,7 +348,7 @@ fn run() -> Result<()> {
             calibration: p.calibration.clone(),
             json: p.json,
         })?,
-        Command::Tour { model, out, quick } => tour::run(&out, model.model.as_deref(), model.weights.parse()?, quick)?,
+        Command::Tour { model, out, quick } => tour::run(&out, model.path()?.as_deref(), model.weights.parse()?, quick)?,
         Command::Fetch { dir } => {
             let p = run_cmd::fetch(dir)?;
             println!("{}", p.display());

@@ -85,6 +85,8 @@ fn generate_and_ppl_reject_bad_input_before_loading_anything() {
         (vec!["generate", "--model", m, "--prompt", "hi", "--cache", "kivi-2", "--bits", "9"], "bits must be between 1 and 8"),
         (vec!["generate", "--model", m], "--prompt TEXT or --prompts FILE"),
         (vec!["generate", "--model", m, "--prompt", "hi", "--weights", "q3"], "unknown weight format"),
+        (vec!["generate", "--model", m, "--hf-repo", "a/b", "--hf-file", "c.gguf", "--prompt", "hi"], "cannot be used with"),
+        (vec!["generate", "--hf-repo", "a/b", "--prompt", "hi"], "--hf-file"),
         (vec!["ppl", "--model", m, "--text", "/nonexistent/text.txt"], "reading /nonexistent/text.txt"),
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--caches", "fp16,wat"], "unknown cache preset"),
     ] {
