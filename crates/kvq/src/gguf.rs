@@ -147,7 +147,7 @@ pub fn load(path: &Path, weights: WeightFormat, device: &Device) -> Result<(Llam
     let linear = |q: QTensor| -> Result<Linear> {
         Ok(match weights {
             WeightFormat::AsStored if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) && device.is_cpu() => {
-                Linear::Q41(crate::q4::Q41Matrix::from_qtensor(&q)?)
+                Linear::Blocks(crate::qmatmul::BlockMatrix::from_qtensor(&q)?)
             }
             WeightFormat::AsStored => QMatMul::from_qtensor(q)?.into(),
             WeightFormat::Q8_0 if q.dtype() == GgmlDType::Q8_0 => QMatMul::from_qtensor(q)?.into(),

@@ -25,7 +25,7 @@ pub mod tokenizer;
 #[cfg(feature = "model")]
 pub mod model;
 #[cfg(feature = "model")]
-pub mod q4;
+pub mod qmatmul;
 
 pub use cache::{Cache, CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
 pub use error::{KvqError, Result};

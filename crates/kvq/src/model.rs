@@ -82,14 +82,14 @@ impl LlamaConfig {
 /// Q4_1 matmul for weights stored as Q4_1.
 pub enum Linear {
     Candle(QMatMul),
-    Q41(crate::q4::Q41Matrix),
+    Blocks(crate::qmatmul::BlockMatrix),
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Q41(m) => m.forward(x),
+            Linear::Blocks(m) => m.forward(x),
         }
     }
 }
@@ -267,7 +267,7 @@ impl Llama {
 
     /// Whether the linear layers run on kvq's SIMD matmul (rather than candle's).
     fn uses_kvq_matmul(&self) -> bool {
-        matches!(self.lm_head, Linear::Q41(_)) || self.blocks.iter().any(|b| matches!(b.wq, Linear::Q41(_)))
+        matches!(self.lm_head, Linear::Blocks(_)) || self.blocks.iter().any(|b| matches!(b.wq, Linear::Blocks(_)))
     }
 
     /// RoPE on `[batch][head][t][d]` rows: a row's positions count from its first real

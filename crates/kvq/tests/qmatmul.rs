@@ -3,19 +3,19 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use kvq::q4::{dot_scalar_reference, Q41Matrix, Q8Rows};
+use kvq::qmatmul::{dot_scalar_reference, BlockMatrix, Q8Rows};
 use kvq::rng::SplitMix64;
 
-fn setup(rows: usize, cols: usize, n: usize, seed: u64) -> (Q41Matrix, QTensor, Vec<f32>) {
+fn setup(rows: usize, cols: usize, n: usize, seed: u64) -> (BlockMatrix, QTensor, Vec<f32>) {
     setup_as(GgmlDType::Q4_1, rows, cols, n, seed)
 }
 
-fn setup_as(dtype: GgmlDType, rows: usize, cols: usize, n: usize, seed: u64) -> (Q41Matrix, QTensor, Vec<f32>) {
+fn setup_as(dtype: GgmlDType, rows: usize, cols: usize, n: usize, seed: u64) -> (BlockMatrix, QTensor, Vec<f32>) {
     let mut rng = SplitMix64::new(seed);
     let w: Vec<f32> = (0..rows * cols).map(|i| rng.normal() * if i % 7 == 0 { 0.5 } else { 0.05 } + 0.01).collect();
     let qt = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
     let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
-    (Q41Matrix::from_qtensor(&qt).unwrap(), qt, x)
+    (BlockMatrix::from_qtensor(&qt).unwrap(), qt, x)
 }
 
 #[test]
@@ -35,7 +35,7 @@ fn simd_equals_the_scalar_reference() {
             }
         }
     }
-    eprintln!("SIMD path available: {}", kvq::q4::simd_available());
+    eprintln!("SIMD path available: {}", kvq::qmatmul::simd_available());
 }
 
 #[test]
@@ -72,5 +72,5 @@ fn wrong_inputs_are_errors() {
     let x = Tensor::zeros((2, 63), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(m.forward(&x).is_err());
     let f = QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap();
-    assert!(Q41Matrix::from_qtensor(&f).is_err());
+    assert!(BlockMatrix::from_qtensor(&f).is_err());
 }

@@ -20,7 +20,7 @@ const BLOCK_BYTES: usize = 20;
 /// ggml's `block_q8_0`: f16 scale `d`, 32 signed bytes.
 const Q8_BLOCK_BYTES: usize = 34;
 
-/// The block format of a [`Q41Matrix`].
+/// The block format of a [`BlockMatrix`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockFormat {
     Q4_1,
@@ -38,8 +38,8 @@ impl BlockFormat {
 /// Weight rows per tile.
 const TILE_ROWS: usize = 16;
 
-/// A `rows × cols` matrix of Q4_1 or Q8_0 blocks (as stored in the GGUF file).
-pub struct Q41Matrix {
+/// A `rows × cols` matrix of Q4_1 or Q8_0 blocks, exactly as stored in the GGUF file.
+pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     format: BlockFormat,
@@ -55,7 +55,7 @@ pub struct Q8Rows {
     s: Vec<f32>,
 }
 
-impl Q41Matrix {
+impl BlockMatrix {
     /// Takes a Q4_1 or Q8_0 tensor of shape `(rows, cols)`.
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {
         let format = match t.dtype() {
@@ -72,7 +72,7 @@ impl Q41Matrix {
         if data.len() != rows * cols / QK * format.bytes() {
             return Err(KvqError::Shape(format!("{} bytes for a {rows} × {cols} {format:?} matrix", data.len())));
         }
-        Ok(Q41Matrix { rows, cols, format, data })
+        Ok(BlockMatrix { rows, cols, format, data })
     }
 
     pub fn format(&self) -> BlockFormat {
@@ -214,7 +214,7 @@ fn dot(format: BlockFormat, w: &[u8], x: &Q8Rows, i: usize) -> f32 {
 }
 
 /// The portable reference of the dot product.
-pub fn dot_scalar_reference(m: &Q41Matrix, x: &Q8Rows, i: usize, r: usize) -> f32 {
+pub fn dot_scalar_reference(m: &BlockMatrix, x: &Q8Rows, i: usize, r: usize) -> f32 {
     let row_bytes = m.cols / QK * m.format.bytes();
     let w = &m.data[r * row_bytes..(r + 1) * row_bytes];
     match m.format {
