@@ -79,7 +79,7 @@ impl LlamaConfig {
 }
 
 /// A linear layer `x · Wᵀ`: candle's (float or quantized) matmul, or kvq's SIMD
-/// Q4_1 matmul for weights stored as Q4_1.
+/// block matmul for weights kept as stored (Q4_1, Q8_0).
 pub enum Linear {
     Candle(QMatMul),
     Blocks(crate::qmatmul::BlockMatrix),
@@ -215,7 +215,7 @@ impl Llama {
             return Err(KvqError::ContextOverflow { len: pos0 + t, max: c.max_seq_len });
         }
         // On a worker of the thread pool, the parallel loops inside (attention, the
-        // Q4_1 matmul) run on this thread plus the others, with no wake-up of a
+        // block matmul) run on this thread plus the others, with no wake-up of a
         // sleeping pool for every one of the ~200 matmuls of a decode step.
         // (candle's own matmuls have their own spinning pool: leave them where they are.)
         #[cfg(feature = "parallel")]
