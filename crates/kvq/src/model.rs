@@ -281,6 +281,50 @@ impl Llama {
         }
     }
 
+    /// Runs `tokens` and records, for each of `layers` and every KV head, the keys
+    /// after RoPE, the keys before RoPE and the values: a [`KvSample`](crate::sample::KvSample).
+    pub fn capture_sample(&self, tokens: &[u32], layers: &[usize], model_name: &str, source: &str, command: &str) -> Result<crate::sample::KvSample> {
+        use crate::sample::{ArrayInfo, KvSample, SampleHeader};
+        if tokens.is_empty() {
+            return Err(KvqError::EmptyPrompt);
+        }
+        if let Some(&l) = layers.iter().find(|&&l| l >= self.config.layers) {
+            return Err(KvqError::LayerOutOfRange { layer: l, layers: self.config.layers });
+        }
+        let rec = CacheConfig { pre_rope: true, ..CacheConfig::new(Scheme::Full(FullPrecision::F32)) };
+        let mut cache = self.new_cache(&rec, 1, None)?;
+        self.forward(tokens, 1, &mut cache, false)?;
+        let (n, d) = (tokens.len(), self.config.head_dim);
+        let mut arrays = Vec::new();
+        let mut data = Vec::new();
+        for &l in layers {
+            let (k, v) = cache.materialize(l)?;
+            let (k_raw, _) = cache.materialize_stored(l)?;
+            for h in 0..self.config.kv_heads {
+                for (kind, src) in [("keys", &k), ("keys_pre_rope", &k_raw), ("values", &v)] {
+                    arrays.push(ArrayInfo { layer: l, head: h, kind: kind.into(), offset: 0 });
+                    data.push(src[h * n * d..(h + 1) * n * d].to_vec());
+                }
+            }
+        }
+        let style = match self.config.rope_style {
+            RopeStyle::Interleaved => "interleaved",
+            RopeStyle::Half => "half",
+        };
+        let header = SampleHeader {
+            format: "kvq K/V sample v1".into(),
+            model: model_name.into(),
+            source: source.into(),
+            command: command.into(),
+            tokens: n,
+            head_dim: d,
+            rope_theta: self.config.rope_theta,
+            rope_style: style.into(),
+            arrays,
+        };
+        Ok(KvSample { header, data })
+    }
+
     /// Records K (before RoPE) and V on `tokens` and fits a KVQuant calibration.
     pub fn calibrate_kvquant(&self, tokens: &[u32], bits: u8, outlier_fraction: f32) -> Result<KvQuantCalibration> {
         if tokens.is_empty() {
