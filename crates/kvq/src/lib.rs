@@ -7,6 +7,7 @@
 //! - `model` and `generate` (feature `model`): a Llama-family decoder on candle whose
 //!   attention calls the cache, and generation with and without a cache.
 
+pub mod analysis;
 pub mod cache;
 pub mod error;
 pub mod quant;

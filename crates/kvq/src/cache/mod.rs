@@ -256,6 +256,26 @@ impl Cache {
         }
     }
 
+    /// Bytes held for keys and for values separately (their sum is `bytes()`).
+    pub fn key_value_bytes(&self) -> (Bytes, Bytes) {
+        let (mut k, mut v) = (Bytes::default(), Bytes::default());
+        for l in &self.layers {
+            for st in &l.streams {
+                k += st.k.bytes();
+                v += st.v.bytes();
+                k.sink += 2 * st.sink_k.len();
+                v.sink += 2 * st.sink_v.len();
+            }
+        }
+        if let Some(c) = &self.calibration {
+            // Per layer: the key centres and scales and the key codebook; the value codebook.
+            let codebook = 2 * (1usize << c.bits);
+            k.constants += self.shape.layers * (c.layer_bytes() - codebook);
+            v.constants += self.shape.layers * codebook;
+        }
+        (k, v)
+    }
+
     /// The layer's keys as stored (before RoPE for a pre-RoPE cache) and values,
     /// `[batch][kv_head][token][dim]`: what a calibration pass records.
     pub fn materialize_stored(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
