@@ -158,7 +158,7 @@ pub fn decode(contexts: &[usize], steps: usize, caches: &[String], real: Option<
         }
     }
     let c = &m.config;
-    let which = if tiny_used(&source, m) { "the small test decoder" } else { "SmolLM2-135M-Instruct (weights as stored: Q4_1, Q8_0), text of data/tour.txt repeated" };
+    let which = if m.config == LlamaConfig::tiny() { "the small test decoder" } else { "SmolLM2-135M-Instruct (weights as stored: Q4_1, Q8_0), text of data/tour.txt repeated" };
     Ok(format!(
         "### Decode latency with and without a cache (CPU)\n\nModel: {which}: {} layers, {} query heads, {} KV heads, head dim {}, hidden {}. Prompt of `context` tokens, then greedy steps; mean latency of the steps after the first (without a cache each step recomputes the whole prefix).\n\n{}",
         c.layers,
@@ -168,8 +168,4 @@ pub fn decode(contexts: &[usize], steps: usize, caches: &[String], real: Option<
         c.hidden_size,
         t.markdown()
     ))
-}
-
-fn tiny_used(_source: &[u32], m: &Llama) -> bool {
-    m.config == LlamaConfig::tiny()
 }

@@ -10,7 +10,6 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// The GGUF kvq uses by default, and where it comes from.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -195,6 +194,3 @@ pub fn load(path: &Path, weights: WeightFormat, device: &Device) -> Result<(Llam
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
-
-/// Shared handle for the model's weights (for callers that clone models cheaply).
-pub type SharedModel = Arc<Llama>;
