@@ -20,9 +20,9 @@ cargo test --workspace --release --locked --exclude kvq-exercises 2>&1 | tee -a 
 echo "== Exercises: they pass with the solutions and fail on the stubs"
 bash scripts/check-exercises.sh 2>&1 | tee -a "$log"
 
-echo "== The quantizers build for the browser (wasm32, no candle)"
+echo "== The quantizers build for the browser (wasm32: kvq without candle, and kvq-wasm)"
 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
-cargo build -p kvq --no-default-features --target wasm32-unknown-unknown --locked
+cargo build -p kvq-wasm --target wasm32-unknown-unknown --locked
 
 # One closing line over every test run above (the stub runs of the exercises, which
 # must fail, are counted by check-exercises.sh and not here).

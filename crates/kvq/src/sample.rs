@@ -50,6 +50,37 @@ impl KvSample {
         self.header.arrays.iter().position(|a| a.layer == layer && a.head == head && a.kind == kind).map(|i| self.data[i].as_slice())
     }
 
+    /// A synthetic sample (the demo's second source): one layer and head of Gaussian
+    /// keys and values; before RoPE, four key channels are ten times larger than the
+    /// rest, as in real models; the keys are then rotated (RoPE base 10000, half style).
+    pub fn synthetic(tokens: usize, head_dim: usize, seed: u64) -> Result<Self> {
+        if tokens == 0 || head_dim == 0 || head_dim % 2 != 0 {
+            return Err(KvqError::InvalidParam(format!("a synthetic sample needs tokens ≥ 1 and an even head dim, got {tokens} × {head_dim}")));
+        }
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let n = tokens * head_dim;
+        let raw: Vec<f32> = (0..n).map(|i| rng.normal() * if i % head_dim < 4 { 10.0 } else { 1.0 }).collect();
+        let values: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let mut keys = raw.clone();
+        crate::rope::Rope::new(10_000.0, head_dim, crate::rope::RopeStyle::Half, tokens).apply_rows(&mut keys, 0);
+        let arrays = ["keys", "keys_pre_rope", "values"]
+            .iter()
+            .map(|k| ArrayInfo { layer: 0, head: 0, kind: k.to_string(), offset: 0 })
+            .collect();
+        let header = SampleHeader {
+            format: "kvq K/V sample v1".into(),
+            model: "synthetic".into(),
+            source: format!("Gaussian, 4 key channels ×10 before RoPE, seed {seed}"),
+            command: "KvSample::synthetic".into(),
+            tokens,
+            head_dim,
+            rope_theta: 10_000.0,
+            rope_style: "half".into(),
+            arrays,
+        };
+        Ok(KvSample { header, data: vec![keys, raw, values] })
+    }
+
     /// Serializes the sample (offsets in the header are recomputed).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let n = self.header.tokens * self.header.head_dim;
