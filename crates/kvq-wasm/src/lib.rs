@@ -52,12 +52,9 @@ impl Sample {
         self.0.header.arrays.iter().map(|a| a.head + 1).max().unwrap_or(0)
     }
 
-    /// The header (model, source, command) as JSON.
+    /// The whole header (model, source, command, arrays) as JSON.
     pub fn header_json(&self) -> String {
-        format!(
-            "{{\"model\":{:?},\"source\":{:?},\"command\":{:?},\"tokens\":{},\"head_dim\":{}}}",
-            self.0.header.model, self.0.header.source, self.0.header.command, self.0.header.tokens, self.0.header.head_dim
-        )
+        header_json_impl(&self.0)
     }
 
     /// One array, `tokens × head_dim` (`keys`, `keys_pre_rope` or `values`).
@@ -130,6 +127,10 @@ pub fn scores(q: &[f32], keys: &[f32], dim: usize) -> Vec<f32> {
     analysis::scores(q, keys, dim)
 }
 
+pub fn header_json_impl(s: &KvSample) -> String {
+    serde_json::to_string(&s.header).expect("a header of strings and numbers always serializes")
+}
+
 pub fn array_impl<'a>(s: &'a KvSample, layer: usize, head: usize, kind: &str) -> Result<&'a [f32]> {
     s.get(layer, head, kind).ok_or_else(|| KvqError::InvalidParam(format!("the sample has no {kind} for layer {layer}, head {head}")))
 }
@@ -169,6 +170,15 @@ mod tests {
         let pc = quantize_impl(&s, &controls("uniform")).unwrap();
         let pt = quantize_impl(&s, &Controls { axis: "per-token", ..controls("uniform") }).unwrap();
         assert!(pc.relative_error < pt.relative_error);
+    }
+
+    #[test]
+    fn header_is_json_even_with_non_ascii_text() {
+        let mut s = KvSample::synthetic(4, 8, 3).unwrap();
+        s.header.source = "café \"quoted\" 日本".into();
+        let v: serde_json::Value = serde_json::from_str(&header_json_impl(&s)).unwrap();
+        assert_eq!(v["source"], "café \"quoted\" 日本");
+        assert_eq!(v["tokens"], 4);
     }
 
     #[test]
