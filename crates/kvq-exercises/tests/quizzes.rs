@@ -3,46 +3,12 @@
 
 use kvq::cache::CacheConfig;
 use kvq::size::{cache_bytes, with_commas, ModelGeometry};
-use serde::Deserialize;
+use kvq_book::quiz::{load_dir, Question};
 use std::collections::{BTreeMap, HashSet};
-
-#[derive(Deserialize)]
-struct Quiz {
-    questions: Vec<Question>,
-}
-
-#[derive(Deserialize)]
-struct Question {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    prompt: Prompt,
-    answer: Answer,
-    context: String,
-}
-
-#[derive(Deserialize)]
-struct Prompt {
-    prompt: String,
-    distractors: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct Answer {
-    answer: String,
-}
 
 fn quizzes() -> BTreeMap<String, Vec<Question>> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../lessons/quizzes");
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).expect("lessons/quizzes") {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "toml") {
-            let q: Quiz = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            out.insert(p.file_name().unwrap().to_string_lossy().to_string(), q.questions);
-        }
-    }
-    out
+    load_dir(std::path::Path::new(dir)).unwrap_or_else(|e| panic!("{e}")).into_iter().map(|(f, q)| (f, q.questions)).collect()
 }
 
 fn question<'a>(all: &'a BTreeMap<String, Vec<Question>>, id: &str) -> &'a Question {
