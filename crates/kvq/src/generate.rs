@@ -192,6 +192,7 @@ pub fn generate(model: &Llama, cache: &mut dyn KvCache, prompts: &[Vec<u32>], op
         if len > max_seq {
             break; // the context is full: the last token can be produced but not fed
         }
+        // ANCHOR: decode_step
         let from = cache.seq_len();
         feed.clear();
         for s in &seqs {
@@ -199,6 +200,7 @@ pub fn generate(model: &Llama, cache: &mut dyn KvCache, prompts: &[Vec<u32>], op
         }
         let t0 = Instant::now();
         let logits = model.forward(&feed, batch, cache, false)?;
+        // ANCHOR_END: decode_step
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let vocab = logits.len() / batch;
         for b in 0..batch {

@@ -133,10 +133,12 @@ impl std::ops::Mul<usize> for Bytes {
     }
 }
 
+// ANCHOR: full_precision_bytes
 /// Bytes of a plain full-precision cache: `2 · L · H_kv · d · S · B · bytes`.
 pub fn full_precision_bytes(g: &ModelGeometry, seq: usize, batch: usize, p: FullPrecision) -> u128 {
     2 * g.layers as u128 * g.kv_heads as u128 * g.head_dim as u128 * seq as u128 * batch as u128 * p.bytes() as u128
 }
+// ANCHOR_END: full_precision_bytes
 
 /// Exact bytes a cache of configuration `cfg` holds after `seq` tokens at batch `batch`.
 pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usize) -> Result<Bytes> {
@@ -163,6 +165,7 @@ pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usiz
     match cfg.scheme {
         Scheme::None => {}
         Scheme::Full(p) => stream.full += 2 * n * d * p.bytes(),
+        // ANCHOR: per_token_bytes
         Scheme::PerToken { bits, group_size, residual_length } => {
             let q = if residual_length == 0 { n } else { n - n % residual_length };
             let groups = q * (d / group_size);
@@ -170,6 +173,8 @@ pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usiz
             stream.params += 2 * groups * AFFINE_BYTES;
             stream.full += 2 * (n - q) * d * 2;
         }
+        // ANCHOR_END: per_token_bytes
+        // ANCHOR: kivi_bytes
         Scheme::Kivi { k_bits, v_bits, group_size, residual_length } => {
             // Keys: whole groups of `group_size` tokens, once they have left the window.
             let kq = group_size * (n.saturating_sub(residual_length) / group_size);
@@ -185,6 +190,8 @@ pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usiz
             stream.params += value_groups * AFFINE_BYTES;
             stream.full += (n - vq) * d * 2;
         }
+        // ANCHOR_END: kivi_bytes
+        // ANCHOR: kvquant_bytes
         Scheme::KvQuant { bits, outlier_fraction } => {
             stream.codes += 2 * n * packed_len(d, bits);
             stream.params += n * AFFINE_BYTES; // values: per-token centre and half-range
@@ -192,6 +199,7 @@ pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usiz
             // Per layer: f16 centre and scale per key channel, one f16 codebook each for K and V.
             layer_constants = 2 * g.kv_heads * d * 2 + 2 * (1usize << bits) * 2;
         }
+        // ANCHOR_END: kvquant_bytes
     }
     let mut total = stream * (g.kv_heads * batch);
     total.constants += layer_constants;

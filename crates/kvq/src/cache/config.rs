@@ -82,6 +82,7 @@ pub const PRESETS: &[&str] = &[
 /// Largest group size, residual window or sink a configuration may ask for.
 pub const MAX_LENGTH_PARAM: usize = 1 << 20;
 
+// ANCHOR: defaults
 /// KIVI's published defaults.
 pub const KIVI_GROUP: usize = 32;
 pub const KIVI_RESIDUAL: usize = 128;
@@ -90,6 +91,7 @@ pub const PER_TOKEN_GROUP: usize = 64;
 pub const PER_TOKEN_RESIDUAL: usize = 128;
 /// KVQuant: 1% outliers, one sink token.
 pub const KVQUANT_OUTLIERS: f32 = 0.01;
+// ANCHOR_END: defaults
 
 impl CacheConfig {
     pub fn new(scheme: Scheme) -> Self {
@@ -113,6 +115,7 @@ impl CacheConfig {
         }
     }
 
+    // ANCHOR: presets
     /// A named preset (see [`PRESETS`]).
     pub fn preset(name: &str) -> Result<Self> {
         let cfg = match name {
@@ -139,6 +142,7 @@ impl CacheConfig {
         };
         Ok(cfg)
     }
+    // ANCHOR_END: presets
 
     /// A short name that says what the cache is, e.g. `kivi-2 (g32 r128)`.
     pub fn label(&self) -> String {

@@ -118,6 +118,7 @@ impl KvQuantCalibration {
             }
             check_values("calibration keys", s.keys)?;
             check_values("calibration values", s.values)?;
+            // ANCHOR: key_calibration
             // Keys: per channel, the central (1 − f) of the values sets centre and scale.
             let mut key_center = Vec::with_capacity(kv_heads * d);
             let mut key_scale = Vec::with_capacity(kv_heads * d);
@@ -136,6 +137,7 @@ impl KvQuantCalibration {
                     key_scale.push(half);
                 }
             }
+            // ANCHOR_END: key_calibration
             let mut key_norm = Vec::with_capacity(s.keys.len());
             for h in 0..kv_heads {
                 for t in 0..n {
@@ -232,6 +234,7 @@ impl TokenStore for NuqStore {
     fn quantized_len(&self) -> usize {
         self.len
     }
+    // ANCHOR: nuq_push
     fn push(&mut self, rows: &[f32]) {
         let d = self.dim;
         let bits = self.codebook.bits();
@@ -272,6 +275,7 @@ impl TokenStore for NuqStore {
             self.len += 1;
         }
     }
+    // ANCHOR_END: nuq_push
     fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
         let d = self.dim;
         let bits = self.codebook.bits();

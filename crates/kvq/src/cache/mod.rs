@@ -59,6 +59,7 @@ pub struct CacheInfo {
     pub bytes: Bytes,
 }
 
+// ANCHOR: kv_cache_trait
 /// The interface a model's attention uses. Layouts are row-major:
 /// keys/values `[batch][kv_head][token][dim]`, queries/outputs `[batch][q_head][token][dim]`.
 pub trait KvCache: Send {
@@ -91,6 +92,7 @@ pub trait KvCache: Send {
     fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
     fn reset(&mut self);
 }
+// ANCHOR_END: kv_cache_trait
 
 #[derive(Clone)]
 struct Stream {
@@ -244,6 +246,7 @@ impl Cache {
         }
     }
 
+    // ANCHOR: past_only
     /// The first position read from the fresh full-precision copy instead of the store.
     fn fresh_from(&self, layer: usize) -> usize {
         let l = &self.layers[layer];
@@ -255,6 +258,7 @@ impl Cache {
             usize::MAX
         }
     }
+    // ANCHOR_END: past_only
 
     /// Bytes held for keys and for values separately (their sum is `bytes()`).
     pub fn key_value_bytes(&self) -> (Bytes, Bytes) {

@@ -185,6 +185,7 @@ impl TokenGroupStore {
         TokenGroupStore { dim, bits, group, residual, st: Packed::default() }
     }
 
+    // ANCHOR: residual_rules
     fn target_quantized(&self, len: usize) -> usize {
         match self.residual {
             Residual::Flush(0) => len,
@@ -192,6 +193,7 @@ impl TokenGroupStore {
             Residual::Sliding(r) => len.saturating_sub(r),
         }
     }
+    // ANCHOR_END: residual_rules
 
     fn group_bytes(&self) -> usize {
         packed_len(self.group, self.bits)
@@ -284,6 +286,7 @@ impl TokenStore for ChannelGroupStore {
     fn quantized_len(&self) -> usize {
         self.st.quantized
     }
+    // ANCHOR: kivi_keys
     fn push(&mut self, rows: &[f32]) {
         let (d, g) = (self.dim, self.group);
         extend_f16(&mut self.st.tail, rows);
@@ -304,6 +307,7 @@ impl TokenStore for ChannelGroupStore {
             self.st.quantized += g;
         }
     }
+    // ANCHOR_END: kivi_keys
     fn read(&self, start: usize, end: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
         let (d, g) = (self.dim, self.group);
         let gb = packed_len(g, self.bits);

@@ -82,6 +82,7 @@ impl Codebook {
                 xs[idx] as f64
             })
             .collect();
+        // ANCHOR: lloyd
         for _ in 0..iters {
             let mut moved = false;
             let mut start = 0usize;
@@ -107,6 +108,7 @@ impl Codebook {
                 break;
             }
         }
+        // ANCHOR_END: lloyd
         let lv: Vec<f32> = centers.iter().map(|&c| c as f32).collect();
         Codebook::from_levels(&lv, bits)
     }
@@ -119,11 +121,13 @@ impl Codebook {
         &self.levels
     }
 
+    // ANCHOR: encode
     /// Index of the nearest level.
     #[inline]
     pub fn encode(&self, x: f32) -> u8 {
         self.bounds.partition_point(|&b| b < x) as u8
     }
+    // ANCHOR_END: encode
 
     /// The level of a code, or `None` for a code beyond the codebook.
     pub fn decode(&self, code: u8) -> Option<f32> {

@@ -7,6 +7,7 @@ use super::uniform::{Affine, AFFINE_BYTES};
 use crate::error::{check_values, KvqError, Result};
 use serde::{Deserialize, Serialize};
 
+// ANCHOR: axis
 /// Which way a quantization group runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Axis {
@@ -15,6 +16,7 @@ pub enum Axis {
     /// A group is `group` consecutive tokens of one channel (keys in KIVI).
     PerChannel,
 }
+// ANCHOR_END: axis
 
 impl std::str::FromStr for Axis {
     type Err = KvqError;

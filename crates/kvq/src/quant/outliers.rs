@@ -11,6 +11,7 @@ pub const MAX_VECTOR: usize = 1 << 16;
 /// Bytes one outlier takes: f16 value + u16 index.
 pub const OUTLIER_BYTES: usize = 4;
 
+// ANCHOR: outlier_count
 /// How many of `len` values a fraction keeps: `ceil(frac · len)`, so any positive
 /// fraction keeps at least one (1% of a 64-channel head is one value).
 pub fn outlier_count(frac: f32, len: usize) -> usize {
@@ -20,6 +21,7 @@ pub fn outlier_count(frac: f32, len: usize) -> usize {
         ((frac as f64 * len as f64).ceil() as usize).min(len)
     }
 }
+// ANCHOR_END: outlier_count
 
 /// The sparse part of one vector: indices (ascending) and f16 values.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -13,10 +13,12 @@ pub fn check_bits(bits: u32) -> Result<u8> {
     }
 }
 
+// ANCHOR: packed_len
 /// Bytes that `n` codes of `bits` bits occupy once packed.
 pub const fn packed_len(n: usize, bits: u8) -> usize {
     (n * bits as usize).div_ceil(8)
 }
+// ANCHOR_END: packed_len
 
 /// Appends `codes` packed at `bits` bits to `out`. Fails if a code needs more bits.
 pub fn pack_into(codes: &[u8], bits: u8, out: &mut Vec<u8>) -> Result<()> {
@@ -41,6 +43,7 @@ pub(crate) fn pack_unchecked(codes: &[u8], bits: u8, out: &mut Vec<u8>) {
                 *byte = pair[0] | pair.get(1).map_or(0, |&c| c << 4);
             }
         }
+        // ANCHOR: pack2
         2 => {
             for (byte, quad) in dst.iter_mut().zip(codes.chunks(4)) {
                 let mut b = 0u8;
@@ -50,6 +53,7 @@ pub(crate) fn pack_unchecked(codes: &[u8], bits: u8, out: &mut Vec<u8>) {
                 *byte = b;
             }
         }
+        // ANCHOR_END: pack2
         _ => {
             // General path: a bit accumulator that spills whole bytes.
             let mut acc: u32 = 0;

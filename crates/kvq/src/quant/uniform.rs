@@ -63,6 +63,7 @@ pub fn f16_ceil(x: f32) -> f16 {
 }
 
 impl Affine {
+    // ANCHOR: fit
     /// Parameters covering `[lo, hi]` with `bits`-bit codes (`bits` in 1..=8, checked
     /// by the callers: this runs once per group in the hot loops).
     pub(crate) fn fit(lo: f32, hi: f32, bits: u8) -> Affine {
@@ -72,6 +73,7 @@ impl Affine {
         let scale = if range > 0.0 { f16_ceil(range / qmax) } else { f16::ZERO };
         Affine { min, scale }
     }
+    // ANCHOR_END: fit
 
     /// Parameters for a group of values.
     pub(crate) fn fit_values(xs: &[f32], bits: u8) -> Affine {
@@ -84,6 +86,7 @@ impl Affine {
         self.scale.to_f32()
     }
 
+    // ANCHOR: quantize
     /// Quantizes `xs` into `codes` (same length).
     #[inline]
     pub(crate) fn quantize(&self, xs: &[f32], bits: u8, codes: &mut [u8]) {
@@ -105,6 +108,7 @@ impl Affine {
             *o = min + c as f32 * s;
         }
     }
+    // ANCHOR_END: quantize
 }
 
 pub(crate) fn min_max(xs: &[f32]) -> (f32, f32) {
