@@ -127,6 +127,56 @@ pub fn scores(q: &[f32], keys: &[f32], dim: usize) -> Vec<f32> {
     analysis::scores(q, keys, dim)
 }
 
+/// Attention scores of one query token against the exact and the quantized keys.
+#[wasm_bindgen]
+pub struct ScoreComparison(Scores);
+
+/// What [`compare_scores_impl`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scores {
+    /// `q·k_t / √d` against the exact keys, one per token.
+    pub exact: Vec<f32>,
+    /// The same query against the quantized keys.
+    pub quantized: Vec<f32>,
+    /// `max_t |exact_t − quantized_t|`.
+    pub max_abs_error: f32,
+}
+
+#[wasm_bindgen]
+impl ScoreComparison {
+    pub fn exact(&self) -> Vec<f32> {
+        self.0.exact.clone()
+    }
+    pub fn quantized(&self) -> Vec<f32> {
+        self.0.quantized.clone()
+    }
+    pub fn max_abs_error(&self) -> f32 {
+        self.0.max_abs_error
+    }
+}
+
+/// Scores of token `query` against every key, exact and quantized (`tokens × dim` each).
+/// The samples hold no queries: the token's exact key stands in for its query.
+#[wasm_bindgen]
+pub fn compare_scores(exact_keys: &[f32], quantized_keys: &[f32], dim: usize, query: usize) -> std::result::Result<ScoreComparison, JsError> {
+    compare_scores_impl(exact_keys, quantized_keys, dim, query).map(ScoreComparison).map_err(js)
+}
+
+pub fn compare_scores_impl(exact_keys: &[f32], quantized_keys: &[f32], dim: usize, query: usize) -> Result<Scores> {
+    if dim == 0 || exact_keys.len() % dim != 0 || quantized_keys.len() != exact_keys.len() {
+        return Err(KvqError::Shape(format!("{} exact and {} quantized key values for a head dim of {dim}", exact_keys.len(), quantized_keys.len())));
+    }
+    let tokens = exact_keys.len() / dim;
+    if query >= tokens {
+        return Err(KvqError::InvalidParam(format!("query token {query} is out of range: the sample has {tokens} tokens (0 to {})", tokens.saturating_sub(1))));
+    }
+    let q = &exact_keys[query * dim..(query + 1) * dim];
+    let exact = analysis::scores(q, exact_keys, dim);
+    let quantized = analysis::scores(q, quantized_keys, dim);
+    let max_abs_error = exact.iter().zip(&quantized).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    Ok(Scores { exact, quantized, max_abs_error })
+}
+
 pub fn header_json_impl(s: &KvSample) -> String {
     serde_json::to_string(&s.header).expect("a header of strings and numbers always serializes")
 }
@@ -170,6 +220,24 @@ mod tests {
         let pc = quantize_impl(&s, &controls("uniform")).unwrap();
         let pt = quantize_impl(&s, &Controls { axis: "per-token", ..controls("uniform") }).unwrap();
         assert!(pc.relative_error < pt.relative_error);
+    }
+
+    #[test]
+    fn scores_of_a_query_token_against_exact_and_quantized_keys() {
+        let s = KvSample::synthetic(128, 64, 4).unwrap();
+        let keys = s.get(0, 0, "keys").unwrap();
+        let v = quantize_impl(&s, &Controls { method: "kivi", ..controls("kivi") }).unwrap();
+        let c = compare_scores_impl(keys, &v.reconstruction, 64, 127).unwrap();
+        assert_eq!(c.exact, analysis::scores(&keys[127 * 64..], keys, 64));
+        assert_eq!(c.quantized, analysis::scores(&keys[127 * 64..], &v.reconstruction, 64));
+        let worst = c.exact.iter().zip(&c.quantized).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(c.max_abs_error > 0.0 && c.max_abs_error == worst);
+        // Exact keys against themselves: no error.
+        assert_eq!(compare_scores_impl(keys, keys, 64, 0).unwrap().max_abs_error, 0.0);
+        let msg = compare_scores_impl(keys, keys, 64, 128).unwrap_err().to_string();
+        assert!(msg.contains("query token 128 is out of range"), "{msg}");
+        assert!(compare_scores_impl(keys, &keys[64..], 64, 0).is_err());
+        assert!(compare_scores_impl(keys, keys, 0, 0).is_err());
     }
 
     #[test]

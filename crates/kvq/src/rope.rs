@@ -18,7 +18,7 @@ pub struct Rope {
     pub theta: f32,
     pub head_dim: usize,
     pub style: RopeStyle,
-    inv_freq: Vec<f32>,
+    inv_freq: Vec<f64>,
     table_positions: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -27,15 +27,17 @@ pub struct Rope {
 impl Rope {
     pub fn new(theta: f32, head_dim: usize, style: RopeStyle, max_positions: usize) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        // Computed in f64 and rounded once: f32 `powf`/`sin`/`cos` differ by an ulp between
+        // glibc (native) and Rust's libm (wasm), and the browser demo must give the same keys.
+        let inv_freq: Vec<f64> =
+            (0..half).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64)).collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
             for &f in &inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
             }
         }
         Rope { theta, head_dim, style, inv_freq, table_positions: max_positions, cos, sin }
@@ -52,8 +54,8 @@ impl Rope {
         } else {
             let inv = &self.inv_freq;
             self.rotate(x, |i| {
-                let a = pos as f32 * inv[i];
-                (a.cos(), a.sin())
+                let a = pos as f64 * inv[i];
+                (a.cos() as f32, a.sin() as f32)
             });
         }
     }
