@@ -29,6 +29,7 @@ cp -r web/index.html web/demo.js web/style.css web/pkg web/smollm2-kv-sample.kvs
 
 echo "-- mdbook build, links, test"
 rm -rf book/build
-PATH="$PWD/target/release:$PATH" mdbook build book
+export PATH="$PWD/target/release:$PATH" # mdbook runs mdbook-kvq from PATH
+mdbook build book
 target/release/mdbook-kvq check-links book/build
 mdbook test book
