@@ -98,9 +98,19 @@ struct PplCli {
     text: std::path::PathBuf,
     #[arg(long, default_value_t = 1024)]
     max_tokens: usize,
-    /// Cache presets to compare, comma-separated.
+    /// Caches to compare, comma-separated: presets, each with its own overrides if
+    /// wanted (`kivi-2:group=128:residual=64`, `kvquant-2:outliers=0:sink=0`,
+    /// `per-token-4:past-only=false`; keys: bits, k-bits, v-bits, group, residual,
+    /// outliers, sink, past-only, pre-rope).
     #[arg(long, value_delimiter = ',', default_value = "fp16,per-token-4,kivi-4,kivi-2,kvquant-4,kvquant-2")]
     caches: Vec<String>,
+    /// Score the tokens in consecutive windows of this many tokens, each from an empty
+    /// cache (the context length); default: the whole text as one window.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Also write the scored token ids as JSON (for the peers in bench/peers/).
+    #[arg(long)]
+    dump_ids: Option<std::path::PathBuf>,
     /// The full-precision reference for KL and top-1 agreement.
     #[arg(long, default_value = "fp32")]
     reference: String,
@@ -363,6 +373,8 @@ fn run() -> Result<()> {
             chunk: p.chunk,
             calibration: p.calibration.clone(),
             json: p.json,
+            context: p.context,
+            dump_ids: p.dump_ids.clone(),
         })?,
         Command::Tour { model, out, quick } => tour::run(&out, model.path()?.as_deref(), model.weights.parse()?, quick)?,
         Command::Capture { model, text, tokens, layers, out } => {

@@ -36,7 +36,7 @@ pub fn load_model(model: Option<&Path>, weights: WeightFormat) -> Result<(Llama,
 /// Builds a cache from a preset name (or `none`), fitting KVQuant's calibration on
 /// `calibration_text` when the scheme needs one.
 pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Overrides, batch: usize, calibration_text: &str) -> Result<(CacheConfig, Box<dyn KvCache>)> {
-    let cfg = ov.apply(CacheConfig::preset(name)?)?;
+    let cfg = CacheConfig::from_spec(name, ov)?;
     let calib = match cfg.scheme {
         Scheme::KvQuant { bits, outlier_fraction } => Some(Arc::new(calibrate(model, tok, calibration_text, bits, outlier_fraction)?)),
         _ => None,
@@ -86,7 +86,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("no prompts: the file has no non-empty line");
     }
-    a.overrides.apply(CacheConfig::preset(&a.cache)?)?; // fail before loading the model
+    CacheConfig::from_spec(&a.cache, &a.overrides)?; // fail before loading the model
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
@@ -201,12 +201,14 @@ pub struct PplArgs {
     pub chunk: usize,
     pub calibration: Option<PathBuf>,
     pub json: bool,
+    pub context: Option<usize>,
+    pub dump_ids: Option<PathBuf>,
 }
 
 pub fn run_ppl(a: PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
     for name in a.caches.iter().chain([&a.reference]) {
-        a.overrides.apply(CacheConfig::preset(name)?)?; // fail before loading the model
+        CacheConfig::from_spec(name, &a.overrides)?; // fail before loading the model
     }
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let mut ids = tok.encode(&text)?;
@@ -214,8 +216,14 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
         bail!("{} has fewer than two tokens", a.text.display());
     }
     ids.truncate(a.max_tokens);
-    if ids.len() > model.config.max_seq_len {
-        bail!("{} tokens exceed the model's context of {}; use --max-tokens", ids.len(), model.config.max_seq_len);
+    let window = a.context.unwrap_or(ids.len());
+    if window > model.config.max_seq_len {
+        bail!("a context of {window} tokens exceeds the model's {}; use --context or --max-tokens", model.config.max_seq_len);
+    }
+    if let Some(p) = &a.dump_ids {
+        let name = a.text.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let doc = serde_json::json!({ "documents": [ { "name": name, "text": a.text.display().to_string(), "ids": ids } ] });
+        std::fs::write(p, serde_json::to_string(&doc)?).with_context(|| format!("writing {}", p.display()))?;
     }
     let calib_text = match &a.calibration {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -230,14 +238,17 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
     let mode = if a.chunk == 1 { "token by token (as in decoding)".to_string() } else { format!("in chunks of {} tokens (each chunk attends to the cache as a prefill would)", a.chunk) };
     eprintln!("{} tokens of {}, streamed {mode}; reference cache {}", ids.len(), a.text.display(), ref_cfg.label());
     let t0 = std::time::Instant::now();
-    let (r, rows) = kvq::eval::evaluate(&model, &ids, (&ref_cfg.label(), reference.as_mut()), &mut caches, a.chunk, |done, total| {
+    if window < ids.len() {
+        eprintln!("scored in {} windows of {window} tokens, each from an empty cache", ids.len().div_ceil(window));
+    }
+    let (r, rows) = kvq::eval::evaluate_windows(&model, &ids, window, (&ref_cfg.label(), reference.as_mut()), &mut caches, a.chunk, |done, total| {
         let el = t0.elapsed().as_secs_f64();
         eprint!("\r  {done}/{total} tokens, {:.0} s elapsed, ~{:.0} s left   ", el, el / done as f64 * (total - done) as f64);
     })?;
     eprintln!();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "text": a.text.display().to_string(), "tokens": ids.len(), "mode": mode, "weights": format!("{:?}", a.weights),
+            "text": a.text.display().to_string(), "tokens": ids.len(), "context": window, "chunk": a.chunk, "mode": mode, "weights": format!("{:?}", a.weights),
             "reference": r, "rows": rows,
         }))?);
         return Ok(());

@@ -34,7 +34,7 @@ pub fn report(g: &ModelGeometry, seq: usize, batch: usize, caches: &[String], ov
     for name in caches {
         let cfg = match name.as_str() {
             "fp8" => CacheConfig::new(Scheme::Full(FullPrecision::Fp8)),
-            other => ov.apply(CacheConfig::preset(other)?)?,
+            other => CacheConfig::from_spec(other, ov)?,
         };
         let b = cache_bytes(g, &cfg, seq, batch)?;
         let total = b.total() as u128;

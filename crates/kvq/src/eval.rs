@@ -98,6 +98,52 @@ pub fn evaluate(model: &Llama, ids: &[u32], reference: (&str, &mut dyn KvCache),
     Ok((reference_row, rows))
 }
 
+/// [`evaluate`] over consecutive windows of `window` tokens (the last one may be shorter,
+/// if it has at least two), each from an empty cache: the same tokens are scored at any
+/// context length, only how much of the past they see changes. Rows are averaged over
+/// all predicted tokens; bytes are those of the longest window.
+pub fn evaluate_windows(model: &Llama, ids: &[u32], window: usize, reference: (&str, &mut dyn KvCache), caches: &mut [(String, Box<dyn KvCache>)], chunk: usize, mut progress: impl FnMut(usize, usize)) -> Result<(EvalRow, Vec<EvalRow>)> {
+    if window < 2 {
+        return Err(KvqError::InvalidParam(format!("a window needs at least two tokens, got {window}")));
+    }
+    let (ref_name, ref_cache) = reference;
+    let windows: Vec<&[u32]> = ids.chunks(window).filter(|w| w.len() >= 2).collect();
+    if windows.is_empty() {
+        return Err(KvqError::InvalidParam("perplexity needs at least two tokens".into()));
+    }
+    let mut sums: Option<(EvalRow, Vec<EvalRow>)> = None;
+    let mut done = 0;
+    for w in windows {
+        let (r, rows) = evaluate(model, w, (ref_name, &mut *ref_cache), caches, chunk, |d, _| progress(done + d, ids.len()))?;
+        done += w.len();
+        sums = Some(match sums {
+            None => (r, rows),
+            Some((acc_r, acc_rows)) => (merge(acc_r, &r), acc_rows.into_iter().zip(&rows).map(|(a, b)| merge(a, b)).collect()),
+        });
+    }
+    Ok(sums.expect("at least one window"))
+}
+
+/// Two rows of the same cache over different tokens, weighted by tokens predicted.
+fn merge(a: EvalRow, b: &EvalRow) -> EvalRow {
+    let n = (a.predicted + b.predicted) as f64;
+    let avg = |x: f64, y: f64| (x * a.predicted as f64 + y * b.predicted as f64) / n;
+    let nll = avg(a.nll, b.nll);
+    let longest = if b.bytes > a.bytes { b } else { &a };
+    EvalRow {
+        cache: a.cache.clone(),
+        predicted: a.predicted + b.predicted,
+        nll,
+        ppl: nll.exp(),
+        kl: avg(a.kl, b.kl),
+        top1_agreement: avg(a.top1_agreement, b.top1_agreement),
+        bytes: longest.bytes,
+        bytes_per_token: longest.bytes_per_token,
+        effective_bits: longest.effective_bits,
+        seconds: a.seconds + b.seconds,
+    }
+}
+
 /// Log-probabilities `[t][vocab]` of the next token at each fed position.
 fn log_probs(model: &Llama, feed: &[u32], cache: &mut dyn KvCache) -> Result<Vec<Vec<f32>>> {
     let logits = model.forward(feed, 1, cache, true)?;

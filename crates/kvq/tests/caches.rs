@@ -363,3 +363,32 @@ fn bad_cache_input_is_a_typed_error() {
     let g = geometry();
     assert!(cache_bytes(&g, &CacheConfig::preset("fp16").unwrap(), usize::MAX / 2, 1000).is_err());
 }
+
+#[test]
+fn cache_specs_name_a_preset_and_its_overrides() {
+    use kvq::cache::parse_cache_spec;
+    let (name, o) = parse_cache_spec("kivi-2:group=128:residual=64").unwrap();
+    assert_eq!(name, "kivi-2");
+    let cfg = o.apply(CacheConfig::preset("kivi-2").unwrap()).unwrap();
+    assert_eq!(cfg.label(), "kivi-2 (g128 r64) past-only");
+    let (_, o) = parse_cache_spec("kvquant-2:outliers=0:sink=0").unwrap();
+    let cfg = o.apply(CacheConfig::preset("kvquant-2").unwrap()).unwrap();
+    assert!(cfg.label().starts_with("kvquant-2 (0% outliers) sink0"), "{}", cfg.label());
+    // A spec's own value wins over a global one.
+    let global = kvq::cache::Overrides { group_size: Some(32), residual_length: Some(16), ..Default::default() };
+    let merged = global.then(&parse_cache_spec("kivi-4:group=64").unwrap().1);
+    assert_eq!((merged.group_size, merged.residual_length), (Some(64), Some(16)));
+    for (bad, why) in [
+        ("kivi-2:group", "not key=value"),
+        ("kivi-2:group=x", "whole number"),
+        ("kivi-2:colour=red", "unknown key"),
+        ("kivi-2:outliers=0.1", "does not apply"),
+        ("kvquant-2:outliers=2", "between 0 and 1"),
+        ("kivi-2:past-only=maybe", "true or false"),
+        ("kivi-2:bits=9", "bits must be between 1 and 8"),
+        ("nope-3:bits=2", "unknown"),
+    ] {
+        let e = parse_cache_spec(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}

@@ -348,6 +348,66 @@ impl Overrides {
     }
 }
 
+impl Overrides {
+    /// These overrides, with each one `other` sets taking their place.
+    pub fn then(&self, other: &Overrides) -> Overrides {
+        Overrides {
+            bits: other.bits.or(self.bits),
+            k_bits: other.k_bits.or(self.k_bits),
+            v_bits: other.v_bits.or(self.v_bits),
+            group_size: other.group_size.or(self.group_size),
+            residual_length: other.residual_length.or(self.residual_length),
+            outlier_fraction: other.outlier_fraction.or(self.outlier_fraction),
+            sink_tokens: other.sink_tokens.or(self.sink_tokens),
+            past_only: other.past_only.or(self.past_only),
+            pre_rope: other.pre_rope.or(self.pre_rope),
+        }
+    }
+}
+
+/// A cache named on a command line: a preset and its own overrides,
+/// `kivi-2:group=128:residual=64`, `kvquant-2:outliers=0:sink=0`, `per-token-4:past-only=false`.
+/// Keys: `bits`, `k-bits`, `v-bits`, `group`, `residual`, `outliers` (a fraction),
+/// `sink`, `past-only`, `pre-rope`.
+pub fn parse_cache_spec(spec: &str) -> Result<(String, Overrides)> {
+    let mut parts = spec.trim().split(':');
+    let preset = parts.next().unwrap_or("").trim().to_string();
+    CacheConfig::preset(&preset)?;
+    let mut o = Overrides::default();
+    for kv in parts {
+        let bad = |why: String| KvqError::InvalidParam(format!("cache {spec:?}: {why}"));
+        let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("{kv:?} is not key=value")))?;
+        let (k, v) = (k.trim(), v.trim());
+        let int = || v.parse::<usize>().map_err(|_| bad(format!("{k} must be a whole number, got {v:?}")));
+        let bits = || v.parse::<u8>().map_err(|_| bad(format!("{k} must be a whole number, got {v:?}")));
+        let flag = || v.parse::<bool>().map_err(|_| bad(format!("{k} must be true or false, got {v:?}")));
+        match k {
+            "bits" => o.bits = Some(bits()?),
+            "k-bits" => o.k_bits = Some(bits()?),
+            "v-bits" => o.v_bits = Some(bits()?),
+            "group" => o.group_size = Some(int()?),
+            "residual" => o.residual_length = Some(int()?),
+            "sink" => o.sink_tokens = Some(int()?),
+            "outliers" => o.outlier_fraction = Some(v.parse::<f32>().ok().filter(|f| f.is_finite()).ok_or_else(|| bad(format!("outliers must be a fraction, got {v:?}")))?),
+            "past-only" => o.past_only = Some(flag()?),
+            "pre-rope" => o.pre_rope = Some(flag()?),
+            other => return Err(bad(format!("unknown key {other:?} (known: bits, k-bits, v-bits, group, residual, outliers, sink, past-only, pre-rope)"))),
+        }
+    }
+    // Checks the values against the scheme now, with a message that names the spec.
+    o.apply(CacheConfig::preset(&preset)?)?;
+    Ok((preset, o))
+}
+
+impl CacheConfig {
+    /// The configuration a command-line spec names (see [`parse_cache_spec`]), with
+    /// `global` overrides under the spec's own.
+    pub fn from_spec(spec: &str, global: &Overrides) -> Result<CacheConfig> {
+        let (preset, own) = parse_cache_spec(spec)?;
+        global.then(&own).apply(CacheConfig::preset(&preset)?)
+    }
+}
+
 fn set<T: Copy>(slot: &mut T, v: Option<T>) {
     if let Some(v) = v {
         *slot = v;

@@ -10,7 +10,7 @@ mod config;
 mod kvquant;
 mod store;
 
-pub use config::{CacheConfig, FullPrecision, Overrides, Scheme, PRESETS};
+pub use config::{parse_cache_spec, CacheConfig, FullPrecision, Overrides, Scheme, PRESETS};
 pub use kvquant::{KvQuantCalibration, LayerCalibration, LayerSamples};
 
 use crate::error::{check_values, KvqError, Result};
