@@ -207,9 +207,12 @@ pub struct PplArgs {
 
 pub fn run_ppl(a: PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
-    for name in a.caches.iter().chain([&a.reference]) {
-        CacheConfig::from_spec(name, &a.overrides)?; // fail before loading the model
+    // Fail before loading the model. The overrides are for the compared caches; the
+    // reference is built as named.
+    for name in &a.caches {
+        CacheConfig::from_spec(name, &a.overrides)?;
     }
+    CacheConfig::from_spec(&a.reference, &Overrides::default())?;
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let mut ids = tok.encode(&text)?;
     if ids.len() < 2 {
