@@ -32,14 +32,7 @@ echo "== The book: mdbook build (math, quizzes, the demo), links, mdbook test"
 bash scripts/book.sh 2>&1 | tee -a "$log"
 
 echo "== The lessons: every notebook executed (evcxr_jupyter), outputs checked"
-# Jupyter with the Rust kernel. opt-level 1 halves evcxr's build (~11 min on 2 cores).
-if ! cargo install --list | grep -q "^evcxr_jupyter v0\.22\.0:"; then
-  CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_LTO=false cargo install evcxr_jupyter --version 0.22.0 --locked
-fi
-python3 -m pip install --quiet -r lessons/requirements.txt
-evcxr_jupyter --install >/dev/null
 bash scripts/lessons.sh 2>&1 | tee -a "$log"
-echo "lessons: $(ls lessons/[0-9][0-9]-*.ipynb | wc -l) notebooks executed, no cell failed" | tee -a "$log"
 
 # One closing line over every test run above (the stub runs of the exercises, which
 # must fail, are counted by check-exercises.sh and not here).

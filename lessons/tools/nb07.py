@@ -1,0 +1,187 @@
+from nbgen import SETUP, HELPERS, md, code, footer
+
+def cells():
+    return [
+md(r"""
+# Lesson 7 — The GPU: decode attention is memory-bound
+
+During decoding, each step brings one new query per sequence, and attention must compare it with
+**every** cached key and mix **every** cached value: each step reads the whole cache. On a GPU
+that read, not the arithmetic, sets the time. This is why a quantized cache can make attention
+*faster*, not only smaller — if the kernel reads the packed codes directly.
+
+This lesson computes the bytes per step with `kvq::size`, the time bound they imply on an H100,
+then measures kvq's CPU attention (`KvCache::attend`) over long packed caches. kvq has no GPU
+kernels yet: they are an open part of the project.
+"""),
+code(SETUP),
+code(HELPERS),
+md(r"""
+## Bytes per step, and the time they take
+
+For Llama-3-8B at 100,000 tokens, one decode step of one sequence reads the whole cache of every
+layer. Arithmetic intensity: each cached fp16 element (2 bytes) is used by the 4 query heads that
+share its KV head, one multiply-add (2 FLOPs) each: **4 FLOPs per byte**. An H100 SXM does about
+989 dense fp16 TFLOPS on 3.35 TB/s of memory bandwidth, so it needs about 295 FLOPs per byte to be
+limited by compute. At 4, decode attention is memory-bound by two orders of magnitude, and its
+time is about bytes / bandwidth.
+"""),
+code(r'''
+use kvq::cache::CacheConfig;
+use kvq::size::{cache_bytes, human, with_commas, ModelGeometry};
+
+let llama3 = ModelGeometry::preset("llama-3-8b")?;
+let bandwidth = 3.35e12; // H100 SXM, bytes per second
+let flops_per_byte = (llama3.q_heads / llama3.kv_heads) as f64 * 2.0 / 2.0;
+println!("arithmetic intensity of decode attention, fp16: {flops_per_byte} FLOPs/byte; H100 balance point: {:.0} FLOPs/byte", 989e12 / bandwidth);
+assert_eq!(flops_per_byte, 4.0);
+
+let fp16 = cache_bytes(&llama3, &CacheConfig::preset("fp16")?, 100_000, 1)?.total();
+let mut rows = Vec::new();
+for name in ["fp32", "fp16", "per-token-4", "kivi-4", "kivi-2", "kvquant-2"] {
+    let b = cache_bytes(&llama3, &CacheConfig::preset(name)?, 100_000, 1)?.total();
+    rows.push(vec![name.to_string(), with_commas(b as u128), human(b as u128),
+        format!("{:.2} ms", b as f64 / bandwidth * 1e3), format!("{:.2}×", fp16 as f64 / b as f64)]);
+}
+println!("Llama-3-8B, 100,000 tokens, one sequence: bytes read per decode step, and the least time to read them at 3.35 TB/s");
+print!("{}", table(&["cache", "bytes", "size", "time bound", "speedup bound vs fp16"], &rows));
+
+let kivi2 = cache_bytes(&llama3, &CacheConfig::preset("kivi-2")?, 100_000, 1)?.total();
+assert_eq!(fp16, 13_107_200_000);
+assert_eq!(kivi2, 2_471_231_488);
+assert!((fp16 as f64 / bandwidth * 1e3 - 3.91).abs() < 0.01);   // 3.9 ms per step for attention alone
+assert!((kivi2 as f64 / bandwidth * 1e3 - 0.74).abs() < 0.01);  // 0.74 ms
+assert!((fp16 as f64 / kivi2 as f64 - 5.30).abs() < 0.01);      // the bound is the byte ratio: 5.3×, not 8×
+'''),
+md(r"""
+Two consequences:
+
+- **Dequantizing first throws the gain away.** A kernel that expands the KIVI-2 cache into an fp16
+  buffer and then runs ordinary attention reads the codes (0.19×), writes fp16 (1×) and reads it
+  again (1×): about 2.2× the bytes of a plain fp16 cache. Only a **fused** kernel — load packed
+  codes, dequantize in registers, multiply — turns fewer bytes into less time. (The seed's fake
+  quantization saves neither memory nor time.)
+- **The cache, not the weights, dominates at large batch.** The weights are read once per step for
+  the whole batch; each sequence's cache is read separately.
+"""),
+code(r'''
+let naive = kivi2 as f64 / fp16 as f64 + 1.0 + 1.0;
+println!("dequantize-then-attend moves {naive:.2}× the bytes of an fp16 cache");
+assert!((naive - 2.19).abs() < 0.01);
+let batch16 = cache_bytes(&llama3, &CacheConfig::preset("fp16")?, 8192, 16)?.total();
+println!("batch 16 × 8192 tokens: {} of cache read per step, against ~16 GB of fp16 weights", human(batch16 as u128));
+assert_eq!(batch16, 16 << 30);
+'''),
+md(r"""
+## A live measurement: kvq's attention on this CPU
+
+Now the clock, on this machine. One layer shaped like Llama-3-8B's (8 KV heads, 32 query heads,
+$d = 128$), filled with `n` tokens of synthetic keys and values (with a few large key channels),
+then one decode query: we time `KvCache::attend` (median of 9) for an fp32, fp16, KIVI-4 and
+KIVI-2 cache. `attend` reads the packed storage tile by tile — 64 tokens are dequantized into a
+small buffer, used and dropped — so the cache is never expanded in memory. As a yardstick we also
+time a plain read of a 256 MiB array on the same two threads.
+"""),
+code(r'''
+use kvq::cache::{Cache, CacheShape, KvCache};
+use kvq::rng::SplitMix64;
+use std::time::Instant;
+
+// Read bandwidth of this machine: sum a 256 MiB array on two threads.
+let big: Vec<f32> = (0..64 << 20).map(|i| (i % 7) as f32).collect();
+let mut best = f64::INFINITY;
+for _ in 0..3 {
+    let t0 = Instant::now();
+    let s: f32 = std::thread::scope(|sc| {
+        let hs: Vec<_> = big.chunks(big.len() / 2).map(|c| sc.spawn(move || c.chunks_exact(16).fold([0f32; 16], |mut a, x| { for i in 0..16 { a[i] += x[i]; } a }).iter().sum::<f32>())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    best = best.min(t0.elapsed().as_secs_f64());
+    assert!(s > 0.0);
+}
+let read_gbs = (big.len() * 4) as f64 / best / 1e9;
+drop(big);
+println!("plain read bandwidth, 2 threads: {read_gbs:.1} GB/s");
+
+let (kv_heads, d, q_heads) = (8usize, 128usize, 32usize);
+let layer = ModelGeometry::new("one Llama-3-8B layer", 1, q_heads, kv_heads, d)?;
+let shape = CacheShape { layers: 1, batch: 1, kv_heads, head_dim: d };
+let contexts = [2048usize, 4096, 8192, 16384];
+let mut rng = SplitMix64::new(7);
+let maxn = contexts[contexts.len() - 1];
+let keys: Vec<f32> = (0..kv_heads * maxn * d).map(|i| rng.normal() * if i % d < 4 { 10.0 } else { 1.0 }).collect();
+let values: Vec<f32> = (0..kv_heads * maxn * d).map(|_| rng.normal()).collect();
+let q: Vec<f32> = (0..q_heads * d).map(|_| rng.normal()).collect();
+/// Rows `from..to` of every head, laid out [head][token][dim] as `append` wants them.
+fn head_rows(x: &[f32], heads: usize, maxn: usize, d: usize, from: usize, to: usize) -> Vec<f32> {
+    (0..heads).flat_map(|h| x[(h * maxn + from) * d..(h * maxn + to) * d].iter().copied()).collect()
+}
+let mut measured: Vec<(String, usize, usize, f64)> = Vec::new(); // (cache, tokens, bytes, ms)
+for &n in &contexts {
+    for name in ["fp32", "fp16", "kivi-4", "kivi-2"] {
+        let cfg = CacheConfig::preset(name)?;
+        let mut cache = Cache::new(&cfg, shape, None, None)?;
+        cache.append(0, &head_rows(&keys, kv_heads, maxn, d, 0, n - 1), &head_rows(&values, kv_heads, maxn, d, 0, n - 1), n - 1)?; // the past
+        cache.append(0, &head_rows(&keys, kv_heads, maxn, d, n - 1, n), &head_rows(&values, kv_heads, maxn, d, n - 1, n), 1)?;    // this step
+        assert_eq!(cache.memory_bytes(), cache_bytes(&layer, &cfg, n, 1)?.total());
+        let mut out = vec![0f32; q_heads * d];
+        let mut times = Vec::new();
+        for _ in 0..9 {
+            let t0 = Instant::now();
+            cache.attend(0, &q, q_heads, 1, &mut out)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        measured.push((cfg.label(), n, cache.memory_bytes(), times[4]));
+    }
+}
+let cells: Vec<Vec<String>> = measured.iter().map(|(c, n, b, ms)| vec![n.to_string(), c.clone(), with_commas(*b as u128),
+    format!("{ms:.2}"), format!("{:.2}", *b as f64 / ms / 1e6)]).collect();
+print!("{}", table(&["tokens", "cache", "bytes stored", "attend (ms)", "GB/s of cache read"], &cells));
+'''),
+code(r'''
+let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+for name in ["fp32", "fp16", "kivi-4", "kivi-2"] {
+    let label = CacheConfig::preset(name)?.label();
+    series.push((label.clone(), measured.iter().filter(|m| m.0 == label).map(|m| (m.2 as f64, m.3)).collect()));
+}
+let (lo, hi) = (measured.iter().map(|m| m.2).min().unwrap() as f64, measured.iter().map(|m| m.2).max().unwrap() as f64);
+series.push((format!("guide: reading the bytes at {read_gbs:.0} GB/s (memory-bound)"), vec![(lo, lo / read_gbs / 1e6), (hi, hi / read_gbs / 1e6)]));
+loglog("kvq CPU decode attention: time vs bytes stored (one Llama-3-8B layer, 2k–16k tokens)", "bytes stored in the cache", "milliseconds per attend", &series)
+'''),
+md(r"""
+### What the CPU shows — and why it differs from a GPU
+
+On this CPU the quantized caches are no faster than fp16 — usually somewhat slower — although
+KIVI-2 stores about 5× fewer bytes: every curve sits far above the memory-bound guide. kvq's CPU attention is
+limited by **arithmetic** — unpacking, scaling and the f32 dot products, on two cores with a few
+dozen GFLOPS — not by memory. Fewer bytes then buy little time, and the dequantization adds
+work; the CPU decode benchmark
+([`bench/results/cpu-decode-vs-llamacpp.md`](../bench/results/cpu-decode-vs-llamacpp.md)) shows the
+same: kvq with KIVI caches decodes at 69–71 tokens/s against 84 with fp16 (and llama.cpp's
+quantized caches are slower than its f16 cache too).
+
+A GPU is the opposite case: ~1000 TFLOPS against 3.35 TB/s leaves the arithmetic units mostly idle
+during decode, so the time follows the bytes, and a fused 2-bit kernel can approach the 5.3× bound
+computed above. Prefill is different again: there many queries reuse each loaded key and value,
+the arithmetic intensity grows with the prompt length, and the GPU becomes compute-bound — so a
+quantized cache speeds up decode much more than prefill.
+
+## GPU kernels: an open part of kvq
+
+kvq's quantizers are written so that GPU kernels can reuse them bit for bit (the rounding rule in
+`kvq::quant::uniform` is specified for that), but the kernels themselves are not written yet.
+Measured GPU results would be in `bench/results/gpu-attention.md`:
+"""),
+code(r'''
+let gpu = std::path::Path::new("../bench/results/gpu-attention.md");
+let report = if gpu.exists() {
+    std::fs::read_to_string(gpu)?
+} else {
+    "bench/results/gpu-attention.md does not exist yet: there are no GPU measurements of kvq to show.\n\
+     The numbers above for the H100 are bounds computed from bytes and bandwidth, not measurements.".to_string()
+};
+println!("{report}");
+'''),
+footer("07-gpu.toml", ["ex07_attention"], ("Lesson 8: choosing a configuration", "08-choosing.ipynb")),
+    ]
