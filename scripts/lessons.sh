@@ -32,9 +32,9 @@ if ! python3 -c "import nbconvert, nbclient, nbformat, jupyter_client" >/dev/nul
   echo "== installing Jupyter's notebook runner (pip)"
   python3 -m pip install -r lessons/requirements.txt
 fi
-if ! python3 -m jupyter kernelspec list 2>/dev/null | grep -qE '^ *rust '; then
-  evcxr_jupyter --install
-fi
+# Always (re)write the kernel spec: one left by an earlier install may point at a binary
+# that is no longer there.
+evcxr_jupyter --install >/dev/null
 
 # Fails (and prints the cell) if an executed notebook holds an error or anything on stderr.
 check_outputs() {

@@ -60,6 +60,9 @@ it compiles at first use (needs a compiler, and nvcc on CUDA); by default this s
 with quanto's own pure-PyTorch unpack (the same bit operations, so the same numbers);
 `--quanto-native-unpack` keeps the extension.
 
+The input options, windows, chunking, scoring and output rows are shared with the other peer
+script: bench/peers/quality_common.py (imported from this script's directory).
+
 Tested on the CPU only (the CUDA path is written but was not run). Pinned versions tested:
 bench/peers/requirements-quality.txt (transformers 5.23.0, torch 2.15.0, gguf 0.19.0,
 optimum-quanto 0.2.7, hqq 0.2.8.post1, numpy 2.4.6).
@@ -71,10 +74,7 @@ Usage:
 """
 import argparse
 import copy
-import json
-import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -90,23 +90,17 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from transformers.cache_utils import QuantizedCache  # noqa: E402
 
+sys.dont_write_bytecode = True  # no bench/peers/__pycache__: quality.sh records untracked files
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quality_common import (Acc, add_input_args, base_versions, check_chunk, chunk_spans,  # noqa: E402
+                            load_windows, log, log_progress, log_row, parse_contexts, pkg_version,
+                            predicted_tokens, result_row, score_chunk, write_output)
+
 TOOL = "transformers"
 
 
-def log(msg, end="\n"):
-    print(msg, file=sys.stderr, end=end, flush=True)
-
-
-def pkg_version(name):
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
-        return None
-
-
 def versions(device):
-    v = {"python": platform.python_version(), "platform": platform.platform(),
+    v = {**base_versions(),
          "torch": torch.__version__, "transformers": transformers.__version__,
          "gguf": pkg_version("gguf"), "numpy": np.__version__,
          "optimum-quanto": pkg_version("optimum-quanto"), "hqq": pkg_version("hqq"),
@@ -119,28 +113,8 @@ def versions(device):
     return v
 
 
-def load_windows(path, context, max_tokens, max_windows, drop_partial):
-    """Non-overlapping windows of `context` ids over each document's first `max_tokens` ids."""
-    docs = json.load(open(path))["documents"]
-    out = []
-    for d in docs:
-        ids = [int(t) for t in d["ids"][:max_tokens]]
-        for s in range(0, len(ids), context):
-            w = ids[s:s + context]
-            if len(w) < 2 or (drop_partial and len(w) < context):
-                continue
-            out.append((d.get("name", "?"), s, w))
-    return out[:max_windows] if max_windows else out
-
-
-class Acc:
-    """Sums over predicted positions, as kvq's `Acc`."""
-
-    def __init__(self):
-        self.nll = self.kl = 0.0
-        self.agree = self.n = 0
-        self.seconds = 0.0
-        self.bits_sum = self.elems = 0.0  # for kv_bits_per_element_with_residual
+class TorchAcc(Acc):
+    """quality_common's `Acc`, scored in torch (on the device)."""
 
     def score(self, lp, ref_lp, targets):
         """lp, ref_lp: float64 [t, vocab] log-probs; targets: long [t]."""
@@ -157,7 +131,8 @@ class Run:
 
     def __init__(self, name, model_key, make_cache, bits, meta):
         self.name, self.model_key, self.make_cache, self.bits, self.meta = name, model_key, make_cache, bits, meta
-        self.acc = Acc()
+        self.label = name
+        self.acc = TorchAcc()
         self.error = None
         self.cache = None
 
@@ -226,14 +201,7 @@ def use_python_quanto_unpack():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="GGUF file")
-    ap.add_argument("--ids", required=True, help='JSON {"documents": [{"name", "ids"}]}')
-    ap.add_argument("--contexts", default="1024,4096,8192")
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--max-tokens", type=int, default=8192, help="ids used per document")
-    ap.add_argument("--max-windows", type=int, default=0, help="windows per context (0: all)")
-    ap.add_argument("--drop-partial", action="store_true", help="skip a document's shorter tail window")
+    add_input_args(ap)
     ap.add_argument("--backends", default="quanto,hqq")
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--group-size", type=int, default=64)
@@ -247,9 +215,8 @@ def main():
     a = ap.parse_args()
     a.backends = [b for b in a.backends.split(",") if b]
     a.bits = [int(b) for b in a.bits.split(",") if b]
-    contexts = [int(c) for c in a.contexts.split(",")]
-    if a.chunk < 1:
-        ap.error("--chunk must be at least 1")
+    contexts = parse_contexts(a.contexts)
+    check_chunk(ap, a.chunk)
 
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -289,12 +256,16 @@ def main():
         run.acc.seconds += time.perf_counter() - t0
         return lp
 
+    def on_error(run):
+        log(traceback.format_exc())
+        run.cache = None
+
     rows = []
     for ctx in contexts:
         windows = load_windows(a.ids, ctx, a.max_tokens, a.max_windows, a.drop_partial)
         runs = build_runs(models, a)
         ref, tests = runs[0], runs[1:]
-        total = sum(len(w) - 1 for _, _, w in windows)
+        total = predicted_tokens(windows)
         log(f"context {ctx}: {len(windows)} windows, {total} predicted tokens, chunk {a.chunk}, "
             f"caches: {', '.join(r.name for r in runs)}")
         t_ctx = time.perf_counter()
@@ -309,29 +280,12 @@ def main():
                         log(f"\n  {r.name}: cannot build the cache: {r.error}")
             if ref.error is not None:
                 raise SystemExit(f"the reference failed: {ref.error}")
-            pos = 0
-            while pos < len(w) - 1:
-                end = min(pos + a.chunk, len(w) - 1)
+            for pos, end in chunk_spans(len(w), a.chunk):
                 feed = w[pos:end]
                 targets = torch.tensor(w[pos + 1:end + 1], dtype=torch.long, device=device)
-                ref_lp = log_probs(ref, feed, pos)
-                ref.acc.score(ref_lp, ref_lp, targets)
-                for r in tests:
-                    if r.error is not None:
-                        continue
-                    try:
-                        r.acc.score(log_probs(r, feed, pos), ref_lp, targets)
-                    except Exception as e:
-                        r.error = f"{type(e).__name__}: {e}"
-                        log(f"\n  {r.name} failed at window {wi} position {pos}: {r.error}")
-                        log(traceback.format_exc())
-                        r.cache = None
+                score_chunk(ref, tests, log_probs, feed, pos, targets, wi, on_error=on_error)
                 done += end - pos
-                pos = end
-                el = time.perf_counter() - t_ctx
-                log(f"\r  context {ctx}: window {wi + 1}/{len(windows)} ({doc}@{start}), "
-                    f"{done}/{total} tokens, {el:.0f} s elapsed, ~{el / done * (total - done):.0f} s left   ",
-                    end="")
+                log_progress(ctx, wi, len(windows), doc, start, done, total, t_ctx)
             for r in runs:
                 if r.error is None and r.cache is not None:
                     b, e = end_of_window_bits(r, 32.0 if r.model_key == "fp32" else 16.0)
@@ -340,30 +294,12 @@ def main():
                 r.cache = None
         log("")
         for r in runs:
-            acc = r.acc
-            row = {"tool": TOOL, "cache": r.name, "context": ctx, "chunk": a.chunk,
-                   "windows": len(windows), **r.meta}
-            if r.error is not None:
-                row["error"] = r.error
-            if acc.n and r.error is None:
-                nll = acc.nll / acc.n
-                row.update({"tokens_scored": acc.n, "ppl": math.exp(nll), "nll_mean": nll,
-                            "kl_mean": acc.kl / acc.n, "top1_agree": acc.agree / acc.n})
-            row["kv_bits_per_element"] = r.bits
-            if acc.elems and r.error is None:
-                row["kv_bits_per_element_with_residual"] = acc.bits_sum / acc.elems
-            row["seconds"] = acc.seconds
-            row["versions"] = vers
+            row = result_row({"tool": TOOL, "cache": r.name, "context": ctx, "chunk": a.chunk,
+                              "windows": len(windows), **r.meta}, r.acc, r.error, r.bits, vers)
             rows.append(row)
-            if "ppl" in row:
-                log(f"  {r.name:40s} ppl {row['ppl']:.4f}  kl {row['kl_mean']:.5f}  "
-                    f"top1 {100 * row['top1_agree']:.2f}%  bits {r.bits:.2f}  {acc.seconds:.1f} s")
-            else:
-                log(f"  {r.name:40s} error: {row.get('error')}")
+            log_row(f"{r.name:40s}", row)
         # Written after every context, so a long run leaves what it has finished.
-        with open(a.out, "w") as f:
-            json.dump({"tool": TOOL, "model": path, "ids": os.path.abspath(a.ids), "chunk": a.chunk,
-                       "contexts": contexts, "versions": vers, "rows": rows}, f, indent=1)
+        write_output(a.out, TOOL, path, a.ids, a.chunk, contexts, vers, rows)
     log(f"wrote {a.out}")
 
 

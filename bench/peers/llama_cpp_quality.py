@@ -43,6 +43,9 @@ GPU: n_gpu_layers = -1 when llama-cpp-python was built with GPU offload
 (`llama_supports_gpu_offload()`), else 0 (CPU; `--threads`). seed = 0; the computation is
 deterministic for a given build, machine and thread count.
 
+The input options, windows, chunking, scoring and output rows are shared with the other peer
+script: bench/peers/quality_common.py (imported from this script's directory).
+
 Tested on the CPU only (a CPU build; the GPU offload path was not run). Pinned versions tested:
 bench/peers/requirements-quality.txt (llama-cpp-python 0.3.36, numpy 2.4.6).
 
@@ -51,16 +54,19 @@ Usage:
       --contexts 1024,4096,8192 --chunk 64 --out llama.json [--max-windows N] [--types q8_0,q4_0,q4_1]
 """
 import argparse
-import json
-import math
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
+
+sys.dont_write_bytecode = True  # no bench/peers/__pycache__: quality.sh records untracked files
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quality_common import (Acc, add_input_args, base_versions, check_chunk, chunk_spans,  # noqa: E402
+                            load_windows, log, log_progress, log_row, log_softmax, parse_contexts,
+                            predicted_tokens, result_row, score_chunk, write_output)
 
 TOOL = "llama.cpp"
 
@@ -76,60 +82,9 @@ TYPES = {
 }
 
 
-def log(msg, end="\n"):
-    print(msg, file=sys.stderr, end=end, flush=True)
-
-
-def pkg_version(name):
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
-        return None
-
-
-def load_windows(path, context, max_tokens, max_windows, drop_partial):
-    """Non-overlapping windows of `context` ids over each document's first `max_tokens` ids."""
-    docs = json.load(open(path))["documents"]
-    out = []
-    for d in docs:
-        ids = [int(t) for t in d["ids"][:max_tokens]]
-        for s in range(0, len(ids), context):
-            w = ids[s:s + context]
-            if len(w) < 2 or (drop_partial and len(w) < context):
-                continue
-            out.append((d.get("name", "?"), s, w))
-    return out[:max_windows] if max_windows else out
-
-
-def log_softmax(x):
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
-
-
-class Acc:
-    """Sums over predicted positions, as kvq's `Acc`."""
-
-    def __init__(self):
-        self.nll = self.kl = 0.0
-        self.agree = self.n = 0
-        self.seconds = 0.0
-
-    def score(self, lp, ref_lp, targets):
-        rows = np.arange(len(targets))
-        self.nll -= float(lp[rows, targets].sum())
-        p = np.exp(ref_lp)
-        with np.errstate(invalid="ignore"):
-            kl = np.where(p > 0, p * (ref_lp - lp), 0.0).sum(axis=-1)
-        self.kl += float(np.maximum(kl, 0.0).sum())
-        self.agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
-        self.n += len(targets)
-
-
 class Run:
     def __init__(self, kind):
-        self.kind = kind
+        self.kind = self.label = kind
         self.type_id, self.bits = TYPES[kind]
         self.llm = None
         self.acc = Acc()
@@ -148,29 +103,21 @@ def clear(llm):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="GGUF file")
-    ap.add_argument("--ids", required=True, help='JSON {"documents": [{"name", "ids"}]}')
-    ap.add_argument("--contexts", default="1024,4096,8192")
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--max-tokens", type=int, default=8192, help="ids used per document")
-    ap.add_argument("--max-windows", type=int, default=0, help="windows per context (0: all)")
-    ap.add_argument("--drop-partial", action="store_true", help="skip a document's shorter tail window")
+    add_input_args(ap)
     ap.add_argument("--types", default="q8_0,q4_0,q4_1", help=f"tested K=V cache types, of {','.join(TYPES)}")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: llama-cpp-python's default)")
     ap.add_argument("--cpu", action="store_true", help="n_gpu_layers = 0 even with a GPU build")
     a = ap.parse_args()
-    contexts = [int(c) for c in a.contexts.split(",")]
+    contexts = parse_contexts(a.contexts)
     kinds = [t for t in a.types.split(",") if t]
     for t in kinds:
         if t not in TYPES:
             ap.error(f"unknown cache type {t}; known: {', '.join(TYPES)}")
-    if a.chunk < 1:
-        ap.error("--chunk must be at least 1")
+    check_chunk(ap, a.chunk)
 
     path = os.path.abspath(os.path.expanduser(a.model))
     gpu = bool(llama_cpp.llama_supports_gpu_offload()) and not a.cpu
-    vers = {"python": platform.python_version(), "platform": platform.platform(),
+    vers = {**base_versions(),
             "llama-cpp-python": llama_cpp.__version__, "numpy": np.__version__,
             "gpu_offload": gpu, "threads": a.threads or None}
     try:
@@ -200,7 +147,7 @@ def main():
         if ref.error is not None:
             raise SystemExit(f"the f16 reference failed: {ref.error}")
         n_vocab = ref.llm.n_vocab()
-        total = sum(len(w) - 1 for _, _, w in windows)
+        total = predicted_tokens(windows)
         log(f"context {ctx}: {len(windows)} windows, {total} predicted tokens, chunk {a.chunk}, "
             f"gpu offload {gpu}, caches: {', '.join(r.kind for r in runs)}")
 
@@ -218,54 +165,23 @@ def main():
             for r in runs:
                 if r.error is None:
                     clear(r.llm)
-            pos = 0
-            while pos < len(w) - 1:
-                end = min(pos + a.chunk, len(w) - 1)
+            for pos, end in chunk_spans(len(w), a.chunk):
                 feed = w[pos:end]
                 targets = np.array(w[pos + 1:end + 1], dtype=np.int64)
-                ref_lp = log_probs(ref, feed, pos)
-                ref.acc.score(ref_lp, ref_lp, targets)
-                for r in tests:
-                    if r.error is not None:
-                        continue
-                    try:
-                        r.acc.score(log_probs(r, feed, pos), ref_lp, targets)
-                    except Exception as e:
-                        r.error = f"{type(e).__name__}: {e}"
-                        log(f"\n  {r.kind} failed at window {wi} position {pos}: {r.error}")
+                score_chunk(ref, tests, log_probs, feed, pos, targets, wi)
                 done += end - pos
-                pos = end
-                el = time.perf_counter() - t_ctx
-                log(f"\r  context {ctx}: window {wi + 1}/{len(windows)} ({doc}@{start}), "
-                    f"{done}/{total} tokens, {el:.0f} s elapsed, ~{el / done * (total - done):.0f} s left   ",
-                    end="")
+                log_progress(ctx, wi, len(windows), doc, start, done, total, t_ctx)
         log("")
         for r in runs:
-            acc = r.acc
-            row = {"tool": TOOL, "cache": f"{r.kind} K+V", "type_k": r.kind, "type_v": r.kind,
-                   "context": ctx, "chunk": a.chunk, "windows": len(windows), "flash_attn": True,
-                   "reference": r is ref}
-            if r.error is not None:
-                row["error"] = r.error
-            if acc.n and r.error is None:
-                nll = acc.nll / acc.n
-                row.update({"tokens_scored": acc.n, "ppl": math.exp(nll), "nll_mean": nll,
-                            "kl_mean": acc.kl / acc.n, "top1_agree": acc.agree / acc.n})
-            row["kv_bits_per_element"] = r.bits
-            row["seconds"] = acc.seconds
-            row["versions"] = vers
+            row = result_row({"tool": TOOL, "cache": f"{r.kind} K+V", "type_k": r.kind, "type_v": r.kind,
+                              "context": ctx, "chunk": a.chunk, "windows": len(windows), "flash_attn": True,
+                              "reference": r is ref}, r.acc, r.error, r.bits, vers)
             rows.append(row)
-            if "ppl" in row:
-                log(f"  {r.kind:8s} ppl {row['ppl']:.4f}  kl {row['kl_mean']:.5f}  "
-                    f"top1 {100 * row['top1_agree']:.2f}%  bits {r.bits:.2f}  {acc.seconds:.1f} s")
-            else:
-                log(f"  {r.kind:8s} error: {row.get('error')}")
+            log_row(f"{r.kind:8s}", row)
             if r.llm is not None:
                 r.llm.close()
                 r.llm = None
-        with open(a.out, "w") as f:
-            json.dump({"tool": TOOL, "model": path, "ids": os.path.abspath(a.ids), "chunk": a.chunk,
-                       "contexts": contexts, "versions": vers, "rows": rows}, f, indent=1)
+        write_output(a.out, TOOL, path, a.ids, a.chunk, contexts, vers, rows)
     log(f"wrote {a.out}")
 
 
