@@ -6,6 +6,8 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod gpu_bench;
 mod plot;
 mod run_cmd;
 mod size_cmd;
@@ -291,6 +293,24 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// GPU decode attention over KIVI's packed cache vs fp16 (needs `--features cuda`).
+    Attn {
+        /// Problems as name:batch:q_heads:kv_heads:head_dim:context.
+        #[arg(long, value_delimiter = ',', default_value = "llama3-8b:16:32:8:128:32768,llama3-8b:1:32:8:128:32768,llama3-8b:16:32:8:128:8192,smollm2:64:9:3:64:8192,smollm2:8:9:3:64:8192")]
+        shapes: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4")]
+        caches: Vec<String>,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// PyTorch SDPA timings on the same shapes (bench/peers/sdpa_attn.py's JSON).
+        #[arg(long)]
+        peer: Option<std::path::PathBuf>,
+        /// Also write every row as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Decode latency per token with and without a cache, on the small decoder.
     Decode {
         #[arg(long, value_delimiter = ',', default_value = "64,128,256,512,1024,2048")]
@@ -424,6 +444,16 @@ fn run() -> Result<()> {
         Command::Fetch { dir } => {
             let p = run_cmd::fetch(dir)?;
             println!("{}", p.display());
+        }
+        #[cfg(feature = "cuda")]
+        Command::Bench(BenchCmd::Attn { shapes, caches, iters, peer, json, out }) => {
+            let shapes = shapes.iter().map(|s| s.parse()).collect::<Result<Vec<gpu_bench::AttnShape>>>()?;
+            let body = gpu_bench::attn(&shapes, &caches, iters, peer.as_deref(), json.as_deref())?;
+            write_result(&out, "GPU decode attention over the packed KIVI cache", &body)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Command::Bench(BenchCmd::Attn { .. }) => {
+            anyhow::bail!("this kvq was built without the GPU: rebuild with `cargo build --release --features cuda` (bench/gpu.sh does)");
         }
         Command::Bench(BenchCmd::Decode { contexts, steps, caches, real, out }) => {
             let loaded;

@@ -36,6 +36,8 @@ pub enum KvqError {
     ModelFile { path: String, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T> = std::result::Result<T, KvqError>;

@@ -6,6 +6,8 @@
 //! - [`cache`]: caches with real packed storage behind one trait, [`cache::KvCache`].
 //! - `model` and `generate` (feature `model`): a Llama-family decoder on candle whose
 //!   attention calls the cache, and generation with and without a cache.
+//! - `cuda` (feature `cuda`): KIVI's packed cache on the GPU and the kernels that
+//!   quantize into it and attend over it (`kernels/kivi.cu`).
 
 pub mod analysis;
 pub mod cache;
@@ -28,6 +30,8 @@ pub mod tokenizer;
 pub mod model;
 #[cfg(feature = "model")]
 pub mod qmatmul;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cache::{Cache, CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
 pub use error::{KvqError, Result};

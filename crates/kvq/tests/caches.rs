@@ -392,3 +392,35 @@ fn cache_specs_name_a_preset_and_its_overrides() {
         assert!(e.contains(why), "{bad}: {e}");
     }
 }
+
+#[test]
+fn packed_stream_exposes_the_bytes_the_cache_counts() {
+    // The GPU kernels' check compares their bytes with this view, so it must be what
+    // the cache holds: codes and params for the quantized tokens, the rest in the tail.
+    let cfg = CacheConfig::kivi(2, 4, 8, 12);
+    let mut cache = build(&cfg);
+    let mut rng = SplitMix64::new(5);
+    fill(&mut cache, &mut rng, 45, 7);
+    let (mut codes, mut params, mut tail) = (0, 0, 0);
+    for s in 0..SHAPE.batch * SHAPE.kv_heads {
+        let (k, v) = cache.packed_stream(1, s).unwrap();
+        // Keys: blocks of 8 tokens once they leave the 12-token window; values at once.
+        assert_eq!((k.quantized, v.quantized), (32, 33));
+        assert_eq!(k.codes.len(), 32 * D * 2 / 8);
+        assert_eq!(k.params.len(), 32 / 8 * D);
+        assert_eq!(v.codes.len(), 33 * D * 4 / 8);
+        assert_eq!(v.params.len(), 33 * D / 8);
+        assert_eq!((k.tail.len(), v.tail.len()), ((45 - 32) * D, 12 * D));
+        codes += k.codes.len() + v.codes.len();
+        params += 4 * (k.params.len() + v.params.len());
+        tail += 2 * (k.tail.len() + v.tail.len());
+    }
+    let (kb, vb) = cache.key_value_bytes();
+    assert_eq!(codes * SHAPE.layers, kb.codes + vb.codes);
+    assert_eq!(params * SHAPE.layers, kb.params + vb.params);
+    assert_eq!(tail * SHAPE.layers, kb.full + vb.full);
+    assert!(matches!(cache.packed_stream(0, 99), Err(KvqError::InvalidParam(_))));
+    assert!(matches!(cache.packed_stream(2, 0), Err(KvqError::LayerOutOfRange { .. })));
+    let fp16 = build(&CacheConfig::preset("fp16").unwrap());
+    assert!(matches!(fp16.packed_stream(0, 0), Err(KvqError::Unsupported(_))));
+}

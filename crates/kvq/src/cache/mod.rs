@@ -21,6 +21,7 @@ use half::{bf16, f16};
 use kvquant::{check_calibration, NuqStore};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+pub use store::PackedView;
 use store::{ChannelGroupStore, PlainStore, Residual, TokenGroupStore, TokenStore};
 
 /// The shape of a cache: layers, sequences in the batch, KV heads, head dimension.
@@ -278,6 +279,17 @@ impl Cache {
             v.constants += self.shape.layers * codebook;
         }
         (k, v)
+    }
+
+    /// The packed keys and values of one stream (sequence `stream / kv_heads`, KV head
+    /// `stream % kv_heads`) of a uniform scheme (per-token, KIVI), as held.
+    pub fn packed_stream(&self, layer: usize, stream: usize) -> Result<(PackedView<'_>, PackedView<'_>)> {
+        self.check_layer(layer)?;
+        let st = self.layers[layer].streams.get(stream).ok_or_else(|| KvqError::InvalidParam(format!("stream {stream} is out of range")))?;
+        match (st.k.packed(), st.v.packed()) {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => Err(KvqError::Unsupported(format!("a {} cache holds no uniform packed codes", self.config.label()))),
+        }
     }
 
     /// The layer's keys as stored (before RoPE for a pre-RoPE cache) and values,

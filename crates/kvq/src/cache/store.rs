@@ -34,6 +34,21 @@ pub(crate) trait TokenStore: Send + Sync {
     fn bytes(&self) -> Bytes;
     fn box_clone(&self) -> Box<dyn TokenStore>;
     fn clear(&mut self);
+    /// The packed parts as held, for stores that have them (the GPU kernels' tests
+    /// compare their bytes with these).
+    fn packed(&self) -> Option<PackedView<'_>> {
+        None
+    }
+}
+
+/// A uniform store's memory as held: codes and f16 (min, scale) per group of the
+/// first `quantized` vectors, then the f16 tail.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedView<'a> {
+    pub quantized: usize,
+    pub codes: &'a [u8],
+    pub params: &'a [Affine],
+    pub tail: &'a [f16],
 }
 
 impl Clone for Box<dyn TokenStore> {
@@ -160,6 +175,10 @@ struct Packed {
 }
 
 impl Packed {
+    fn view(&self) -> PackedView<'_> {
+        PackedView { quantized: self.quantized, codes: &self.codes, params: &self.params, tail: &self.tail }
+    }
+
     fn bytes(&self) -> Bytes {
         Bytes { codes: self.codes.len(), params: self.params.len() * AFFINE_BYTES, full: self.tail.len() * 2, ..Bytes::default() }
     }
@@ -258,6 +277,9 @@ impl TokenStore for TokenGroupStore {
     fn clear(&mut self) {
         self.st.clear();
     }
+    fn packed(&self) -> Option<PackedView<'_>> {
+        Some(self.st.view())
+    }
 }
 
 /// Per-channel groups (KIVI keys): blocks of `group` tokens; within a block each
@@ -342,5 +364,8 @@ impl TokenStore for ChannelGroupStore {
     }
     fn clear(&mut self) {
         self.st.clear();
+    }
+    fn packed(&self) -> Option<PackedView<'_>> {
+        Some(self.st.view())
     }
 }

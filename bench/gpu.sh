@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU benchmark in two steps: build where you are, run on the GPU machine.
+#
+#   bash bench/gpu.sh build        # CUDA toolkit (if nvcc is missing) + cargo build --features cuda
+#                                  # → .gpu/kvq (stripped; carry it to the GPU machine)
+#   bash bench/gpu.sh run OUTDIR   # on the GPU: compute-sanitizer memcheck + racecheck on small
+#                                  # problems, PyTorch SDPA (the peer), then `kvq bench attn`
+#                                  # with its checks; everything lands in OUTDIR
+#
+# The results table goes to OUTDIR/gpu-attn.md; copy it to bench/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+build)
+  if ! command -v nvcc >/dev/null; then
+    TK=${KVQ_CUDA_TOOLKIT:-../shared/cuda/toolkit.sh}
+    [[ -f $TK ]] || { echo "gpu.sh: no nvcc; install a CUDA 13.0 toolkit or point KVQ_CUDA_TOOLKIT at a script that does" >&2; exit 1; }
+    # shellcheck disable=SC1090
+    source "$(bash "$TK")"
+  fi
+  CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda} cargo build --release --features cuda -p kvq-cli
+  mkdir -p .gpu
+  # Stripped and gzipped (about 16 MB): small enough to carry to a GPU machine.
+  strip -o .gpu/kvq "${CARGO_TARGET_DIR:-target/cuda}/release/kvq"
+  gzip -9f .gpu/kvq
+  ls -la .gpu/kvq.gz
+  ;;
+run)
+  OUT=${2:?usage: bench/gpu.sh run OUTDIR}
+  mkdir -p "$OUT"
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  KVQ=${KVQ_BIN:-}
+  if [[ -z $KVQ ]]; then KVQ=$(mktemp -d)/kvq; gunzip -c .gpu/kvq.gz >"$KVQ"; chmod +x "$KVQ"; fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  small=(--shapes tiny64:2:9:3:64:700,tiny128:2:8:2:128:333 --caches kivi-2,kivi-4,kivi-2:group=64,kivi-4:k-bits=2 --iters 1)
+  if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
+    for tool in memcheck racecheck; do
+      if compute-sanitizer --tool "$tool" --error-exitcode 9 "$KVQ" bench attn "${small[@]}" >"$OUT/sanitizer-$tool.txt" 2>&1; then
+        echo "compute-sanitizer $tool: clean ($(grep -c 'bytes equal' "$OUT/sanitizer-$tool.txt") checked rows)" | tee -a "$OUT/sanitizer.txt"
+      else
+        echo "compute-sanitizer $tool: FAILED (see sanitizer-$tool.txt)" | tee -a "$OUT/sanitizer.txt"
+        tail -30 "$OUT/sanitizer-$tool.txt"
+      fi
+    done
+  fi
+  python3 bench/peers/sdpa_attn.py --out "$OUT/sdpa.json" ${KVQ_SHAPES:+--shapes "$KVQ_SHAPES"}
+  "$KVQ" bench attn --peer "$OUT/sdpa.json" --json "$OUT/gpu-attn.json" --out "$OUT/gpu-attn.md" ${KVQ_SHAPES:+--shapes "$KVQ_SHAPES"}
+  ;;
+*)
+  sed -n '2,12p' "$0"
+  exit 2
+  ;;
+esac

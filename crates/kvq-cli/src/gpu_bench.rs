@@ -1,0 +1,240 @@
+//! `kvq bench attn` (feature `cuda`): decode attention over KIVI's packed cache on the
+//! GPU, side by side with fp16 attention through candle (and PyTorch SDPA, from the
+//! JSON that bench/peers/sdpa_attn.py writes in the same device call). Every row is
+//! checked against the CPU reference in the same run.
+
+use crate::table::Table;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use kvq::cache::{Cache, CacheConfig, CacheShape, FullPrecision, KvCache, Scheme};
+use kvq::cuda::{self, KiviGpuLayer};
+use serde::{Deserialize, Serialize};
+
+/// The issue's bound on the attention output vs the CPU reference.
+const MAX_REL_ERROR: f64 = 1e-3;
+/// fp16 K/V (and candle's f16 matmuls) against f32: a looser, sanity bound.
+const FP16_REL_ERROR: f64 = 2e-2;
+
+/// One attention problem: `batch` sequences of `context` tokens.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AttnShape {
+    pub name: String,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub context: usize,
+}
+
+impl std::str::FromStr for AttnShape {
+    type Err = anyhow::Error;
+    /// `name:batch:q_heads:kv_heads:head_dim:context`.
+    fn from_str(s: &str) -> Result<Self> {
+        let p: Vec<&str> = s.split(':').collect();
+        if p.len() != 6 {
+            bail!("a shape is name:batch:q_heads:kv_heads:head_dim:context, got '{s}'");
+        }
+        let n = |i: usize| p[i].parse::<usize>().with_context(|| format!("'{}' in shape '{s}' is not a number", p[i]));
+        let shape = AttnShape { name: p[0].into(), batch: n(1)?, q_heads: n(2)?, kv_heads: n(3)?, head_dim: n(4)?, context: n(5)? };
+        if shape.batch == 0 || shape.context == 0 || shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0 {
+            bail!("shape '{s}': batch and context must be positive and query heads a multiple of KV heads");
+        }
+        Ok(shape)
+    }
+}
+
+/// A peer's timing (PyTorch SDPA), as bench/peers/sdpa_attn.py writes it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct PeerRow {
+    pub shape: AttnShape,
+    pub ms: f64,
+    pub max_rel_error: f64,
+    pub bytes: usize,
+}
+
+#[derive(Serialize)]
+struct Row {
+    shape: AttnShape,
+    variant: String,
+    bytes_read: usize,
+    ms: f64,
+    gb_s: f64,
+    pct_copy: f64,
+    packed_bytes_equal: Option<bool>,
+    max_rel_error: f64,
+}
+
+/// fp16 attention through candle: scores = q·Kᵀ per KV head (its query heads as rows),
+/// softmax, ·V. K/V are read once per KV head, as in a GQA kernel.
+fn candle_fp16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let s = (q.matmul(&k.t()?)? * scale)?;
+    let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(DType::F16)?;
+    Ok(p.matmul(v)?)
+}
+
+/// max |x − y| / max |y|.
+fn rel_error(x: &[f32], y: &[f32]) -> f64 {
+    let (mut e, mut m) = (0f64, 0f64);
+    for (a, b) in x.iter().zip(y) {
+        e = e.max((a - b).abs() as f64);
+        m = m.max(b.abs() as f64);
+    }
+    if m > 0.0 {
+        e / m
+    } else {
+        e
+    }
+}
+
+pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Option<&std::path::Path>, json: Option<&std::path::Path>) -> Result<String> {
+    let dev = cuda::open(0)?;
+    let device = Device::Cuda(dev.clone());
+    let peers: Vec<PeerRow> = match peer {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("parsing {}", p.display()))?,
+        None => Vec::new(),
+    };
+    let copy = cuda::copy_bandwidth(&dev, 1 << 30)?;
+    let mut out = format!("- GPU: {}\n\nDevice-to-device copy: {copy:.0} GB/s (bytes read + written).\n\n", cuda::describe(&dev)?);
+    let mut t = Table::new(&["shape", "B", "ctx", "variant", "MB read", "µs", "GB/s", "% copy", "× candle fp16", "× SDPA", "check"]);
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for sh in shapes {
+        let AttnShape { batch: b, q_heads: hq, kv_heads: hkv, head_dim: d, context: n, .. } = *sh;
+        let s = b * hkv;
+        let rep = hq / hkv;
+        let (k, v) = cuda::random_kv(7, s, n, d);
+        let q: Vec<f32> = cuda::random_kv(11, b * hq, 1, d).1;
+        let kd = dev.clone_htod(&k)?;
+        let vd = dev.clone_htod(&v)?;
+        let qd = dev.clone_htod(&q)?;
+        let check_rows: Vec<usize> = if b > 1 { vec![0, b - 1] } else { vec![0] };
+
+        // fp16 through candle, checked against the CPU's f32 attention on the same rows.
+        let scale = 1.0 / (d as f64).sqrt();
+        let kt = Tensor::from_slice(&k, (b, hkv, n, d), &device)?.to_dtype(DType::F16)?;
+        let vt = Tensor::from_slice(&v, (b, hkv, n, d), &device)?.to_dtype(DType::F16)?;
+        let qt = Tensor::from_slice(&q, (b, hkv, rep, d), &device)?.to_dtype(DType::F16)?;
+        let fp16_ms = cuda::time_ms(&dev, 3, iters, || {
+            candle_fp16(&qt, &kt, &vt, scale).map(|_| ()).map_err(|e| kvq::KvqError::Gpu(e.to_string()))
+        })?;
+        let got = candle_fp16(&qt, &kt, &vt, scale)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let reference = cpu_attention(&CacheConfig::new(Scheme::Full(FullPrecision::F32)), &check_rows, hkv, d, n, &k, &v, &q, hq)?;
+        let fp16_err = rel_error(&pick_rows(&got, &check_rows, hq * d), &reference);
+        let fp16_bytes = 2 * s * n * d * 2;
+        let peer = peers.iter().find(|p| p.shape.batch == b && p.shape.q_heads == hq && p.shape.kv_heads == hkv && p.shape.head_dim == d && p.shape.context == n);
+        let mut push = |variant: &str, bytes: usize, ms: f64, equal: Option<bool>, err: f64, t: &mut Table| {
+            let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+            let check = match equal {
+                Some(e) => format!("bytes {} · err {err:.1e}", if e { "equal" } else { "DIFFER" }),
+                None => format!("err {err:.1e}"),
+            };
+            t.row(vec![
+                sh.name.clone(),
+                b.to_string(),
+                n.to_string(),
+                variant.into(),
+                format!("{:.1}", bytes as f64 / 1e6),
+                format!("{:.1}", ms * 1e3),
+                format!("{gbs:.0}"),
+                format!("{:.0}%", 100.0 * gbs / copy),
+                format!("{:.2}", fp16_ms / ms),
+                peer.map_or("–".into(), |p| format!("{:.2}", p.ms / ms)),
+                check,
+            ]);
+            rows.push(Row { shape: sh.clone(), variant: variant.into(), bytes_read: bytes, ms, gb_s: gbs, pct_copy: 100.0 * gbs / copy, packed_bytes_equal: equal, max_rel_error: err });
+        };
+        if let Some(p) = peer {
+            push("torch SDPA fp16", p.bytes, p.ms, None, p.max_rel_error, &mut t);
+        }
+        push("candle fp16", fp16_bytes, fp16_ms, None, fp16_err, &mut t);
+        if fp16_err > FP16_REL_ERROR {
+            failures.push(format!("{} candle fp16: error {fp16_err:.2e} vs the f32 reference", sh.name));
+        }
+        drop((kt, vt, qt));
+
+        for name in variants {
+            let config = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
+            let mut layer = KiviGpuLayer::new(&dev, &config, s, d, n)?;
+            layer.append(&kd, &vd, n, 0, n)?;
+            let mut od = dev.alloc_zeros::<f32>(b * hq * d)?;
+            let ms = cuda::time_ms(&dev, 3, iters, || layer.attend(&qd, hq, &mut od, 0))?;
+            let got = dev.clone_dtoh(&od)?;
+            let c = cuda::check_kivi(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got)?;
+            push(&format!("{name} attend"), layer.bytes_read(), ms, Some(c.packed_bytes_equal), c.max_rel_error, &mut t);
+            if let Some(m) = &c.mismatch {
+                failures.push(format!("{} {name}: {m}", sh.name));
+            }
+            if c.max_rel_error > MAX_REL_ERROR {
+                failures.push(format!("{} {name}: attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c.max_rel_error));
+            }
+
+            // Quantize + pack, bulk: every token of K and V in one launch each.
+            let tokens = n - n % config_group(&config);
+            if tokens > 0 {
+                let kf = cuda::to_f16(&dev, &kd, s, n, d)?;
+                let vf = cuda::to_f16(&dev, &vd, s, n, d)?;
+                let mut bulk = KiviGpuLayer::new(&dev, &config, s, d, n)?;
+                let mut moved = 0;
+                let ms = cuda::time_ms(&dev, 2, iters, || {
+                    moved = bulk.quantize_bulk(&kf, &vf, tokens)?;
+                    Ok(())
+                })?;
+                // The bulk codes must equal the cache's own for every token both quantized.
+                let (x, y) = (bulk.download_stream(s - 1)?, layer.download_stream(s - 1)?);
+                let (nk, nv) = (y.kcodes.len(), y.vcodes.len());
+                let equal = x.kcodes[..nk] == y.kcodes[..] && x.vcodes[..nv] == y.vcodes[..] && x.kparams[..y.kparams.len()] == y.kparams[..] && x.vparams[..y.vparams.len()] == y.vparams[..];
+                if !equal {
+                    failures.push(format!("{} {name}: bulk quantization differs from the cache's", sh.name));
+                }
+                push(&format!("{name} quantize+pack"), moved, ms, Some(equal), 0.0, &mut t);
+            }
+        }
+    }
+    out.push_str(&t.markdown());
+    out.push_str(
+        "\n`MB read`: bytes the kernel must read (packed codes, f16 params, the f16 residual window; \
+         for fp16, all of K and V). `% copy`: achieved bandwidth over the device-to-device copy's. \
+         `× candle fp16` / `× SDPA`: their time over this row's. `check`: packed bytes vs the CPU \
+         cache's, and max |GPU − CPU| / max |CPU| of the attention output on the first and last \
+         sequence (for fp16 rows: vs the CPU's f32 attention). Quantize+pack rows count f16 input \
+         read plus codes and params written.\n",
+    );
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if !failures.is_empty() {
+        print!("{out}");
+        bail!("correctness checks failed:\n  {}", failures.join("\n  "));
+    }
+    Ok(out)
+}
+
+fn config_group(c: &CacheConfig) -> usize {
+    match c.scheme {
+        Scheme::Kivi { group_size, .. } => group_size,
+        _ => 1,
+    }
+}
+
+fn pick_rows(x: &[f32], rows: &[usize], per: usize) -> Vec<f32> {
+    rows.iter().flat_map(|&r| x[r * per..(r + 1) * per].iter().copied()).collect()
+}
+
+/// The CPU cache's decode attention for sequences `rows` (all their heads).
+#[allow(clippy::too_many_arguments)]
+fn cpu_attention(config: &CacheConfig, rows: &[usize], hkv: usize, d: usize, n: usize, k: &[f32], v: &[f32], q: &[f32], hq: usize) -> Result<Vec<f32>> {
+    let shape = CacheShape { layers: 1, batch: rows.len(), kv_heads: hkv, head_dim: d };
+    let mut cache = Cache::new(config, shape, None, None)?;
+    let per = n * d;
+    let (mut kr, mut vr, mut qr) = (Vec::new(), Vec::new(), Vec::new());
+    for &b in rows {
+        kr.extend_from_slice(&k[b * hkv * per..(b + 1) * hkv * per]);
+        vr.extend_from_slice(&v[b * hkv * per..(b + 1) * hkv * per]);
+        qr.extend_from_slice(&q[b * hq * d..(b + 1) * hq * d]);
+    }
+    cache.append(0, &kr, &vr, n)?;
+    let mut out = vec![0f32; qr.len()];
+    cache.attend(0, &qr, hq, 1, &mut out)?;
+    Ok(out)
+}

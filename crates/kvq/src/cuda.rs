@@ -1,0 +1,612 @@
+//! The GPU path (feature `cuda`): KIVI's packed cache in device memory, filled and
+//! read by the kernels of `kernels/kivi.cu`.
+//!
+//! [`KiviGpuLayer`] holds one layer of a KIVI cache for `streams` = batch × KV heads,
+//! with the same bytes, stream by stream, as the CPU cache (`cache::Cache` with a
+//! KIVI config): keys per channel in blocks of `group` tokens, values per token in
+//! groups of `min(group, head_dim)` channels, f16 (min, scale) per group, the newest
+//! tokens in f16 rings. Appending quantizes on the GPU; [`KiviGpuLayer::attend`] runs
+//! decode attention straight from the packed codes, never expanding K/V to f16.
+//! [`check_kivi`] compares both against the CPU reference.
+
+use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, Scheme};
+use crate::error::{KvqError, Result};
+use crate::quant::packed_len;
+use crate::rng::SplitMix64;
+use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::CudaDevice;
+use half::f16;
+use std::sync::{Arc, Mutex};
+
+/// kernels/kivi.cu, compiled by build.rs (machine code for sm_90 and PTX).
+const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kivi.fatbin"));
+/// Warps per attention block (`WARPS` in kivi.cu).
+const WARPS: u32 = 4;
+/// Tokens per attention tile (a warp's 32 lanes).
+const TILE: usize = 32;
+
+fn gpu<E: std::fmt::Display>(e: E) -> KvqError {
+    KvqError::Gpu(e.to_string())
+}
+
+/// The CUDA device behind a candle device, or a typed error on any other device.
+pub fn cuda_device(device: &candle_core::Device) -> Result<CudaDevice> {
+    match device {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        other => Err(KvqError::Unsupported(format!("the GPU cache needs a CUDA device, got {other:?}"))),
+    }
+}
+
+/// Opens GPU `ordinal` through candle.
+pub fn open(ordinal: usize) -> Result<CudaDevice> {
+    let d = candle_core::Device::new_cuda(ordinal).map_err(gpu)?;
+    cuda_device(&d)
+}
+
+/// The GPU's name and memory, for results files.
+pub fn describe(dev: &CudaDevice) -> Result<String> {
+    let ctx = dev.cuda_stream().context().clone();
+    let name = ctx.name().map_err(gpu)?;
+    let mem = ctx.total_mem().map_err(gpu)?;
+    let (ma, mi) = ctx.compute_capability().map_err(gpu)?;
+    Ok(format!("{name}, {:.0} GiB, sm_{ma}{mi}", mem as f64 / (1u64 << 30) as f64))
+}
+
+/// kvq's kernel module on `dev`'s context, loaded once per context.
+fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
+    static MODULES: Mutex<Vec<(usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
+    let ctx = dev.cuda_stream().context().clone();
+    let key = Arc::as_ptr(&ctx) as usize;
+    let mut mods = MODULES.lock().map_err(|_| KvqError::Gpu("module cache poisoned".into()))?;
+    if let Some((_, m)) = mods.iter().find(|(k, _)| *k == key) {
+        return Ok(m.clone());
+    }
+    let m = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(gpu)?;
+    mods.push((key, m.clone()));
+    Ok(m)
+}
+
+/// Launches kernel `name` of kvq's module with `args`.
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = module(&$dev)?.load_function($name).map_err(gpu)?;
+        let stream = $dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        $( b.arg($arg); )*
+        // SAFETY: the arguments match the kernel's signature in kivi.cu, and every
+        // index the kernel computes stays inside the buffers sized in `new`.
+        unsafe { b.launch($cfg) }.map_err(gpu)?;
+    }};
+}
+
+fn grid_1d(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The kernel's argument block (`AttnArgs` in kivi.cu; same field order and types).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    q: u64,
+    part_acc: u64,
+    part_ml: u64,
+    kcodes: u64,
+    kparams: u64,
+    ktail: u64,
+    vcodes: u64,
+    vparams: u64,
+    vtail: u64,
+    cap: i64,
+    kring: i32,
+    vring: i32,
+    g: i32,
+    gv: i32,
+    hq: i32,
+    hkv: i32,
+    rep: i32,
+    n: i64,
+    nqk: i64,
+    nqv: i64,
+    tiles_per_split: i32,
+    splits: i32,
+    scale_log2: f32,
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for AttnArgs {}
+
+/// One layer of a KIVI cache on the GPU.
+pub struct KiviGpuLayer {
+    dev: CudaDevice,
+    k_bits: u8,
+    v_bits: u8,
+    group: usize,
+    value_group: usize,
+    residual: usize,
+    streams: usize,
+    head_dim: usize,
+    capacity: usize,
+    kring: usize,
+    vring: usize,
+    kcodes: CudaSlice<u8>,
+    kparams: CudaSlice<u32>,
+    ktail: CudaSlice<f16>,
+    vcodes: CudaSlice<u8>,
+    vparams: CudaSlice<u32>,
+    vtail: CudaSlice<f16>,
+    len: usize,
+    nqk: usize,
+    nqv: usize,
+    part_acc: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    /// SMs of the GPU: how many blocks the attention should spread over.
+    sms: usize,
+}
+
+/// What the GPU kernels accept: 2- or 4-bit codes, key groups of a multiple of 32
+/// tokens, head dim 64 or 128.
+pub fn check_supported(config: &CacheConfig, head_dim: usize) -> Result<(u8, u8, usize, usize)> {
+    config.validate(head_dim)?;
+    let Scheme::Kivi { k_bits, v_bits, group_size, residual_length } = config.scheme else {
+        return Err(KvqError::Unsupported(format!("the GPU kernels run KIVI caches, not {}", config.label())));
+    };
+    if ![2, 4].contains(&k_bits) || ![2, 4].contains(&v_bits) {
+        return Err(KvqError::Unsupported(format!("the GPU kernels take 2- or 4-bit codes, not {k_bits}/{v_bits}")));
+    }
+    if group_size % TILE != 0 {
+        return Err(KvqError::Unsupported(format!("the GPU kernels need a key group that is a multiple of {TILE} tokens, not {group_size}")));
+    }
+    if head_dim != 64 && head_dim != 128 {
+        return Err(KvqError::Unsupported(format!("the GPU kernels are built for head dim 64 and 128, not {head_dim}")));
+    }
+    if config.sink_tokens != 0 || config.pre_rope {
+        return Err(KvqError::Unsupported("the GPU KIVI cache has no sink and stores keys after RoPE".into()));
+    }
+    Ok((k_bits, v_bits, group_size, residual_length))
+}
+
+impl KiviGpuLayer {
+    /// A layer for `streams` = batch × KV heads streams of up to `capacity` tokens.
+    pub fn new(dev: &CudaDevice, config: &CacheConfig, streams: usize, head_dim: usize, capacity: usize) -> Result<Self> {
+        let (k_bits, v_bits, group, residual) = check_supported(config, head_dim)?;
+        if streams == 0 || capacity == 0 {
+            return Err(KvqError::InvalidParam("a GPU cache needs at least one stream and one token of capacity".into()));
+        }
+        let d = head_dim;
+        let value_group = group.min(d);
+        let capacity = capacity.next_multiple_of(group);
+        let (kring, vring) = (residual + 2 * group, residual + group);
+        let s = streams;
+        let kcodes = dev.alloc_zeros::<u8>(s * capacity * packed_len(d, k_bits)).map_err(gpu)?;
+        let kparams = dev.alloc_zeros::<u32>(s * capacity / group * d).map_err(gpu)?;
+        let ktail = dev.alloc_zeros::<f16>(s * kring * d).map_err(gpu)?;
+        let vcodes = dev.alloc_zeros::<u8>(s * capacity * packed_len(d, v_bits)).map_err(gpu)?;
+        let vparams = dev.alloc_zeros::<u32>(s * capacity * (d / value_group)).map_err(gpu)?;
+        let vtail = dev.alloc_zeros::<f16>(s * vring * d).map_err(gpu)?;
+        let part_acc = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
+        let part_ml = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(gpu)? as usize;
+        Ok(KiviGpuLayer {
+            dev: dev.clone(),
+            k_bits,
+            v_bits,
+            group,
+            value_group,
+            residual,
+            streams,
+            head_dim,
+            capacity,
+            kring,
+            vring,
+            kcodes,
+            kparams,
+            ktail,
+            vcodes,
+            vparams,
+            vtail,
+            len: 0,
+            nqk: 0,
+            nqv: 0,
+            part_acc,
+            part_ml,
+            sms,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens whose keys / values are held quantized.
+    pub fn quantized(&self) -> (usize, usize) {
+        (self.nqk, self.nqv)
+    }
+
+    /// Device bytes this layer reserves (codes and params for `capacity` tokens, rings).
+    pub fn allocated_bytes(&self) -> usize {
+        let d = self.head_dim;
+        let per_stream = self.capacity * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits))
+            + self.capacity / self.group * d * 4
+            + self.capacity * (d / self.value_group) * 4
+            + (self.kring + self.vring) * d * 2;
+        self.streams * per_stream
+    }
+
+    /// Bytes the decode attention must read at the current length: packed codes and
+    /// params of the quantized tokens, f16 rows of the rest.
+    pub fn bytes_read(&self) -> usize {
+        let d = self.head_dim;
+        let k = self.nqk * packed_len(d, self.k_bits) + self.nqk / self.group * d * 4 + (self.len - self.nqk) * d * 2;
+        let v = self.nqv * (packed_len(d, self.v_bits) + d / self.value_group * 4) + (self.len - self.nqv) * d * 2;
+        self.streams * (k + v)
+    }
+
+    /// Appends `tokens` tokens of every stream: keys from `k`, values from `v` (f32,
+    /// `[stream][src_tokens][D]`, from token `src_t0` of each stream), quantizing what
+    /// leaves the window.
+    pub fn append(&mut self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, src_tokens: usize, src_t0: usize, tokens: usize) -> Result<()> {
+        let (s, d) = (self.streams, self.head_dim);
+        let need = s * src_tokens * d;
+        if tokens == 0 || src_t0 + tokens > src_tokens || k.len() < need || v.len() < need {
+            return Err(KvqError::Shape(format!(
+                "append of tokens {src_t0}..{} of {src_tokens} per stream needs {need} floats each for K and V, got {} and {}",
+                src_t0 + tokens,
+                k.len(),
+                v.len()
+            )));
+        }
+        if self.len + tokens > self.capacity {
+            return Err(KvqError::ContextOverflow { len: self.len + tokens, max: self.capacity });
+        }
+        let dev = self.dev.clone();
+        let mut done = 0;
+        while done < tokens {
+            // At most one key group at a time: the rings hold residual + 2·group keys.
+            let c = (tokens - done).min(self.group);
+            let n = s * c * d;
+            let (stride, t0, ci, di, si) = ((src_tokens * d) as i64, (src_t0 + done) as i32, c as i32, d as i32, s as i32);
+            let (kr, vr, pos) = (self.kring as i32, self.vring as i32, self.len as i64);
+            launch!(dev, "append_ring_f32", grid_1d(n), k, &stride, &t0, &ci, &di, &si, &mut self.ktail, &kr, &pos);
+            launch!(dev, "append_ring_f32", grid_1d(n), v, &stride, &t0, &ci, &di, &si, &mut self.vtail, &vr, &pos);
+            self.len += c;
+            done += c;
+            self.quantize_due()?;
+        }
+        Ok(())
+    }
+
+    // The CPU stores' rules (store.rs): a key block once all its tokens are older than
+    // the window; a value as soon as it is.
+    fn quantize_due(&mut self) -> Result<()> {
+        let (s, d, g) = (self.streams, self.head_dim, self.group);
+        let dev = self.dev.clone();
+        let mut nqk = self.nqk;
+        while self.len - nqk >= self.residual + g {
+            nqk += g;
+        }
+        if nqk > self.nqk {
+            let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
+            let n = s * (nqk - self.nqk) / g * d;
+            let name = format!("quant_channel_blocks_b{}", self.k_bits);
+            let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
+            launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+            self.nqk = nqk;
+        }
+        let nqv = self.len.saturating_sub(self.residual);
+        if nqv > self.nqv {
+            let (t0, t1) = (self.nqv as i64, nqv as i64);
+            let n = s * (nqv - self.nqv) * (d / self.value_group);
+            let name = format!("quant_token_groups_b{}", self.v_bits);
+            let (vr, di, gv, si, cap) = (self.vring as i32, d as i32, self.value_group as i32, s as i32, self.capacity as i64);
+            launch!(dev, &name, grid_1d(n), &self.vtail, &vr, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
+            self.nqv = nqv;
+        }
+        Ok(())
+    }
+
+    /// Decode attention: one query token per sequence, `q` `[batch][q_heads][D]` (f32),
+    /// over every token held; writes `out` (same shape). `splits` = 0 picks a split count.
+    pub fn attend(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize) -> Result<()> {
+        let (s, d) = (self.streams, self.head_dim);
+        if self.len == 0 {
+            return Err(KvqError::Shape("attention over an empty cache".into()));
+        }
+        let batch = q.len() / (q_heads.max(1) * d);
+        if q_heads == 0 || q.len() != batch * q_heads * d || out.len() != q.len() || batch == 0 || s % batch != 0 {
+            return Err(KvqError::Shape(format!("queries of {} floats do not fit {q_heads} heads × {d} over {s} streams", q.len())));
+        }
+        let kv_heads = s / batch;
+        if q_heads % kv_heads != 0 {
+            return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
+        }
+        let rep = q_heads / kv_heads;
+        let rep_chunk = rep.min(4);
+        let chunks = rep.div_ceil(rep_chunk);
+        let ntiles = self.len.div_ceil(TILE);
+        // Enough blocks to fill the GPU about four times over, at least a tile per warp.
+        let splits = if splits > 0 { splits } else { (4 * self.sms).div_ceil(s * chunks).clamp(1, ntiles.div_ceil(WARPS as usize)) };
+        let splits = splits.min(ntiles);
+        let tiles_per_split = ntiles.div_ceil(splits);
+        let splits = ntiles.div_ceil(tiles_per_split);
+        let need_acc = s * splits * rep * d;
+        if self.part_acc.len() < need_acc {
+            self.part_acc = self.dev.alloc_zeros::<f32>(need_acc).map_err(gpu)?;
+            self.part_ml = self.dev.alloc_zeros::<f32>(s * splits * rep * 2).map_err(gpu)?;
+        }
+        let stream = self.dev.cuda_stream();
+        let args = {
+            let (q_p, _g1) = q.device_ptr(&stream);
+            let (acc_p, _g2) = self.part_acc.device_ptr(&stream);
+            let (ml_p, _g3) = self.part_ml.device_ptr(&stream);
+            let (kc, _g4) = self.kcodes.device_ptr(&stream);
+            let (kp, _g5) = self.kparams.device_ptr(&stream);
+            let (kt, _g6) = self.ktail.device_ptr(&stream);
+            let (vc, _g7) = self.vcodes.device_ptr(&stream);
+            let (vp, _g8) = self.vparams.device_ptr(&stream);
+            let (vt, _g9) = self.vtail.device_ptr(&stream);
+            AttnArgs {
+                q: q_p,
+                part_acc: acc_p,
+                part_ml: ml_p,
+                kcodes: kc,
+                kparams: kp,
+                ktail: kt,
+                vcodes: vc,
+                vparams: vp,
+                vtail: vt,
+                cap: self.capacity as i64,
+                kring: self.kring as i32,
+                vring: self.vring as i32,
+                g: self.group as i32,
+                gv: self.value_group as i32,
+                hq: q_heads as i32,
+                hkv: kv_heads as i32,
+                rep: rep as i32,
+                n: self.len as i64,
+                nqk: self.nqk as i64,
+                nqv: self.nqv as i64,
+                tiles_per_split: tiles_per_split as i32,
+                splits: splits as i32,
+                scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+            }
+        };
+        let name = format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits);
+        let cfg = LaunchConfig { grid_dim: (s as u32, splits as u32, chunks as u32), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        launch!(self.dev, &name, cfg, &args);
+        let cfg = LaunchConfig { grid_dim: ((s * rep) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        let (sp, ri, hk, di) = (splits as i32, rep as i32, kv_heads as i32, d as i32);
+        launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
+        Ok(())
+    }
+
+    /// Copies one stream's quantized codes and params back (for the byte-for-byte check).
+    pub fn download_stream(&self, stream: usize) -> Result<StreamBytes> {
+        let d = self.head_dim;
+        if stream >= self.streams {
+            return Err(KvqError::InvalidParam(format!("stream {stream} of {}", self.streams)));
+        }
+        let st = self.dev.cuda_stream();
+        let kb = packed_len(d, self.k_bits);
+        let vb = packed_len(d, self.v_bits);
+        let kc0 = stream * self.capacity * kb;
+        let kp0 = stream * self.capacity / self.group * d;
+        let vc0 = stream * self.capacity * vb;
+        let vgpt = d / self.value_group;
+        let vp0 = stream * self.capacity * vgpt;
+        let kcodes = st.clone_dtoh(&self.kcodes.slice(kc0..kc0 + self.nqk * kb)).map_err(gpu)?;
+        let kparams = st.clone_dtoh(&self.kparams.slice(kp0..kp0 + self.nqk / self.group * d)).map_err(gpu)?;
+        let vcodes = st.clone_dtoh(&self.vcodes.slice(vc0..vc0 + self.nqv * vb)).map_err(gpu)?;
+        let vparams = st.clone_dtoh(&self.vparams.slice(vp0..vp0 + self.nqv * vgpt)).map_err(gpu)?;
+        Ok(StreamBytes { kcodes, kparams, vcodes, vparams })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.cuda_stream().synchronize().map_err(gpu)
+    }
+}
+
+/// One stream's quantized bytes as copied back from the GPU; params as u32 words
+/// (low half: f16 min, high half: f16 scale).
+pub struct StreamBytes {
+    pub kcodes: Vec<u8>,
+    pub kparams: Vec<u32>,
+    pub vcodes: Vec<u8>,
+    pub vparams: Vec<u32>,
+}
+
+/// The first index where two slices differ (a length difference counts).
+pub fn first_difference<T: PartialEq>(x: &[T], y: &[T]) -> Option<usize> {
+    x.iter().zip(y).position(|(a, b)| a != b).or(if x.len() != y.len() { Some(x.len().min(y.len())) } else { None })
+}
+
+fn param_words(params: &[crate::quant::Affine]) -> Vec<u32> {
+    params.iter().map(|a| a.min.to_bits() as u32 | (a.scale.to_bits() as u32) << 16).collect()
+}
+
+/// What a correctness check found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Check {
+    /// Streams compared with the CPU reference.
+    pub streams_checked: usize,
+    pub packed_bytes_equal: bool,
+    /// The first difference found, if any (which buffer, stream and index).
+    pub mismatch: Option<String>,
+    /// max |gpu − cpu| / max |cpu| over the attention outputs compared.
+    pub max_rel_error: f64,
+}
+
+/// Random K/V `[stream][tokens][D]` with a few large key channels (like real keys),
+/// deterministic: stream `s` draws from seed `seed + s`, in parallel.
+pub fn random_kv(seed: u64, streams: usize, tokens: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let per = tokens * d;
+    let mut k = vec![0f32; streams * per];
+    let mut v = vec![0f32; streams * per];
+    k.par_chunks_mut(per).zip(v.par_chunks_mut(per)).enumerate().for_each(|(s, (ks, vs))| {
+        let mut rng = SplitMix64::new(seed.wrapping_add(s as u64));
+        for (i, x) in ks.iter_mut().enumerate() {
+            *x = rng.normal() * if i % d < 4 { 8.0 } else { 1.0 } + 0.5;
+        }
+        for x in vs.iter_mut() {
+            *x = rng.normal();
+        }
+    });
+    (k, v)
+}
+
+/// Mean milliseconds of `f` over `iters` runs after `warmup`: the runs are queued back
+/// to back and the clock stops when the GPU has finished them all. (Host clock: the
+/// link-only libcuda of GPU-less build machines lacks cuEventElapsedTime_v2.)
+pub fn time_ms(dev: &CudaDevice, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let stream = dev.cuda_stream();
+    for _ in 0..warmup {
+        f()?;
+    }
+    stream.synchronize().map_err(gpu)?;
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    stream.synchronize().map_err(gpu)?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+}
+
+/// Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written
+/// (the yardstick the kernels' bandwidth is compared with).
+pub fn copy_bandwidth(dev: &CudaDevice, bytes: usize) -> Result<f64> {
+    let src = dev.alloc_zeros::<u8>(bytes).map_err(gpu)?;
+    let mut dst = dev.alloc_zeros::<u8>(bytes).map_err(gpu)?;
+    let stream = dev.cuda_stream();
+    let ms = time_ms(dev, 2, 10, || stream.memcpy_dtod(&src, &mut dst).map_err(gpu))?;
+    Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// Converts f32 `[n]` on the device to f16 (the append kernel with one ring as long as
+/// the data: a plain conversion).
+pub fn to_f16(dev: &CudaDevice, src: &CudaSlice<f32>, streams: usize, tokens: usize, d: usize) -> Result<CudaSlice<f16>> {
+    let mut dst = dev.alloc_zeros::<f16>(streams * tokens * d).map_err(gpu)?;
+    let (stride, t0, ti, di, si, ring, pos) = ((tokens * d) as i64, 0i32, tokens as i32, d as i32, streams as i32, tokens as i32, 0i64);
+    launch!(dev, "append_ring_f32", grid_1d(streams * tokens * d), src, &stride, &t0, &ti, &di, &si, &mut dst, &ring, &pos);
+    Ok(dst)
+}
+
+impl KiviGpuLayer {
+    /// Quantizes every token of `keys`/`values` (f16, `[stream][tokens][D]`) into this
+    /// layer's code buffers in one launch each: the bulk throughput of the quantize+pack
+    /// kernels (a benchmark; the cache's own path is [`KiviGpuLayer::append`]).
+    /// Returns the bytes read and written.
+    pub fn quantize_bulk(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, tokens: usize) -> Result<usize> {
+        let (s, d, g) = (self.streams, self.head_dim, self.group);
+        if tokens > self.capacity || tokens % g != 0 || keys.len() < s * tokens * d || values.len() < s * tokens * d {
+            return Err(KvqError::Shape(format!("bulk quantization of {tokens} tokens (a multiple of {g}, at most {})", self.capacity)));
+        }
+        let dev = self.dev.clone();
+        let (ring, di, gi, si, cap) = (tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
+        let (b0, b1) = (0i64, (tokens / g) as i64);
+        let name = format!("quant_channel_blocks_b{}", self.k_bits);
+        launch!(dev, &name, grid_1d(s * tokens / g * d), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+        let (t0, t1, gv) = (0i64, tokens as i64, self.value_group as i32);
+        let name = format!("quant_token_groups_b{}", self.v_bits);
+        launch!(dev, &name, grid_1d(s * tokens * (d / self.value_group)), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
+        // Every token is now held quantized (no window): what download_stream reads.
+        (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
+        let read = 2 * s * tokens * d * 2;
+        let written = s * tokens * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits)) + s * tokens / g * d * 4 + s * tokens * (d / self.value_group) * 4;
+        Ok(read + written)
+    }
+}
+
+/// Checks a filled GPU layer against the CPU cache fed the same K/V for the sequences
+/// in `rows`: packed bytes equal stream by stream, and decode attention within tolerance.
+/// `k`/`v` are `[stream][tokens][D]` host copies of what was appended; `q` the queries
+/// (`[batch][q_heads][D]`) and `gpu_out` the GPU's attention output.
+#[allow(clippy::too_many_arguments)]
+pub fn check_kivi(
+    layer: &KiviGpuLayer,
+    config: &CacheConfig,
+    rows: &[usize],
+    kv_heads: usize,
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+    q_heads: usize,
+    gpu_out: &[f32],
+) -> Result<Check> {
+    let d = layer.head_dim;
+    let n = layer.len;
+    // The CPU reference reads every token from the store, like the kernel.
+    let cpu_config = CacheConfig { past_only: false, ..config.clone() };
+    let shape = CacheShape { layers: 1, batch: rows.len(), kv_heads, head_dim: d };
+    let mut cpu = Cache::new(&cpu_config, shape, None, None)?;
+    let per = n * d;
+    let mut kr = Vec::with_capacity(rows.len() * kv_heads * per);
+    let mut vr = Vec::with_capacity(rows.len() * kv_heads * per);
+    let mut qr = Vec::new();
+    for &b in rows {
+        for h in 0..kv_heads {
+            let s = b * kv_heads + h;
+            kr.extend_from_slice(&k[s * per..(s + 1) * per]);
+            vr.extend_from_slice(&v[s * per..(s + 1) * per]);
+        }
+        qr.extend_from_slice(&q[b * q_heads * d..(b + 1) * q_heads * d]);
+    }
+    // Append in the GPU's chunks, so the reference sees the same sequence of pushes
+    // (the result does not depend on chunking; this keeps the comparison literal).
+    let group = layer.group;
+    let mut t = 0;
+    while t < n {
+        let c = (n - t).min(group);
+        let mut kc = Vec::with_capacity(rows.len() * kv_heads * c * d);
+        let mut vc = Vec::with_capacity(kc.capacity());
+        for s in 0..rows.len() * kv_heads {
+            kc.extend_from_slice(&kr[s * per + t * d..s * per + (t + c) * d]);
+            vc.extend_from_slice(&vr[s * per + t * d..s * per + (t + c) * d]);
+        }
+        cpu.append(0, &kc, &vc, c)?;
+        t += c;
+    }
+    let mut mismatch = None;
+    for (i, &b) in rows.iter().enumerate() {
+        for h in 0..kv_heads {
+            let s = b * kv_heads + h;
+            let g = layer.download_stream(s)?;
+            let (ck, cv) = cpu.packed_stream(0, i * kv_heads + h)?;
+            if (ck.quantized, cv.quantized) != (layer.nqk, layer.nqv) {
+                mismatch.get_or_insert(format!("quantized lengths: GPU {}/{}, CPU {}/{}", layer.nqk, layer.nqv, ck.quantized, cv.quantized));
+            }
+            let kp = param_words(ck.params);
+            let vp = param_words(cv.params);
+            for (what, x, y) in [("key codes", &g.kcodes[..], ck.codes), ("value codes", &g.vcodes[..], cv.codes)] {
+                if let Some(j) = first_difference(x, y) {
+                    mismatch.get_or_insert(format!("{what} of stream {s} differ at byte {j} (of {} / {})", x.len(), y.len()));
+                }
+            }
+            for (what, x, y) in [("key params", &g.kparams, &kp), ("value params", &g.vparams, &vp)] {
+                if let Some(j) = first_difference(x, y) {
+                    mismatch.get_or_insert(format!("{what} of stream {s} differ at group {j}: GPU {:08x}, CPU {:08x}", x.get(j).copied().unwrap_or(0), y.get(j).copied().unwrap_or(0)));
+                }
+            }
+        }
+    }
+    let mut out = vec![0f32; qr.len()];
+    cpu.attend(0, &qr, q_heads, 1, &mut out)?;
+    let mut max_abs = 0f64;
+    let mut max_err = 0f64;
+    for (i, &b) in rows.iter().enumerate() {
+        let g = &gpu_out[b * q_heads * d..(b + 1) * q_heads * d];
+        let c = &out[i * q_heads * d..(i + 1) * q_heads * d];
+        for (x, y) in g.iter().zip(c) {
+            max_abs = max_abs.max(y.abs() as f64);
+            max_err = max_err.max((x - y).abs() as f64);
+        }
+    }
+    Ok(Check { streams_checked: rows.len() * kv_heads, packed_bytes_equal: mismatch.is_none(), mismatch, max_rel_error: if max_abs > 0.0 { max_err / max_abs } else { max_err } })
+}
