@@ -145,14 +145,117 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
     params[at] = a;
 }
 
+// Fast paths for the common groups: the group's f16 values are loaded once, 16 bytes at
+// a time, kept in registers, and the codes are stored as whole words. Same arithmetic.
+template <int BITS, int GROUP>
+__device__ void quant_token_groups_fast(const __half* __restrict__ ring, int ring_len, int D, long t0, long t1,
+                                        int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
+                                        long cap) {
+    const int gpt = D / GROUP;
+    const long n = t1 - t0;
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)streams * n * gpt) return;
+    int g = (int)(i % gpt);
+    long r = i / gpt;
+    long t = t0 + r % n;
+    int s = (int)(r / n);
+    const uint4* src = (const uint4*)(ring + ((long)s * ring_len + t % ring_len) * D + g * GROUP);
+    float x[GROUP];
+#pragma unroll
+    for (int k = 0; k < GROUP / 8; k++) {
+        const uint4 u = src[k];
+        const __half2* h = (const __half2*)&u;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float2 f = __half22float2(h[e]);
+            x[8 * k + 2 * e] = f.x;
+            x[8 * k + 2 * e + 1] = f.y;
+        }
+    }
+    float lo = x[0], hi = x[0];
+#pragma unroll
+    for (int j = 1; j < GROUP; j++) {
+        lo = fminf(lo, x[j]);
+        hi = fmaxf(hi, x[j]);
+    }
+    const float qmax = (float)((1 << BITS) - 1);
+    const __half2 a = fit_affine(lo, hi, qmax);
+    const float mn = __low2float(a), inv = inv_scale(__high2float(a));
+    constexpr int WORDS = GROUP * BITS / 32, PER_WORD = 32 / BITS;
+    uint32_t w[WORDS];
+#pragma unroll
+    for (int k = 0; k < WORDS; k++) {
+        uint32_t b = 0;
+#pragma unroll
+        for (int e = 0; e < PER_WORD; e++) b |= quant_code(x[k * PER_WORD + e], mn, inv, qmax) << (BITS * e);
+        w[k] = b;
+    }
+    uint32_t* out = (uint32_t*)(codes + ((long)s * cap + t) * (D * BITS / 8) + g * GROUP * BITS / 8);
+#pragma unroll
+    for (int k = 0; k < WORDS; k++) out[k] = w[k];
+    params[((long)s * cap + t) * gpt + g] = a;
+}
+
+// KIVI keys with blocks of 32 tokens: a thread takes two adjacent channels (one half2
+// per token: a warp reads 128 contiguous bytes of each token row).
+template <int BITS>
+__device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int ring_len, int D, long b0, long b1,
+                                        int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
+                                        long cap) {
+    constexpr int G = 32;
+    const int pairs = D / 2;
+    const long nb = b1 - b0;
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)streams * nb * pairs) return;
+    const int c = 2 * (int)(i % pairs);
+    long r = i / pairs;
+    const long blk = b0 + r % nb;
+    const int s = (int)(r / nb);
+    const __half* base = ring + (long)s * ring_len * D + c;
+    float x0[G], x1[G];
+#pragma unroll
+    for (int j = 0; j < G; j++) {
+        const float2 f = __half22float2(*(const __half2*)(base + ((blk * G + j) % ring_len) * D));
+        x0[j] = f.x;
+        x1[j] = f.y;
+    }
+    const float qmax = (float)((1 << BITS) - 1);
+    const long at = ((long)s * (cap / G) + blk) * D + c;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const float* x = h == 0 ? x0 : x1;
+        float lo = x[0], hi = x[0];
+#pragma unroll
+        for (int j = 1; j < G; j++) {
+            lo = fminf(lo, x[j]);
+            hi = fmaxf(hi, x[j]);
+        }
+        const __half2 a = fit_affine(lo, hi, qmax);
+        const float mn = __low2float(a), inv = inv_scale(__high2float(a));
+        constexpr int WORDS = G * BITS / 32, PER_WORD = 32 / BITS;
+        uint32_t* out = (uint32_t*)(codes + (at + h) * (G * BITS / 8));
+#pragma unroll
+        for (int k = 0; k < WORDS; k++) {
+            uint32_t b = 0;
+#pragma unroll
+            for (int e = 0; e < PER_WORD; e++) b |= quant_code(x[k * PER_WORD + e], mn, inv, qmax) << (BITS * e);
+            out[k] = b;
+        }
+        params[at + h] = a;
+    }
+}
+
 #define QUANT_ENTRY(BITS)                                                                               \
     extern "C" __global__ void quant_token_groups_b##BITS(const __half* ring, int ring_len, int D,      \
         int group, long t0, long t1, int streams, uint8_t* codes, __half2* params, long cap) {          \
-        quant_token_groups<BITS>(ring, ring_len, D, group, t0, t1, streams, codes, params, cap);        \
+        if (group == 32) quant_token_groups_fast<BITS, 32>(ring, ring_len, D, t0, t1, streams, codes, params, cap); \
+        else if (group == 64) quant_token_groups_fast<BITS, 64>(ring, ring_len, D, t0, t1, streams, codes, params, cap); \
+        else quant_token_groups<BITS>(ring, ring_len, D, group, t0, t1, streams, codes, params, cap);   \
     }                                                                                                   \
     extern "C" __global__ void quant_channel_blocks_b##BITS(const __half* ring, int ring_len, int D,    \
         int G, long b0, long b1, int streams, uint8_t* codes, __half2* params, long cap) {              \
-        quant_channel_blocks<BITS>(ring, ring_len, D, G, b0, b1, streams, codes, params, cap);          \
+        if (G == 32) quant_channel_blocks_32<BITS>(ring, ring_len, D, b0, b1, streams, codes, params, cap); \
+        else quant_channel_blocks<BITS>(ring, ring_len, D, G, b0, b1, streams, codes, params, cap);     \
     }
 QUANT_ENTRY(2)
 QUANT_ENTRY(4)

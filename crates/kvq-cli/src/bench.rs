@@ -24,6 +24,8 @@ pub fn provenance() -> String {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        // A copy without .git (the GPU machine) is told its commit.
+        .or_else(|| std::env::var("KVQ_COMMIT").ok())
         .unwrap_or_else(|| "unknown".into());
     let args: Vec<String> = std::env::args().collect();
     format!(

@@ -294,7 +294,7 @@ impl KiviGpuLayer {
         }
         if nqk > self.nqk {
             let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
-            let n = s * (nqk - self.nqk) / g * d;
+            let n = s * (nqk - self.nqk) / g * d / if g == 32 { 2 } else { 1 }; // pairs of channels at g = 32
             let name = format!("quant_channel_blocks_b{}", self.k_bits);
             let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
             launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
@@ -512,7 +512,8 @@ impl KiviGpuLayer {
         let (ring, di, gi, si, cap) = (tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
         let (b0, b1) = (0i64, (tokens / g) as i64);
         let name = format!("quant_channel_blocks_b{}", self.k_bits);
-        launch!(dev, &name, grid_1d(s * tokens / g * d), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+        let threads = s * tokens / g * d / if g == 32 { 2 } else { 1 };
+        launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
         let (t0, t1, gv) = (0i64, tokens as i64, self.value_group as i32);
         let name = format!("quant_token_groups_b{}", self.v_bits);
         launch!(dev, &name, grid_1d(s * tokens * (d / self.value_group)), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
