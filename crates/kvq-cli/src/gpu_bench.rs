@@ -177,7 +177,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
                 let mut bulk = KiviGpuLayer::new(&dev, &config, s, d, n)?;
                 let mut moved = 0;
                 let ms = cuda::time_ms(&dev, 2, iters, || {
-                    moved = bulk.quantize_bulk(&kf, &vf, tokens)?;
+                    moved = bulk.quantize_bulk(&kf, &vf, n, tokens)?;
                     Ok(())
                 })?;
                 // The bulk codes must equal the cache's own for every token both quantized.

@@ -499,17 +499,18 @@ pub fn to_f16(dev: &CudaDevice, src: &CudaSlice<f32>, streams: usize, tokens: us
 }
 
 impl KiviGpuLayer {
-    /// Quantizes every token of `keys`/`values` (f16, `[stream][tokens][D]`) into this
+    /// Quantizes the first `tokens` tokens of `keys`/`values` (f16, `[stream][src_tokens][D]`) into this
     /// layer's code buffers in one launch each: the bulk throughput of the quantize+pack
     /// kernels (a benchmark; the cache's own path is [`KiviGpuLayer::append`]).
     /// Returns the bytes read and written.
-    pub fn quantize_bulk(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, tokens: usize) -> Result<usize> {
+    pub fn quantize_bulk(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, src_tokens: usize, tokens: usize) -> Result<usize> {
         let (s, d, g) = (self.streams, self.head_dim, self.group);
-        if tokens > self.capacity || tokens % g != 0 || keys.len() < s * tokens * d || values.len() < s * tokens * d {
+        if tokens > self.capacity || tokens > src_tokens || tokens % g != 0 || keys.len() < s * src_tokens * d || values.len() < s * src_tokens * d {
             return Err(KvqError::Shape(format!("bulk quantization of {tokens} tokens (a multiple of {g}, at most {})", self.capacity)));
         }
         let dev = self.dev.clone();
-        let (ring, di, gi, si, cap) = (tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
+        // The source as one long "ring" per stream: token t of stream s at s·src_tokens + t.
+        let (ring, di, gi, si, cap) = (src_tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
         let (b0, b1) = (0i64, (tokens / g) as i64);
         let name = format!("quant_channel_blocks_b{}", self.k_bits);
         let threads = s * tokens / g * d / if g == 32 { 2 } else { 1 };
