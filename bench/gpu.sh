@@ -23,10 +23,14 @@ build)
   # Stripped and gzipped (about 16 MB): small enough to carry to a GPU machine.
   strip -o .gpu/kvq "${CARGO_TARGET_DIR:-target/cuda}/release/kvq"
   gzip -9f .gpu/kvq
+  # The commit it was built from (with "+dirty" for uncommitted changes), for results files.
+  echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates kernels || echo +dirty)" >.gpu/COMMIT
   ls -la .gpu/kvq.gz
   ;;
 run)
   OUT=${2:?usage: bench/gpu.sh run OUTDIR}
+  # The commit the binary was built from (recorded by the build step).
+  export KVQ_COMMIT=${KVQ_COMMIT:-$(cat .gpu/COMMIT 2>/dev/null || echo unknown)}
   mkdir -p "$OUT"
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   KVQ=${KVQ_BIN:-}

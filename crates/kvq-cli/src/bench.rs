@@ -18,15 +18,16 @@ pub fn provenance() -> String {
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        // A copy without .git (the GPU machine) is told its commit.
-        .or_else(|| std::env::var("KVQ_COMMIT").ok())
-        .unwrap_or_else(|| "unknown".into());
+    // KVQ_COMMIT first: a copy on another machine (the GPU's) may carry a stale .git.
+    let commit = std::env::var("KVQ_COMMIT").ok().or_else(|| {
+        std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
+    let commit = commit.unwrap_or_else(|| "unknown".into());
     let args: Vec<String> = std::env::args().collect();
     format!(
         "- date: {}\n- machine: {cpu}, {threads} threads\n- commit: {commit}\n- command: `{}`\n",

@@ -123,12 +123,17 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
         let fp16_err = rel_error(&pick_rows(&got, &check_rows, hq * d), &reference);
         let fp16_bytes = 2 * s * n * d * 2;
         let peer = peers.iter().find(|p| p.shape.batch == b && p.shape.q_heads == hq && p.shape.kv_heads == hkv && p.shape.head_dim == d && p.shape.context == n);
-        let mut push = |variant: &str, bytes: usize, ms: f64, equal: Option<bool>, err: f64, t: &mut Table| {
+        // `err`: None for rows whose check is on bytes alone (quantize+pack).
+        let mut push = |variant: &str, bytes: usize, ms: f64, equal: Option<bool>, err: Option<f64>, t: &mut Table| {
             let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
-            let check = match equal {
-                Some(e) => format!("bytes {} · err {err:.1e}", if e { "equal" } else { "DIFFER" }),
-                None => format!("err {err:.1e}"),
+            let bytes_word = |e: bool| if e { "equal" } else { "DIFFER" };
+            let check = match (equal, err) {
+                (Some(e), Some(err)) => format!("bytes {} · err {err:.1e}", bytes_word(e)),
+                (Some(e), None) => format!("bytes {}", bytes_word(e)),
+                (None, Some(err)) => format!("err {err:.1e}"),
+                (None, None) => "–".into(),
             };
+            let err = err.unwrap_or(0.0);
             t.row(vec![
                 sh.name.clone(),
                 b.to_string(),
@@ -145,9 +150,9 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             rows.push(Row { shape: sh.clone(), variant: variant.into(), bytes_read: bytes, ms, gb_s: gbs, pct_copy: 100.0 * gbs / copy, packed_bytes_equal: equal, max_rel_error: err });
         };
         if let Some(p) = peer {
-            push("torch SDPA fp16", p.bytes, p.ms, None, p.max_rel_error, &mut t);
+            push("torch SDPA fp16", p.bytes, p.ms, None, Some(p.max_rel_error), &mut t);
         }
-        push("candle fp16", fp16_bytes, fp16_ms, None, fp16_err, &mut t);
+        push("candle fp16", fp16_bytes, fp16_ms, None, Some(fp16_err), &mut t);
         if fp16_err > FP16_REL_ERROR {
             failures.push(format!("{} candle fp16: error {fp16_err:.2e} vs the f32 reference", sh.name));
         }
@@ -161,7 +166,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             let ms = cuda::time_ms(&dev, 3, iters, || layer.attend(&qd, hq, &mut od, 0))?;
             let got = dev.clone_dtoh(&od)?;
             let c = cuda::check_kivi(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got)?;
-            push(&format!("{name} attend"), layer.bytes_read(), ms, Some(c.packed_bytes_equal), c.max_rel_error, &mut t);
+            push(&format!("{name} attend"), layer.bytes_read(), ms, Some(c.packed_bytes_equal), Some(c.max_rel_error), &mut t);
             if let Some(m) = &c.mismatch {
                 failures.push(format!("{} {name}: {m}", sh.name));
             }
@@ -187,7 +192,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
                 if !equal {
                     failures.push(format!("{} {name}: bulk quantization differs from the cache's", sh.name));
                 }
-                push(&format!("{name} quantize+pack"), moved, ms, Some(equal), 0.0, &mut t);
+                push(&format!("{name} quantize+pack"), moved, ms, Some(equal), None, &mut t);
             }
         }
     }
