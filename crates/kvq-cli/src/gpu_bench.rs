@@ -173,6 +173,17 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             if c.max_rel_error > MAX_REL_ERROR {
                 failures.push(format!("{} {name}: attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c.max_rel_error));
             }
+            // The same kernel with fewer query heads a block (fewer registers, more blocks).
+            if rep > 2 {
+                let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
+                let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, 2))?;
+                let got2 = dev.clone_dtoh(&o2)?;
+                let err2 = rel_error(&got2, &got);
+                push(&format!("{name} attend, 2 heads/block"), layer.bytes_read(), ms2, None, Some(err2), &mut t);
+                if err2 > 1e-5 {
+                    failures.push(format!("{} {name}: 2 heads a block differs from 4 by {err2:.1e}", sh.name));
+                }
+            }
 
             // Quantize + pack, bulk: every token of K and V in one launch each.
             let tokens = n - n % config_group(&config);

@@ -315,6 +315,16 @@ impl KiviGpuLayer {
     /// Decode attention: one query token per sequence, `q` `[batch][q_heads][D]` (f32),
     /// over every token held; writes `out` (same shape). `splits` = 0 picks a split count.
     pub fn attend(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize) -> Result<()> {
+        self.attend_with(q, q_heads, out, splits, 4)
+    }
+
+    /// [`KiviGpuLayer::attend`] with at most `heads_per_block` (1..=4) query heads a block:
+    /// fewer heads per block means fewer registers and more blocks, at the cost of
+    /// reading each KV head's codes once per block.
+    pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize, heads_per_block: usize) -> Result<()> {
+        if !(1..=4).contains(&heads_per_block) {
+            return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {heads_per_block}")));
+        }
         let (s, d) = (self.streams, self.head_dim);
         if self.len == 0 {
             return Err(KvqError::Shape("attention over an empty cache".into()));
@@ -328,7 +338,7 @@ impl KiviGpuLayer {
             return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
         }
         let rep = q_heads / kv_heads;
-        let rep_chunk = rep.min(4);
+        let rep_chunk = rep.min(heads_per_block);
         let chunks = rep.div_ceil(rep_chunk);
         let ntiles = self.len.div_ceil(TILE);
         // Enough blocks to fill the GPU about four times over, at least a tile per warp.
