@@ -24,6 +24,11 @@
 #   KVQ_QUALITY_WEIGHTS   kvq's --weights [stored] (as the GGUF stores them, as llama.cpp runs them)
 #   KVQ_QUALITY_CACHES    kvq's --caches [the issue's list, below]
 #   KVQ_QUALITY_THREADS   --threads for both peers [their defaults]
+#   KVQ_QUALITY_KVQ       0: skip kvq's own runs (a peers-only part of a split run) [1]
+#   KVQ_QUALITY_JOBS      kvq ppl processes at once, each with RAYON_NUM_THREADS = cores / jobs [1]
+#   KVQ_QUALITY_SPLIT     caches per kvq ppl process [all]; each process also runs the fp32
+#                         reference, and their rows are merged (the references checked equal)
+#   KVQ_BIN               a kvq binary built beforehand (no cargo on the machine) [cargo build]
 #   KVQ_QUALITY_RESUME    1: keep the raw outputs of an interrupted run with the same settings and
 #                         skip the kvq ppl / peer steps whose output is already complete [0]
 #                         (meta.json, and so the report's commit and date, are those of the resumed run)
@@ -42,14 +47,23 @@ CHUNK=${KVQ_QUALITY_CHUNK:-$DEFAULT_CHUNK}
 CACHES=${KVQ_QUALITY_CACHES:-$DEFAULT_CACHES}
 WEIGHTS=${KVQ_QUALITY_WEIGHTS:-stored}
 PEERS=${KVQ_QUALITY_PEERS:-hf,llama.cpp}
+RUN_KVQ=${KVQ_QUALITY_KVQ:-1}
+JOBS=${KVQ_QUALITY_JOBS:-1}
+SPLIT=${KVQ_QUALITY_SPLIT:-0}
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "quality.sh: bad KVQ_QUALITY_JOBS '$JOBS'" >&2; exit 2; }
+[[ "$SPLIT" =~ ^[0-9]+$ ]] || { echo "quality.sh: bad KVQ_QUALITY_SPLIT '$SPLIT'" >&2; exit 2; }
 THREADS=${KVQ_QUALITY_THREADS:-}
 OUT=${KVQ_QUALITY_OUT:-bench/results}
 RAW=${KVQ_QUALITY_RAW:-$OUT/quality-raw}
 DOCS=(alice loc-workshop)
 
-full=1
+# defaults: the issue's settings; full: those, and every tool ran here (a split run becomes full
+# when bench/quality_merge.py brings the other tools' outputs in).
+defaults=1
 [ "$TOKENS" = "$DEFAULT_TOKENS" ] && [ "$CONTEXTS" = "$DEFAULT_CONTEXTS" ] && [ "$CHUNK" = "$DEFAULT_CHUNK" ] \
-  && [ "$CACHES" = "$DEFAULT_CACHES" ] && [ "$PEERS" = "hf,llama.cpp" ] || full=0
+  && [ "$CACHES" = "$DEFAULT_CACHES" ] || defaults=0
+full=$defaults
+[ "$PEERS" = "hf,llama.cpp" ] && [ "$RUN_KVQ" = 1 ] || full=0
 if [ "$full" = 0 ] && [ "$(realpath -m "$OUT")" = "$root/bench/results" ] && [ "${KVQ_QUALITY_FORCE:-0}" != 1 ]; then
   echo "quality.sh: not the issue's settings (tokens $TOKENS, contexts $CONTEXTS, chunk $CHUNK, peers $PEERS)," >&2
   echo "  so it will not overwrite bench/results: set KVQ_QUALITY_OUT=/some/dir (or KVQ_QUALITY_FORCE=1)" >&2
@@ -110,8 +124,13 @@ say "settings: tokens $TOKENS per document, contexts $CONTEXTS, chunk $CHUNK, we
 
 # (a) the corpus, and kvq itself
 step corpus - bash scripts/corpus.sh
-step build - cargo build --release -p kvq-cli --locked --quiet
-kvq=target/release/kvq
+if [ -n "${KVQ_BIN:-}" ]; then
+  kvq=$KVQ_BIN
+  [ -x "$kvq" ] || { echo "quality.sh: KVQ_BIN '$kvq' is not an executable" >&2; exit 2; }
+else
+  step build - cargo build --release -p kvq-cli --locked --quiet
+  kvq=target/release/kvq
+fi
 model=${KVQ_MODEL:-$($kvq fetch 2>/dev/null)}
 [ -f "$model" ] || { echo "quality.sh: no model at '$model'" >&2; exit 1; }
 
@@ -133,7 +152,7 @@ meta = {
                 "sockets": field("Socket(s)"), "threads_per_core": field("Thread(s) per core"), "nproc": os.cpu_count(),
                 "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                 "platform": platform.platform(), "gpu": sh("nvidia-smi", "--query-gpu=name", "--format=csv,noheader")},
-    "commit": sh("git", "rev-parse", "--short", "HEAD"),
+    "commit": os.environ.get("KVQ_COMMIT") or sh("git", "rev-parse", "--short", "HEAD"),
     "dirty": bool(status),
     "modified_files": sum(1 for l in status.splitlines() if not l.startswith("??")),
     "untracked_files": sum(1 for l in status.splitlines() if l.startswith("??")),
@@ -141,7 +160,8 @@ meta = {
     "diff_sha256": sh("bash", "-c", "git diff HEAD | sha256sum | cut -c1-16") if any(not l.startswith("??") for l in status.splitlines()) else None,
     "settings": {"tokens": int("$TOKENS"), "contexts": [int(c) for c in "$CONTEXTS".split(",")], "chunk": int("$CHUNK"),
                  "weights": "$WEIGHTS", "caches": "$CACHES".split(","), "reference": "fp32", "peers": "$PEERS",
-                 "threads": "$THREADS" or None, "documents": "${DOCS[*]}".split(), "full": bool($full)},
+                 "threads": "$THREADS" or None, "documents": "${DOCS[*]}".split(), "full": bool($full),
+                 "defaults": bool($defaults), "kvq": bool($RUN_KVQ), "jobs": $JOBS, "split": $SPLIT},
     "model": {"path": os.path.abspath("$model"), "bytes": os.path.getsize("$model"),
               "sha256": sh("bash", "-c", "sha256sum '$model' | cut -d' ' -f1")},
     "versions": {"kvq": sh("$kvq", "--version"), "rustc": sh("rustc", "--version"), "cargo": sh("cargo", "--version"),
@@ -163,18 +183,55 @@ for d in json.load(open(os.path.join(raw, "ids.json")))["documents"]:
     print(f"  {d['name']}: {len(d['ids'])} ids", file=sys.stderr)
 PY
 
-# (c) kvq: one process per document and context, every cache in lockstep with the fp32 reference
+# (c) kvq: one process per document and context (or per part of the cache list, KVQ_QUALITY_SPLIT),
+# every cache in lockstep with the fp32 reference; KVQ_QUALITY_JOBS processes at once.
 n_ctx=$(tr ',' '\n' <<<"$CONTEXTS" | wc -l)
+IFS=, read -ra cache_list <<<"$CACHES"
+per=${#cache_list[@]}; [ "$SPLIT" -gt 0 ] && [ "$SPLIT" -lt "$per" ] && per=$SPLIT
+n_parts=$(( (${#cache_list[@]} + per - 1) / per ))
+threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
+running=0; failed=0
+# kvq_ppl OUT CACHES: one kvq ppl process (in the background when JOBS > 1)
+kvq_ppl() {
+  local out=$1 caches=$2 ids=$3; shift 3
+  step "$*" "$out" env RAYON_NUM_THREADS="$threads" \
+    $kvq ppl --model "$model" --weights "$WEIGHTS" --json --chunk "$CHUNK" --context "$c" --max-tokens "$TOKENS" \
+    --text "data/corpus/$doc.txt" --caches "$caches" --dump-ids "$ids"
+}
 i=0
-for doc in "${DOCS[@]}"; do
-  for c in ${CONTEXTS//,/ }; do
+# The longest contexts first: with several jobs, the longest processes start first.
+for c in $(tr ',' '\n' <<<"$CONTEXTS" | sort -rn); do
+  for doc in "${DOCS[@]}"; do
     i=$((i + 1))
+    [ "$RUN_KVQ" = 1 ] || continue
     if complete "$RAW/kvq-$doc-$c.json"; then say "kvq ppl $doc context $c: already done (resume)"; continue; fi
-    step "kvq ppl $doc context $c ($i/$(( ${#DOCS[@]} * n_ctx )))" "$RAW/kvq-$doc-$c.json" \
-      $kvq ppl --model "$model" --weights "$WEIGHTS" --json --chunk "$CHUNK" --context "$c" --max-tokens "$TOKENS" \
-      --text "data/corpus/$doc.txt" --caches "$CACHES" --dump-ids "$RAW/kvq-ids-$doc-$c.json"
+    for ((p = 0; p < n_parts; p++)); do
+      part=$(IFS=,; echo "${cache_list[*]:$((p * per)):$per}")
+      if [ "$n_parts" = 1 ]; then out="$RAW/kvq-$doc-$c.json"; ids="$RAW/kvq-ids-$doc-$c.json"
+      else out="$RAW/part-kvq-$doc-$c-$p.json"; ids="$RAW/part-kvq-ids-$doc-$c-$p.json"; fi
+      if [ "$n_parts" -gt 1 ] && complete "$out"; then say "$(basename "$out"): already done (resume)"; continue; fi
+      name="kvq ppl $doc context $c ($i/$(( ${#DOCS[@]} * n_ctx )))"
+      [ "$n_parts" = 1 ] || name="$name part $((p + 1))/$n_parts"
+      if [ "$JOBS" = 1 ]; then
+        kvq_ppl "$out" "$part" "$ids" "$name"
+      else
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
+        kvq_ppl "$out" "$part" "$ids" "$name" &
+      fi
+    done
   done
 done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+[ "$failed" = 0 ] || { echo "quality.sh: a kvq ppl process failed (see above)" >&2; exit 1; }
+if [ "$RUN_KVQ" = 1 ] && [ "$n_parts" -gt 1 ]; then
+  for doc in "${DOCS[@]}"; do
+    for c in ${CONTEXTS//,/ }; do
+      complete "$RAW/kvq-$doc-$c.json" && continue
+      step "merge kvq $doc context $c" - python3 bench/quality_merge.py parts --out "$RAW/kvq-$doc-$c.json" \
+        --ids-out "$RAW/kvq-ids-$doc-$c.json" $(for ((p = 0; p < n_parts; p++)); do echo "$RAW/part-kvq-$doc-$c-$p.json"; done)
+    done
+  done
+fi
 
 # (d) the peers, per document, on the ids of (b)
 thr=(); [ -n "$THREADS" ] && thr=(--threads "$THREADS")
@@ -194,6 +251,7 @@ for doc in "${DOCS[@]}"; do
   fi
 done
 
-# (e) the report
+# (e) the report (not for a peers-only part: bench/quality_merge.py brings its outputs to the kvq run)
+[ "$RUN_KVQ" = 1 ] || { say "peers-only run: outputs in $RAW (no report)"; exit 0; }
 step report - python3 bench/quality_report.py --raw "$RAW" --out "$OUT"
 say "wrote $OUT/quality.md, $OUT/quality.json, $OUT/quality.svg"

@@ -547,6 +547,10 @@ def main():
         f"- machine: {m['cpu_model']}, {m['cpus']} CPUs ({m['sockets']} socket × {m['cores_per_socket']} cores × "
         f"{m['threads_per_core']} threads), {m['memory_gib']} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"),
         f"- commit: {meta['commit']} ({dirty})",
+        *[f"- {' and '.join(pt['tools'])} ran on another machine ({pt['machine']['cpu_model']}, {pt['machine']['nproc']} "
+          f"CPUs{', GPU ' + pt['machine']['gpu'] if pt['machine'].get('gpu') else ''}), commit {pt['commit']}"
+          f"{' (dirty tree)' if pt['dirty'] else ''}, {pt['date_utc']}, on the same ids (checked): "
+          + ", ".join(f"`{f}`" for f in pt["files"]) for pt in meta.get("parts", [])],
         "- command: `" + "".join(f"{k}={val} " for k, val in sorted(meta["env"].items())) + "bash bench/quality.sh`"
         " (every step's exact command below)",
         f"- model: `{os.path.basename(meta['model']['path'])}` (sha256 {meta['model']['sha256'][:16]}…), kvq weights "
