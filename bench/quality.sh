@@ -253,5 +253,6 @@ done
 
 # (e) the report (not for a peers-only part: bench/quality_merge.py brings its outputs to the kvq run)
 [ "$RUN_KVQ" = 1 ] || { say "peers-only run: outputs in $RAW (no report)"; exit 0; }
-step report - python3 bench/quality_report.py --raw "$RAW" --out "$OUT"
+notes=(); [ -f bench/results/quality-notes.md ] && notes=(--notes bench/results/quality-notes.md)
+step report - python3 bench/quality_report.py --raw "$RAW" --out "$OUT" "${notes[@]}"
 say "wrote $OUT/quality.md, $OUT/quality.json, $OUT/quality.svg"

@@ -453,6 +453,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--raw", required=True, help="bench/quality.sh's raw outputs")
     ap.add_argument("--out", required=True, help="where quality.md, quality.json, quality.svg go")
+    ap.add_argument("--notes", help="a Markdown file of hand-made analysis (why the misses, what fixes them), "
+                    "inserted after the goals: its numbers come from the commands it names, not from this run")
     a = ap.parse_args()
     raw = a.raw
     meta = load_json(os.path.join(raw, "meta.json"))
@@ -597,6 +599,8 @@ def main():
            "own fp32 reference (both quantize the same way on top of it), the noise being the larger of twice the "
            "standard error of the per-document difference and the 16-bit floor (how far each tool's 16-bit run already "
            "moves PPL).", ""]
+    if a.notes:
+        md += [open(a.notes).read().rstrip(), ""]
 
     # Tables
     md += ["## Results", "",

@@ -138,6 +138,9 @@ struct PplCli {
     /// Calibration text for KVQuant (default: a built-in text not used for evaluation).
     #[arg(long)]
     calibration: Option<std::path::PathBuf>,
+    /// KVQuant calibrates on at most this many tokens of the calibration text.
+    #[arg(long, default_value_t = run_cmd::CALIBRATION_TOKENS)]
+    calibration_tokens: usize,
     #[arg(long)]
     json: bool,
 }
@@ -406,6 +409,7 @@ fn run() -> Result<()> {
             overrides: p.overrides.overrides(),
             chunk: p.chunk,
             calibration: p.calibration.clone(),
+            calibration_tokens: p.calibration_tokens,
             json: p.json,
             context: p.context,
             dump_ids: p.dump_ids.clone(),

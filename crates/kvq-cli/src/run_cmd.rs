@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 /// A default calibration text for KVQuant (not part of any evaluation text).
 pub const CALIBRATION_TEXT: &str = include_str!("../../../data/calibration.txt");
+/// At most this many tokens of the calibration text are used unless `--calibration-tokens` says otherwise.
+pub const CALIBRATION_TOKENS: usize = 512;
 
 pub fn load_model(model: Option<&Path>, weights: WeightFormat) -> Result<(Llama, TextTokenizer, gguf::GgufInfo)> {
     let path = gguf::find_model(model)?;
@@ -35,19 +37,22 @@ pub fn load_model(model: Option<&Path>, weights: WeightFormat) -> Result<(Llama,
 
 /// Builds a cache from a preset name (or `none`), fitting KVQuant's calibration on
 /// `calibration_text` when the scheme needs one.
-pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Overrides, batch: usize, calibration_text: &str) -> Result<(CacheConfig, Box<dyn KvCache>)> {
+pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Overrides, batch: usize, calibration: (&str, usize)) -> Result<(CacheConfig, Box<dyn KvCache>)> {
     let cfg = CacheConfig::from_spec(name, ov)?;
     let calib = match cfg.scheme {
-        Scheme::KvQuant { bits, outlier_fraction } => Some(Arc::new(calibrate(model, tok, calibration_text, bits, outlier_fraction)?)),
+        Scheme::KvQuant { bits, outlier_fraction } => Some(Arc::new(calibrate(model, tok, calibration, bits, outlier_fraction)?)),
         _ => None,
     };
     let cache = model.new_cache(&cfg, batch, calib)?;
     Ok((cfg, Box::new(cache)))
 }
 
-pub fn calibrate(model: &Llama, tok: &TextTokenizer, text: &str, bits: u8, frac: f32) -> Result<KvQuantCalibration> {
+pub fn calibrate(model: &Llama, tok: &TextTokenizer, (text, max_tokens): (&str, usize), bits: u8, frac: f32) -> Result<KvQuantCalibration> {
+    if max_tokens == 0 || max_tokens > model.config.max_seq_len {
+        bail!("calibration tokens must be between 1 and the model's {} positions, got {max_tokens}", model.config.max_seq_len);
+    }
     let mut ids = tok.encode(text)?;
-    ids.truncate(512);
+    ids.truncate(max_tokens);
     if ids.is_empty() {
         bail!("the calibration text is empty");
     }
@@ -96,7 +101,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         bail!("prompt {} is empty: generation needs at least one token", i + 1);
     }
     let batch = ids.len();
-    let (cfg, mut cache) = build_cache(&model, &tok, &a.cache, &a.overrides, batch, CALIBRATION_TEXT)?;
+    let (cfg, mut cache) = build_cache(&model, &tok, &a.cache, &a.overrides, batch, (CALIBRATION_TEXT, CALIBRATION_TOKENS))?;
     let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, sampling: a.sampling, stop_tokens: if a.ignore_eos { Vec::new() } else { tok.stop_tokens() }, pad_token: tok.pad.unwrap_or(tok.eos) };
     let stream = batch == 1 && !a.json;
     let mut dec = StreamDecoder::new(&tok);
@@ -200,6 +205,7 @@ pub struct PplArgs {
     pub overrides: Overrides,
     pub chunk: usize,
     pub calibration: Option<PathBuf>,
+    pub calibration_tokens: usize,
     pub json: bool,
     pub context: Option<usize>,
     pub dump_ids: Option<PathBuf>,
@@ -213,6 +219,9 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
         CacheConfig::from_spec(name, &a.overrides)?;
     }
     CacheConfig::from_spec(&a.reference, &Overrides::default())?;
+    if a.calibration_tokens == 0 {
+        bail!("--calibration-tokens must be at least 1");
+    }
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let mut ids = tok.encode(&text)?;
     if ids.len() < 2 {
@@ -232,10 +241,10 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         None => CALIBRATION_TEXT.to_string(),
     };
-    let (ref_cfg, mut reference) = build_cache(&model, &tok, &a.reference, &Overrides::default(), 1, &calib_text)?;
+    let (ref_cfg, mut reference) = build_cache(&model, &tok, &a.reference, &Overrides::default(), 1, (&calib_text, a.calibration_tokens))?;
     let mut caches = Vec::new();
     for name in &a.caches {
-        let (cfg, c) = build_cache(&model, &tok, name, &a.overrides, 1, &calib_text)?;
+        let (cfg, c) = build_cache(&model, &tok, name, &a.overrides, 1, (&calib_text, a.calibration_tokens))?;
         caches.push((cfg.label(), c));
     }
     let mode = if a.chunk == 1 { "token by token (as in decoding)".to_string() } else { format!("in chunks of {} tokens (each chunk attends to the cache as a prefill would)", a.chunk) };

@@ -1,7 +1,7 @@
 //! `kvq tour`: the course's story on the real model, in numbers and figures.
 
 use crate::plot::{loglog, Series};
-use crate::run_cmd::{build_cache, load_model, CALIBRATION_TEXT};
+use crate::run_cmd::{build_cache, load_model, CALIBRATION_TEXT, CALIBRATION_TOKENS};
 use crate::table::Table;
 use anyhow::Result;
 use kvq::cache::{Cache, CacheConfig, KvCache, Overrides};
@@ -102,12 +102,12 @@ pub fn run(out: &Path, model_path: Option<&Path>, weights: WeightFormat, quick: 
     ids.truncate(if quick { 128 } else { 512 });
     let chunk = 8;
     let caches = ["fp16", "per-token-4", "per-token-2", "kivi-4", "kivi-2", "kvquant-4", "kvquant-3", "kvquant-2"];
-    let (ref_cfg, mut reference) = build_cache(&model, &tok, "fp32", &Overrides::default(), 1, CALIBRATION_TEXT)?;
+    let (ref_cfg, mut reference) = build_cache(&model, &tok, "fp32", &Overrides::default(), 1, (CALIBRATION_TEXT, CALIBRATION_TOKENS))?;
     let mut cs: Vec<(String, Box<dyn KvCache>)> = Vec::new();
     for c in caches {
         // A short text fits in the default 128-token windows; shrink them so the test bites.
         let ov = if c.starts_with("kivi") || c.starts_with("per-token") { Overrides { residual_length: Some(32), ..Overrides::default() } } else { Overrides::default() };
-        let (cfg, cache) = build_cache(&model, &tok, c, &ov, 1, CALIBRATION_TEXT)?;
+        let (cfg, cache) = build_cache(&model, &tok, c, &ov, 1, (CALIBRATION_TEXT, CALIBRATION_TOKENS))?;
         cs.push((cfg.label(), cache));
     }
     let (r, rows) = kvq::eval::evaluate(&model, &ids, (&ref_cfg.label(), reference.as_mut()), &mut cs, chunk, |_, _| {})?;
