@@ -152,7 +152,10 @@ meta = {
                 "sockets": field("Socket(s)"), "threads_per_core": field("Thread(s) per core"), "nproc": os.cpu_count(),
                 "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                 "platform": platform.platform(), "gpu": sh("nvidia-smi", "--query-gpu=name", "--format=csv,noheader")},
+    # KVQ_COMMIT: the commit a copied tree was made from (bench/quality_device.sh); the status
+    # below is then against the copy's own .git, whose HEAD is recorded beside it.
     "commit": os.environ.get("KVQ_COMMIT") or sh("git", "rev-parse", "--short", "HEAD"),
+    "git_head": sh("git", "rev-parse", "--short", "HEAD"),
     "dirty": bool(status),
     "modified_files": sum(1 for l in status.splitlines() if not l.startswith("??")),
     "untracked_files": sum(1 for l in status.splitlines() if l.startswith("??")),

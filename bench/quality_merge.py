@@ -7,12 +7,13 @@
       reference is recomputed by each part, so equal numbers also show the run is deterministic),
       then writes one output with the rows in the parts' order.
 
-  quality_merge.py peers --into RAW --from OTHER_RAW --tools llama,hf
-      Copies the peers' outputs (llama-*.json, hf-*.json) of a run made on another machine into
-      RAW, after checking that both runs scored the very same ids, and records in RAW/meta.json
+  quality_merge.py peers --into RAW --from OTHER_RAW --tools llama,hf [--files PATTERNS]
+      Copies the peers' outputs (llama-*.json, hf-*.json; or the files PATTERNS names, such as kvq
+      parts finished elsewhere, --tools kvq) of a run made on another machine into RAW, after checking that both runs scored the very same ids, and records in RAW/meta.json
       which tools ran where, so the report can say it. The settings must match, or it refuses.
 """
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -67,28 +68,33 @@ def merge_peers(a):
             fail(f"settings differ in {k}: {m_into['settings'].get(k)!r} here, {m_other['settings'].get(k)!r} in {other}")
     if load(os.path.join(into, "ids.json")) != load(os.path.join(other, "ids.json")):
         fail(f"{other}/ids.json differs from {into}/ids.json: the runs did not score the same ids")
-    prefix = {"llama": "llama", "llama.cpp": "llama", "hf": "hf", "transformers": "hf"}
+    prefix = {"llama": "llama", "llama.cpp": "llama", "hf": "hf", "transformers": "hf", "kvq": "kvq"}
+    if any(t not in prefix for t in a.tools.split(",")):
+        fail(f"--tools takes llama, hf and kvq, not {a.tools!r}")
     tools = [prefix[t] for t in a.tools.split(",")]
+    if "kvq" in tools and not a.files:
+        fail("--tools kvq needs --files: which of kvq's outputs ran there")
     copied = []
     for name in sorted(os.listdir(other)):
-        if any(name.startswith(t + "-") and name.endswith(".json") for t in tools):
+        wanted = (any(fnmatch.fnmatch(name, g) for g in a.files.split(",")) if a.files else
+                  any(name.startswith(t + "-") and name.endswith(".json") for t in tools))
+        if wanted:
             shutil.copyfile(os.path.join(other, name), os.path.join(into, name))
             copied.append(name)
     if not copied:
-        fail(f"no {a.tools} outputs in {other}")
+        fail(f"no {a.files or a.tools} outputs in {other}")
     # Their steps and commands join this run's log.
     for log in ("steps.jsonl", "commands.txt"):
         src = os.path.join(other, log)
         if os.path.exists(src):
-            lines = [l for l in open(src) if any(f"{t}-" in l or ("llama.cpp" if t == "llama" else "transformers") in l
-                                                 for t in tools)]
+            lines = [l for l in open(src) if any(f" {c}" in l or f"/{c}" in l for c in copied)]
             with open(os.path.join(into, log), "a") as f:
                 f.writelines(lines)
     peers = set(filter(None, m_into["settings"]["peers"].split(","))) - {"none"}
-    peers |= {"llama.cpp" if t == "llama" else "hf" for t in tools}
+    peers |= {"llama.cpp" if t == "llama" else "hf" for t in tools if t != "kvq"}
     m_into["settings"]["peers"] = ",".join(p for p in ("hf", "llama.cpp") if p in peers)
     m_into.setdefault("parts", []).append({
-        "tools": ["llama.cpp" if t == "llama" else "transformers" for t in tools],
+        "tools": [{"llama": "llama.cpp", "hf": "transformers", "kvq": "kvq"}[t] for t in tools],
         "machine": m_other["machine"], "commit": m_other["commit"], "dirty": m_other["dirty"],
         "date_utc": m_other["date_utc"], "files": copied})
     s = m_into["settings"]
@@ -108,7 +114,9 @@ def main():
     q = sub.add_parser("peers")
     q.add_argument("--into", required=True)
     q.add_argument("--from", required=True)
-    q.add_argument("--tools", required=True, help="llama and/or hf, comma-separated")
+    q.add_argument("--tools", required=True, help="llama, hf or kvq, comma-separated: what ran there")
+    q.add_argument("--files", help="comma-separated file patterns to copy (default: every output of --tools); "
+                   "needed for kvq, whose outputs are parts of this run's")
     a = ap.parse_args()
     merge_parts(a) if a.cmd == "parts" else merge_peers(a)
 

@@ -548,8 +548,12 @@ def main():
         f"- date: {meta['date_utc']}",
         f"- machine: {m['cpu_model']}, {m['cpus']} CPUs ({m['sockets']} socket × {m['cores_per_socket']} cores × "
         f"{m['threads_per_core']} threads), {m['memory_gib']} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"),
-        f"- commit: {meta['commit']} ({dirty})",
-        *[f"- {' and '.join(pt['tools'])} ran on another machine ({pt['machine']['cpu_model']}, {pt['machine']['nproc']} "
+        f"- commit: {meta['commit']} ({dirty})" + (
+            f" — the tree's status is against the machine's own .git at {meta['git_head']}, not {meta['commit']}"
+            + (f"; {meta['tree_check']}" if meta.get("tree_check") else "")
+            if meta.get("git_head") and not str(meta["commit"]).startswith(str(meta["git_head"])) else ""),
+        *[f"- {' and '.join(pt['tools'])}{' (some of its processes: the files named)' if 'kvq' in pt['tools'] else ''} "
+          f"ran on another machine ({pt['machine']['cpu_model']}, {pt['machine']['nproc']} "
           f"CPUs{', GPU ' + pt['machine']['gpu'] if pt['machine'].get('gpu') else ''}), commit {pt['commit']}"
           f"{' (dirty tree)' if pt['dirty'] else ''}, {pt['date_utc']}, on the same ids (checked): "
           + ", ".join(f"`{f}`" for f in pt["files"]) for pt in meta.get("parts", [])],

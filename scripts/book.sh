@@ -27,6 +27,9 @@ bash scripts/web.sh build
 rm -rf book/src/demo && mkdir -p book/src/demo
 cp -r web/index.html web/demo.js web/style.css web/pkg web/smollm2-kv-sample.kvs book/src/demo/
 
+echo "-- the quality report's figure (the page includes bench/results/quality.md)"
+cp bench/results/quality.svg book/src/quality.svg
+
 echo "-- mdbook build, links, test"
 rm -rf book/build
 export PATH="$PWD/target/release:$PATH" # mdbook runs mdbook-kvq from PATH

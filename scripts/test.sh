@@ -22,6 +22,9 @@ cargo test --workspace --release --locked --exclude kvq-exercises 2>&1 | tee -a 
 echo "== Exercises: they pass with the solutions and fail on the stubs"
 bash scripts/check-exercises.sh 2>&1 | tee -a "$log"
 
+echo "== The quality report: rebuilt from its committed raw outputs; the merge tool's checks"
+python3 bench/test_quality_tools.py 2>&1 | tee -a "$log"
+
 echo "== The browser demo: kvq (without candle) and kvq-wasm built for wasm32, in headless Chromium, numbers equal to the native code's"
 # CI artifacts go to out/: the page's screenshot and its redraw timings.
 mkdir -p out
@@ -38,6 +41,7 @@ bash scripts/lessons.sh 2>&1 | tee -a "$log"
 # must fail, are counted by check-exercises.sh and not here).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "all: %d passed, %d failed (Rust tests)\n", p, f }' "$log"
+grep -E "^quality report: rebuilt" "$log"
 grep -E "^browser test: PASS" "$log"
 echo "book: built, links checked, mdbook test passed"
 grep -E "^lessons: " "$log" | tail -1

@@ -1,4 +1,4 @@
-from nbgen import SETUP, HELPERS, md, code, footer
+from nbgen import SETUP, HELPERS, QUALITY, md, code, footer
 
 def cells():
     return [
@@ -237,6 +237,41 @@ quantization) and **cross-block reconstruction regularization**: when tuning the
 parameters it measures the error on the outputs of the following blocks, not only the current
 one. That is what the Russian seed summarizes as "accounting for how the quantization error of
 one layer affects the subsequent attention layers". kvq implements the past-only part.
+"""),
+md(r"""
+## Measured at scale: kvq next to transformers' own quantized cache
+
+`bench/results/quality.md` ran HF transformers' `QuantizedCache` (quanto and HQQ backends, 4 and 2
+bits, groups of 64, residual 128) on the same token ids as kvq's per-token cache, the same
+algorithm. Its 4k table:
+"""),
+code(QUALITY),
+code(r'''
+let q4k = quality_rows(4096);
+let wanted = ["fp16", "per-token-4", "per-token-4:past-only=false", "per-token-2", "kivi-2", "kivi-2:past-only=false",
+              "DynamicCache fp32", "QuantizedCache quanto int4", "QuantizedCache hqq int4", "QuantizedCache quanto int2", "QuantizedCache hqq int2"];
+let hf_rows: Vec<QualityRow> = q4k.iter().filter(|r| wanted.contains(&r.cache.as_str())).cloned().collect();
+print_quality(&hf_rows);
+{
+    // (A block: evcxr cannot keep a closure that borrows a variable.)
+    let kvq = |c: &str| quality_row(&q4k, "kvq", c).dppl;
+    // Past-only quantization (WKVQuant's idea): each chunk attends to its own tokens in full precision.
+    assert!(kvq("per-token-4") < kvq("per-token-4:past-only=false"));
+    // 2-bit per-token caches collapse in both tools.
+    assert!(kvq("per-token-2") > 100.0 && quality_row(&q4k, "transformers", "QuantizedCache quanto int2").dppl > 100.0);
+}
+'''),
+md(r"""
+### Reading the measurement
+
+- 4-bit per-token caches cost 1–2% of perplexity in both tools; kvq's is somewhat worse than
+  quanto's at 1k and 4k (the report's goal check gives the margin and the suspects) and within
+  noise at 8k. kvq stores its scales in f16, quanto in fp32, so kvq's rows are also smaller.
+- At 2 bits both tools collapse: at 4k perplexity grows twelvefold with kvq's per-token-2,
+  ninefold with quanto's int2 and sevenfold with HQQ's. That is the seed documents'
+  warning, measured.
+- **Past-only** quantization — the chunk being processed attends to its own keys and values in
+  full precision and they are quantized afterwards — cuts the 4-bit per-token cost several times.
 """),
 footer("06-hf-and-wkvquant.toml", ["ex04_packing"], ("Lesson 7: the GPU", "07-gpu.ipynb")),
     ]

@@ -170,3 +170,37 @@ def footer(quiz, exercises, nxt=None):
     if nxt:
         s += f"\nNext: [{nxt[0]}]({nxt[1]})."
     return md(s)
+
+# The measured quality report (bench/results/quality.md, written by bench/quality.sh), read by
+# lessons 4-6: one parser for all three.
+QUALITY = r"""// bench/results/quality.md: every cache, kvq's and the peers', at 1k, 4k and 8k tokens of two
+// documents. One row of its tables:
+#[derive(Debug, Clone)]
+pub struct QualityRow { pub tool: String, pub cache: String, pub bits: f64, pub ppl: f64, pub dppl: f64, pub kl: f64 }
+
+/// The rows of the report's table for one context length.
+pub fn quality_rows(context: usize) -> Vec<QualityRow> {
+    let report = std::fs::read_to_string("../bench/results/quality.md").expect("bench/results/quality.md");
+    let heading = format!("### Context {context}");
+    let table = report.split(&heading).nth(1).expect("no table for that context");
+    table.lines().skip_while(|l| !l.starts_with("| tool")).skip(2).take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let c: Vec<&str> = l.split('|').map(str::trim).collect();
+            let num = |i: usize| c[i].trim_start_matches('+').parse::<f64>().unwrap_or(f64::NAN);
+            QualityRow { tool: c[1].into(), cache: c[2].trim_matches('`').into(), bits: num(3), ppl: num(5), dppl: num(6), kl: num(9) }
+        })
+        .collect()
+}
+
+/// One row by tool and cache name (as the report's `cache` column spells it).
+pub fn quality_row(rows: &[QualityRow], tool: &str, cache: &str) -> QualityRow {
+    rows.iter().find(|r| r.tool == tool && r.cache == cache).cloned().unwrap_or_else(|| panic!("no row {tool} {cache}"))
+}
+
+pub fn print_quality(rows: &[QualityRow]) {
+    println!("{:<12} {:<34} {:>9} {:>9} {:>10} {:>8}", "tool", "cache", "bits/elem", "PPL", "ΔPPL %", "KL");
+    for r in rows {
+        println!("{:<12} {:<34} {:>9.2} {:>9.3} {:>+10.2} {:>8.4}", r.tool, r.cache, r.bits, r.ppl, r.dppl, r.kl);
+    }
+}
+"""
