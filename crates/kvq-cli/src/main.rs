@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 #[cfg(feature = "cuda")]
 mod gpu_bench;
+mod layer_errors;
 mod plot;
 mod run_cmd;
 mod size_cmd;
@@ -328,6 +329,29 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Per-layer error of each cache's keys and values on the model's real K/V (all caches
+    /// fed the same f32 K/V of one forward pass): which layers a scheme loses.
+    Layers {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text whose K/V are recorded.
+        #[arg(long)]
+        text: std::path::PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// Tokens per append, as in `kvq ppl --chunk`.
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        #[arg(long, value_delimiter = ',', default_value = "kivi-4,kvquant-4")]
+        caches: Vec<String>,
+        /// KVQuant's calibration text (default: the built-in one).
+        #[arg(long)]
+        calibration: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = run_cmd::CALIBRATION_TOKENS)]
+        calibration_tokens: usize,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn geometry(a: &SizeArgs) -> Result<ModelGeometry> {
@@ -458,6 +482,28 @@ fn run() -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Command::Bench(BenchCmd::Attn { .. }) => {
             anyhow::bail!("this kvq was built without the GPU: rebuild with `cargo build --release --features cuda` (bench/gpu.sh does)");
+        }
+        Command::Bench(BenchCmd::Layers { model, text, tokens, chunk, caches, calibration, calibration_tokens, out }) => {
+            if calibration_tokens == 0 {
+                bail!("--calibration-tokens must be at least 1");
+            }
+            let calib_text = match &calibration {
+                Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+                None => run_cmd::CALIBRATION_TEXT.to_string(),
+            };
+            let md = layer_errors::run(layer_errors::LayerErrorArgs {
+                model: model.path()?.as_deref(),
+                weights: model.weights.parse()?,
+                text: &text,
+                tokens,
+                chunk,
+                caches: &caches,
+                calibration: (&calib_text, calibration_tokens),
+            })?;
+            print!("{md}");
+            if let Some(p) = out {
+                std::fs::write(&p, &md).with_context(|| format!("writing {}", p.display()))?;
+            }
         }
         Command::Bench(BenchCmd::Decode { contexts, steps, caches, real, out }) => {
             let loaded;
