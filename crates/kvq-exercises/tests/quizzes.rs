@@ -80,3 +80,22 @@ fn numeric_answers_are_what_kvq_computes() {
     let best = (1..10_000).take_while(|&b| bytes("llama-3-8b", "kivi-2", 8192, b) <= budget).last().unwrap();
     assert_eq!(question(&all, "choose-batch-in-budget").answer.answer, best.to_string());
 }
+
+/// The number a quiz quotes from the quality report: kvq's ΔPPL (against its fp16 cache) for
+/// one cache at one context, from `bench/results/quality.md`'s tables.
+fn quality_dppl(cache: &str, context: usize) -> f64 {
+    let report = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/results/quality.md")).unwrap();
+    let table = report.split(&format!("### Context {context}")).nth(1).expect("no table for that context");
+    let row = table.lines().find(|l| l.starts_with(&format!("| kvq | `{cache}` |"))).expect("no row");
+    row.split('|').map(str::trim).nth(6).unwrap().trim_start_matches('+').parse().unwrap()
+}
+
+#[test]
+fn the_calibration_quiz_quotes_the_report() {
+    let all = quizzes();
+    let q = question(&all, "kvquant-calibration-bias");
+    let (kvquant, kivi) = (quality_dppl("kvquant-4", 8192), quality_dppl("kivi-4", 8192));
+    assert!(q.prompt.prompt.contains(&format!("+{kvquant:.1}%")), "kvquant-4 at 8k is +{kvquant:.2}%: {}", q.prompt.prompt);
+    assert!(q.prompt.prompt.contains(&format!("+{kivi:.1}%")), "kivi-4 at 8k is +{kivi:.2}%: {}", q.prompt.prompt);
+}
+
