@@ -484,13 +484,7 @@ fn run() -> Result<()> {
             anyhow::bail!("this kvq was built without the GPU: rebuild with `cargo build --release --features cuda` (bench/gpu.sh does)");
         }
         Command::Bench(BenchCmd::Layers { model, text, tokens, chunk, caches, calibration, calibration_tokens, out }) => {
-            if calibration_tokens == 0 {
-                bail!("--calibration-tokens must be at least 1");
-            }
-            let calib_text = match &calibration {
-                Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-                None => run_cmd::CALIBRATION_TEXT.to_string(),
-            };
+            let calib_text = run_cmd::calibration_text(calibration.as_deref(), calibration_tokens)?;
             let md = layer_errors::run(layer_errors::LayerErrorArgs {
                 model: model.path()?.as_deref(),
                 weights: model.weights.parse()?,

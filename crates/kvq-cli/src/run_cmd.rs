@@ -47,6 +47,18 @@ pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Override
     Ok((cfg, Box::new(cache)))
 }
 
+/// KVQuant's calibration text (`--calibration FILE`, else the built-in one), checked
+/// together with `--calibration-tokens` before any model is loaded.
+pub fn calibration_text(path: Option<&Path>, tokens: usize) -> Result<String> {
+    if tokens == 0 {
+        bail!("--calibration-tokens must be at least 1");
+    }
+    Ok(match path {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => CALIBRATION_TEXT.to_string(),
+    })
+}
+
 pub fn calibrate(model: &Llama, tok: &TextTokenizer, (text, max_tokens): (&str, usize), bits: u8, frac: f32) -> Result<KvQuantCalibration> {
     if max_tokens == 0 || max_tokens > model.config.max_seq_len {
         bail!("calibration tokens must be between 1 and the model's {} positions, got {max_tokens}", model.config.max_seq_len);
@@ -219,9 +231,7 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
         CacheConfig::from_spec(name, &a.overrides)?;
     }
     CacheConfig::from_spec(&a.reference, &Overrides::default())?;
-    if a.calibration_tokens == 0 {
-        bail!("--calibration-tokens must be at least 1");
-    }
+    let calib_text = calibration_text(a.calibration.as_deref(), a.calibration_tokens)?;
     let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
     let mut ids = tok.encode(&text)?;
     if ids.len() < 2 {
@@ -237,10 +247,6 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
         let doc = serde_json::json!({ "documents": [ { "name": name, "text": a.text.display().to_string(), "ids": ids } ] });
         std::fs::write(p, serde_json::to_string(&doc)?).with_context(|| format!("writing {}", p.display()))?;
     }
-    let calib_text = match &a.calibration {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        None => CALIBRATION_TEXT.to_string(),
-    };
     let (ref_cfg, mut reference) = build_cache(&model, &tok, &a.reference, &Overrides::default(), 1, (&calib_text, a.calibration_tokens))?;
     let mut caches = Vec::new();
     for name in &a.caches {

@@ -93,6 +93,7 @@ fn generate_and_ppl_reject_bad_input_before_loading_anything() {
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--calibration-tokens", "0"], "--calibration-tokens must be at least 1"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--tokens", "1"], "--tokens must be at least 2"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--caches", "kivi-9"], "unknown cache preset"),
+        (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--calibration-tokens", "0"], "--calibration-tokens must be at least 1"),
         // Overrides are for the compared caches, not the fp32 reference: this gets as far
         // as loading the (missing) model.
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--caches", "kivi-2", "--bits", "4", "--group-size", "64"], "not found"),
