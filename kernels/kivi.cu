@@ -124,9 +124,10 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
     int s = (int)(r / nb);
     const long blocks_per_stream = cap / G;
     const __half* x = ring + (long)s * ring_len * D + c;
+    const int first = (int)((blk * G) % ring_len);
     float lo = INFINITY, hi = -INFINITY;
-    for (int j = 0; j < G; j++) {
-        float v = __half2float(x[((blk * G + j) % ring_len) * D]);
+    for (int j = 0, slot = first; j < G; j++, slot = slot + 1 == ring_len ? 0 : slot + 1) {
+        float v = __half2float(x[(long)slot * D]);
         lo = fminf(lo, v);
         hi = fmaxf(hi, v);
     }
@@ -136,10 +137,10 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
     long at = ((long)s * blocks_per_stream + blk) * D + c;
     uint8_t* out = codes + at * (G * BITS / 8);
     constexpr int PER_BYTE = 8 / BITS;
-    for (int j = 0; j < G; j += PER_BYTE) {
+    for (int j = 0, slot = first; j < G; j += PER_BYTE) {
         uint32_t b = 0;
-        for (int k = 0; k < PER_BYTE; k++)
-            b |= quant_code(__half2float(x[((blk * G + j + k) % ring_len) * D]), mn, inv, qmax) << (BITS * k);
+        for (int k = 0; k < PER_BYTE; k++, slot = slot + 1 == ring_len ? 0 : slot + 1)
+            b |= quant_code(__half2float(x[(long)slot * D]), mn, inv, qmax) << (BITS * k);
         out[j / PER_BYTE] = (uint8_t)b;
     }
     params[at] = a;
@@ -151,15 +152,18 @@ template <int BITS, int GROUP>
 __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int ring_len, int D, long t0, long t1,
                                         int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
                                         long cap) {
+    // 32-bit index math (the host keeps streams · tokens · groups below 2^31): 64-bit
+    // division costs more than quantizing the group.
     const int gpt = D / GROUP;
-    const long n = t1 - t0;
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)streams * n * gpt) return;
-    int g = (int)(i % gpt);
-    long r = i / gpt;
-    long t = t0 + r % n;
-    int s = (int)(r / n);
-    const uint4* src = (const uint4*)(ring + ((long)s * ring_len + t % ring_len) * D + g * GROUP);
+    const int n = (int)(t1 - t0);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= streams * n * gpt) return;
+    const int g = i % gpt;
+    const int r = i / gpt;
+    const long t = t0 + r % n;
+    const int s = r / n;
+    const int slot = (int)((unsigned)t % (unsigned)ring_len);
+    const uint4* src = (const uint4*)(ring + ((long)s * ring_len + slot) * D + g * GROUP);
     float x[GROUP];
 #pragma unroll
     for (int k = 0; k < GROUP / 8; k++) {
@@ -204,20 +208,24 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
                                         long cap) {
     constexpr int G = 32;
     const int pairs = D / 2;
-    const long nb = b1 - b0;
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)streams * nb * pairs) return;
-    const int c = 2 * (int)(i % pairs);
-    long r = i / pairs;
+    const int nb = (int)(b1 - b0);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= streams * nb * pairs) return;
+    const int c = 2 * (i % pairs);
+    const int r = i / pairs;
     const long blk = b0 + r % nb;
-    const int s = (int)(r / nb);
+    const int s = r / nb;
     const __half* base = ring + (long)s * ring_len * D + c;
+    // The block's first ring slot, once; then step and wrap (a 64-bit % per token was
+    // most of this kernel's time).
+    int slot = (int)((blk * G) % ring_len);
     float x0[G], x1[G];
 #pragma unroll
     for (int j = 0; j < G; j++) {
-        const float2 f = __half22float2(*(const __half2*)(base + ((blk * G + j) % ring_len) * D));
+        const float2 f = __half22float2(*(const __half2*)(base + (long)slot * D));
         x0[j] = f.x;
         x1[j] = f.y;
+        slot = slot + 1 == ring_len ? 0 : slot + 1;
     }
     const float qmax = (float)((1 << BITS) - 1);
     const long at = ((long)s * (cap / G) + blk) * D + c;
@@ -322,13 +330,42 @@ struct AttnArgs {
     long n, nqk, nqv;        // tokens held; keys quantized; values quantized
     int tiles_per_split, splits;
     float scale_log2;        // softmax scale · log2(e)
+    int tile0, tile_end;     // this launch's tiles: [tile0, tile_end)
+    int split0;              // its first split's index among `splits`
 };
+
+// After every warp of the block has left its online-softmax state (max, sum,
+// unnormalized output per query) in shared memory: merges them and writes the split's
+// partial result for queries r0 .. r0 + NQ of stream s.
+template <int D, int NQ>
+__device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
+                                            const float (*sm_acc)[NQ][D], int s, int split, int r0) {
+    for (int idx = threadIdx.x; idx < NQ * D; idx += WARPS * 32) {
+        const int r = idx / D, c = idx % D;
+        if (r0 + r >= a.rep) continue;
+        float M = -INFINITY;
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_m[w][r]);
+        float L = 0.f, A = 0.f;
+        for (int w = 0; w < WARPS; w++) {
+            if (sm_m[w][r] == -INFINITY) continue;
+            const float e = exp2f(sm_m[w][r] - M);
+            L += sm_l[w][r] * e;
+            A += sm_acc[w][r][c] * e;
+        }
+        const long o = ((long)s * a.splits + split) * a.rep + r0 + r;
+        a.part_acc[o * D + c] = A;
+        if (c == 0) {
+            a.part_ml[o * 2] = M;
+            a.part_ml[o * 2 + 1] = L;
+        }
+    }
+}
 
 template <int D, int KB, int VB, int REP>
 __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
     constexpr int C = D / 32;          // channels per lane
     constexpr int KW = 32 * KB / 32;   // u32 words of one channel's codes in a 32-token tile
-    const int s = blockIdx.x, split = blockIdx.y, r0 = blockIdx.z * REP;
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int c0 = lane * C;
@@ -351,9 +388,8 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
         for (int i = 0; i < C; i++) acc[r][i] = 0.f;
     }
 
-    const long ntiles = (a.n + 31) / 32;
-    const long tb = (long)split * a.tiles_per_split;
-    const long te = min(ntiles, tb + a.tiles_per_split);
+    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
+    const long te = min((long)a.tile_end, tb + a.tiles_per_split);
     const long kblocks = a.cap / a.G;
     const int vrow = D * VB / 8;          // bytes of one token's value codes
     const int vgpt = D / a.Gv;            // value groups per token
@@ -514,25 +550,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
 #pragma unroll
         for (int i = 0; i < C; i++) sm_acc[warp][r][c0 + i] = acc[r][i] + accm[r];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < REP * D; idx += WARPS * 32) {
-        const int r = idx / D, c = idx % D;
-        if (r0 + r >= a.rep) continue;
-        float M = -INFINITY;
-        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_m[w][r]);
-        float L = 0.f, A = 0.f;
-        for (int w = 0; w < WARPS; w++) {
-            if (sm_m[w][r] == -INFINITY) continue;
-            const float e = exp2f(sm_m[w][r] - M);
-            L += sm_l[w][r] * e;
-            A += sm_acc[w][r][c] * e;
-        }
-        const long o = ((long)s * a.splits + split) * a.rep + r0 + r;
-        a.part_acc[o * D + c] = A;
-        if (c == 0) {
-            a.part_ml[o * 2] = M;
-            a.part_ml[o * 2 + 1] = L;
-        }
-    }
+    write_split<D, REP>(a, sm_m, sm_l, sm_acc, s, split, r0);
 }
 
 #define ATTN_ENTRY(D, KB, VB, REP)                                                         \
@@ -549,6 +567,321 @@ ATTN_REPS(128, 2, 2)
 ATTN_REPS(128, 4, 4)
 ATTN_REPS(128, 2, 4)
 ATTN_REPS(128, 4, 2)
+
+// ---------------------------------------------------------------- decode attention on tensor cores
+// The same attention over whole tiles of 32 tokens whose keys and values are both packed,
+// with both products on tensor cores (mma.sync m16n8k16: f16 in, f32 accumulate):
+//   scores  S[t][q] = Σ_c code_k[t][c] · x[c][q] + Σ_c q·min_k,  x = q · scale_k
+//   output  O[c][q] = Σ_t code_v[t][c] · p[t][q] · scale_v[t] + Σ_t p[t][q] · min_v[t]
+// The MMA's 16 rows are tokens (scores) and channels (output); its 8 columns are the
+// ≤ 8 query heads that share a KV head. A code enters as the exact f16 1 + code/2^bits:
+// its bits dropped into the top of an f16 mantissa by a rotate or shift, a byte permute
+// and a mask per two codes. The 1 comes back out with the bias terms, which the thread
+// sums in f32. x = U·q·scale is split into f16 hi + lo (two MMAs: keys keep f32-like
+// precision); U·p·scale_v is one f16, its rounding undone in the bias. The score
+// fragments become the value product's operand through movmatrix (an 8×8 transpose).
+// Each warp streams its tiles through shared memory with cp.async, STAGES deep.
+namespace tc {
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// An 8×8 f16 matrix in fragment layout (lane i: row i/4, columns 2(i%4), +1) → its transpose.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+__device__ __forceinline__ uint32_t bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// 2-bit codes: u and v hold 16 codes each; this lane's sit at bits 2g (row g) and
+// 2g + 16 (row g + 8). Rotating right by rot = (2g − 8) mod 32 puts them on bits 8–9
+// and 24–25; the permute pairs u's with v's. Each half becomes f16 1 + code/4.
+__device__ __forceinline__ void pair2(uint32_t u, uint32_t v, int rot, uint32_t& row_g, uint32_t& row_g8) {
+    const uint32_t x = __funnelshift_r(u, u, rot), y = __funnelshift_r(v, v, rot);
+    row_g = (__byte_perm(x, y, 0x5410) & 0x03000300u) | 0x3C003C00u;
+    row_g8 = (__byte_perm(x, y, 0x7632) & 0x03000300u) | 0x3C003C00u;
+}
+// 4-bit codes: nibble g of u and of v. `sel` copies byte g/2 of u to bytes 0–1 and of v to
+// bytes 2–3; shifting right by sh = 2 + 4(g & 1) puts the nibbles on bits 6–9 and 22–25:
+// f16 1 + code/16.
+__device__ __forceinline__ uint32_t pair4(uint32_t u, uint32_t v, uint32_t sel, int sh) {
+    return ((__byte_perm(u, v, sel) >> sh) & 0x03C003C0u) | 0x3C003C00u;
+}
+
+// One warp's tile in shared memory: key codes (channel by channel, 32 tokens each), key
+// params, 32 value rows, their params.
+template <int D, int KB, int VB>
+struct Tile {
+    static constexpr int KC = D * 4 * KB;
+    static constexpr int KP = D * 4;
+    static constexpr int VC = 32 * D * VB / 8;
+    static constexpr int VP = 32 * (D / 32) * 4;
+    static constexpr int BYTES = KC + KP + VC + VP;
+    static constexpr int STAGES = WARPS * 3 * BYTES <= 40 * 1024 ? 3 : 2;
+};
+constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's columns)
+
+template <int D, int KB, int VB, int GPT>
+__device__ __forceinline__ void decode_attn(const AttnArgs& a) {
+    using T = Tile<D, KB, VB>;
+    constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
+    constexpr int CB = 4 * KB;        // bytes of one channel's codes in a tile
+    constexpr int VROW = D * VB / 8;  // bytes of one value row
+    constexpr float UK = (float)(1 << KB), UV = (float)(1 << VB);
+    static_assert(2 * WARPS * NQ * 4 + WARPS * NQ * D * 4 <= WARPS * T::STAGES * T::BYTES, "merge area");
+    __shared__ __align__(16) unsigned char sm[WARPS * T::STAGES * T::BYTES];
+    __shared__ __align__(16) float sq[NQ][D + 8];  // padded: the 8 row groups hit distinct banks
+
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y;
+    const int b = s / a.Hkv, h = s % a.Hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    for (int i = threadIdx.x; i < NQ * D; i += WARPS * 32) {
+        const int r = i / D, c = i % D;
+        sq[r][c] = r < a.rep ? a.q[((long)b * a.Hq + h * a.rep + r) * D + c] * a.scale_log2 : 0.f;
+    }
+    __syncthreads();
+
+    const long kblocks = a.cap / a.G;
+    const int kstride = a.G * KB / 8;  // bytes between channels in a key block
+    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
+    const long te = min((long)a.tile_end, tb + a.tiles_per_split);
+    const int count = te > tb + warp ? (int)((te - tb - warp + WARPS - 1) / WARPS) : 0;
+    unsigned char* mine = sm + warp * T::STAGES * T::BYTES;
+    auto load = [&](int i) {
+        const long t0 = (tb + warp + (long)i * WARPS) * 32, blk = t0 / a.G;
+        unsigned char* st = mine + (i % T::STAGES) * T::BYTES;
+        const long kat = ((long)s * kblocks + blk) * D;
+        const uint8_t* kc = a.kcodes + kat * kstride + (t0 % a.G) * KB / 8;
+        for (int c = lane; c < D; c += 32) cp_async<CB>(st + c * CB, kc + (long)c * kstride);
+        const unsigned char* kp = (const unsigned char*)(a.kparams + kat);
+        for (int j = lane; j < T::KP / 16; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
+        const uint8_t* vc = a.vcodes + ((long)s * a.cap + t0) * VROW;
+        for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * j, vc + 16 * j);
+        const unsigned char* vp = (const unsigned char*)(a.vparams + ((long)s * a.cap + t0) * GPT);
+        for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + T::KP + T::VC + 16 * j, vp + 16 * j);
+    };
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // queries 2tq, 2tq + 1
+    float acc[KS][4];     // output fragments: channels 16mt + g (+ 8) × queries 2tq (+ 1)
+    float extra[GPT][2];  // Σ p·min_v − Σ (rounded U·p·scale_v) per value group, queries 2tq (+ 1)
+#pragma unroll
+    for (int mt = 0; mt < KS; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+#pragma unroll
+    for (int gr = 0; gr < GPT; gr++) extra[gr][0] = extra[gr][1] = 0.f;
+    const int rot = (2 * g - 8) & 31;
+    const uint32_t sel = (uint32_t)(g >> 1) * 0x11u + (uint32_t)(4 + (g >> 1)) * 0x1100u;
+    const int sh = 2 + 4 * (g & 1);
+
+#pragma unroll
+    for (int i = 0; i < T::STAGES - 1; i++) {
+        if (i < count) load(i);
+        cp_commit();
+    }
+    for (int i = 0; i < count; i++) {
+        if (i + T::STAGES - 1 < count) load(i + T::STAGES - 1);
+        cp_commit();
+        cp_wait<T::STAGES - 1>();
+        __syncwarp();
+        const unsigned char* st = mine + (i % T::STAGES) * T::BYTES;
+        const uint32_t* kc = (const uint32_t*)st;
+        const __half2* kp = (const __half2*)(st + T::KC);
+        const unsigned char* vc = st + T::KC + T::KP;
+        const __half2* vp = (const __half2*)(st + T::KC + T::KP + T::VC);
+
+        // Scores: rows = tokens (two m-tiles of 16), k = channels, columns = queries.
+        float sc[2][4] = {};
+        float base = 0.f;  // Σ q·min − Σ x over this lane's channels, query g
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            const int c0 = 16 * ks + 2 * tq;
+            const float2 qa = *(const float2*)&sq[g][c0], qb = *(const float2*)&sq[g][c0 + 8];
+            const float2 p0 = __half22float2(kp[c0]), p1 = __half22float2(kp[c0 + 1]);
+            const float2 p8 = __half22float2(kp[c0 + 8]), p9 = __half22float2(kp[c0 + 9]);
+            const float x0 = qa.x * p0.y * UK, x1 = qa.y * p1.y * UK, x8 = qb.x * p8.y * UK, x9 = qb.y * p9.y * UK;
+            const __half2 h01 = __floats2half2_rn(x0, x1), h89 = __floats2half2_rn(x8, x9);
+            const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
+            const uint32_t l01 = bits(__floats2half2_rn(x0 - f01.x, x1 - f01.y));
+            const uint32_t l89 = bits(__floats2half2_rn(x8 - f89.x, x9 - f89.y));
+            base += qa.x * p0.x + qa.y * p1.x + qb.x * p8.x + qb.y * p9.x - ((x0 + x1) + (x8 + x9));
+            uint32_t A0[4], A1[4];  // tokens 0–15, 16–31
+            if constexpr (KB == 2) {
+                // A channel's 32 codes are two words (tokens 0–15, 16–31).
+                const uint4 wa = *(const uint4*)(kc + 2 * c0), wb = *(const uint4*)(kc + 2 * (c0 + 8));
+                pair2(wa.x, wa.z, rot, A0[0], A0[1]);
+                pair2(wb.x, wb.z, rot, A0[2], A0[3]);
+                pair2(wa.y, wa.w, rot, A1[0], A1[1]);
+                pair2(wb.y, wb.w, rot, A1[2], A1[3]);
+            } else {
+                // Four words (tokens 0–7, 8–15, 16–23, 24–31).
+                const uint4 w0 = *(const uint4*)(kc + 4 * c0), w1 = *(const uint4*)(kc + 4 * (c0 + 1));
+                const uint4 w8 = *(const uint4*)(kc + 4 * (c0 + 8)), w9 = *(const uint4*)(kc + 4 * (c0 + 9));
+                A0[0] = pair4(w0.x, w1.x, sel, sh);
+                A0[1] = pair4(w0.y, w1.y, sel, sh);
+                A0[2] = pair4(w8.x, w9.x, sel, sh);
+                A0[3] = pair4(w8.y, w9.y, sel, sh);
+                A1[0] = pair4(w0.z, w1.z, sel, sh);
+                A1[1] = pair4(w0.w, w1.w, sel, sh);
+                A1[2] = pair4(w8.z, w9.z, sel, sh);
+                A1[3] = pair4(w8.w, w9.w, sel, sh);
+            }
+            mma(sc[0], A0, bits(h01), bits(h89));
+            mma(sc[0], A0, l01, l89);
+            mma(sc[1], A1, bits(h01), bits(h89));
+            mma(sc[1], A1, l01, l89);
+        }
+        base += __shfl_xor_sync(FULL_MASK, base, 1);
+        base += __shfl_xor_sync(FULL_MASK, base, 2);
+        const float bq[2] = {__shfl_sync(FULL_MASK, base, 8 * tq), __shfl_sync(FULL_MASK, base, 8 * tq + 4)};
+
+        // Online softmax (base 2) per query; this lane holds tokens g, g + 8, g + 16, g + 24.
+        float corr[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                sc[mt][j] += bq[j];
+                sc[mt][j + 2] += bq[j];
+            }
+            float mx = fmaxf(fmaxf(sc[0][j], sc[0][j + 2]), fmaxf(sc[1][j], sc[1][j + 2]));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
+            const float mn = fmaxf(m[j], mx);
+            corr[j] = exp2f(m[j] - mn);
+            m[j] = mn;
+            float ps = 0.f;
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                sc[mt][j] = exp2f(sc[mt][j] - mn);
+                sc[mt][j + 2] = exp2f(sc[mt][j + 2] - mn);
+                ps += sc[mt][j] + sc[mt][j + 2];
+            }
+            l[j] = l[j] * corr[j] + ps;
+        }
+#pragma unroll
+        for (int mt = 0; mt < KS; mt++) {
+            acc[mt][0] *= corr[0];
+            acc[mt][1] *= corr[1];
+            acc[mt][2] *= corr[0];
+            acc[mt][3] *= corr[1];
+        }
+#pragma unroll
+        for (int gr = 0; gr < GPT; gr++) {
+            extra[gr][0] *= corr[0];
+            extra[gr][1] *= corr[1];
+        }
+
+        // Output: rows = channels (KS m-tiles), k = tokens (two steps of 16), columns = queries.
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++) {
+            uint32_t b0[GPT], b1[GPT];
+            const int ta = 16 * ks + g;  // this lane's tokens in the score fragments: ta, ta + 8
+#pragma unroll
+            for (int gr = 0; gr < GPT; gr++) {
+                const float2 pa = __half22float2(vp[ta * GPT + gr]), pb = __half22float2(vp[(ta + 8) * GPT + gr]);
+                const __half2 r0 = __floats2half2_rn(sc[ks][0] * pa.y * UV, sc[ks][1] * pa.y * UV);
+                const __half2 r1 = __floats2half2_rn(sc[ks][2] * pb.y * UV, sc[ks][3] * pb.y * UV);
+                const float2 f0 = __half22float2(r0), f1 = __half22float2(r1);
+                extra[gr][0] += sc[ks][0] * pa.x + sc[ks][2] * pb.x - (f0.x + f1.x);
+                extra[gr][1] += sc[ks][1] * pa.x + sc[ks][3] * pb.x - (f0.y + f1.y);
+                b0[gr] = transpose8x8(bits(r0));  // k = tokens 2tq, 2tq + 1; column = query g
+                b1[gr] = transpose8x8(bits(r1));  // tokens 2tq + 8, 2tq + 9
+            }
+            const unsigned char* rows = vc + (16 * ks + 2 * tq) * VROW;  // tokens 2tq, +1, +8, +9
+#pragma unroll
+            for (int w4 = 0; w4 < VROW / 16; w4++) {
+                const uint4 ra = *(const uint4*)(rows + 16 * w4), rb = *(const uint4*)(rows + VROW + 16 * w4);
+                const uint4 r8 = *(const uint4*)(rows + 8 * VROW + 16 * w4), r9 = *(const uint4*)(rows + 9 * VROW + 16 * w4);
+                const uint32_t wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
+                const uint32_t w8[4] = {r8.x, r8.y, r8.z, r8.w}, w9[4] = {r9.x, r9.y, r9.z, r9.w};
+                if constexpr (VB == 2) {
+                    // A word holds 16 channels: one m-tile.
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int mt = 4 * w4 + e, gr = mt * GPT / KS;
+                        uint32_t A[4];
+                        pair2(wa[e], wb[e], rot, A[0], A[1]);
+                        pair2(w8[e], w9[e], rot, A[2], A[3]);
+                        mma(acc[mt], A, b0[gr], b1[gr]);
+                    }
+                } else {
+                    // Two words (channels 0–7, 8–15) per m-tile.
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int mt = 2 * w4 + e, gr = mt * GPT / KS;
+                        const uint32_t A[4] = {pair4(wa[2 * e], wb[2 * e], sel, sh), pair4(wa[2 * e + 1], wb[2 * e + 1], sel, sh),
+                                               pair4(w8[2 * e], w9[2 * e], sel, sh), pair4(w8[2 * e + 1], w9[2 * e + 1], sel, sh)};
+                        mma(acc[mt], A, b0[gr], b1[gr]);
+                    }
+                }
+            }
+        }
+        __syncwarp();  // the stage is refilled next iteration
+    }
+    cp_wait<0>();
+
+    // Sums over the lanes' tokens, then the block merge (the tile buffers are reused).
+#pragma unroll
+    for (int o = 4; o <= 16; o <<= 1) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            l[j] += __shfl_xor_sync(FULL_MASK, l[j], o);
+#pragma unroll
+            for (int gr = 0; gr < GPT; gr++) extra[gr][j] += __shfl_xor_sync(FULL_MASK, extra[gr][j], o);
+        }
+    }
+    __syncthreads();
+    auto sm_m = reinterpret_cast<float (*)[NQ]>(sm);
+    auto sm_l = reinterpret_cast<float (*)[NQ]>(sm + WARPS * NQ * 4);
+    auto sm_acc = reinterpret_cast<float (*)[NQ][D]>(sm + 2 * WARPS * NQ * 4);
+    if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sm_m[warp][2 * tq + j] = m[j];
+            sm_l[warp][2 * tq + j] = l[j];
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < KS; mt++) {
+        const int gr = mt * GPT / KS;
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sm_acc[warp][2 * tq + j][16 * mt + g] = acc[mt][j] + extra[gr][j];
+            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = acc[mt][j + 2] + extra[gr][j];
+        }
+    }
+    __syncthreads();
+    write_split<D, NQ>(a, sm_m, sm_l, sm_acc, s, split, 0);
+}
+}  // namespace tc
+
+#define TC_ENTRY(D, KB, VB, GPT)                                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
+        kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
+        tc::decode_attn<D, KB, VB, GPT>(a);                                                  \
+    }
+#define TC_BITS(D, GPT) TC_ENTRY(D, 2, 2, GPT) TC_ENTRY(D, 4, 4, GPT) TC_ENTRY(D, 2, 4, GPT) TC_ENTRY(D, 4, 2, GPT)
+TC_BITS(64, 1)
+TC_BITS(64, 2)
+TC_BITS(128, 1)
+TC_BITS(128, 2)
+TC_BITS(128, 4)
+
 
 // Merges the splits of every (stream, query): out = Σ acc·2^(m−M) / Σ l·2^(m−M).
 // Grid: streams · rep blocks of D threads. out: [batch][Hq][D].

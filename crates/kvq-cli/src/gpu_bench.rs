@@ -7,7 +7,7 @@ use crate::table::Table;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kvq::cache::{Cache, CacheConfig, CacheShape, FullPrecision, KvCache, Scheme};
-use kvq::cuda::{self, KiviGpuLayer};
+use kvq::cuda::{self, AttnKernel, KiviGpuLayer};
 use serde::{Deserialize, Serialize};
 
 /// The bound on the attention output vs the CPU reference.
@@ -173,16 +173,15 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             if c.max_rel_error > MAX_REL_ERROR {
                 failures.push(format!("{} {name}: attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c.max_rel_error));
             }
-            // The same kernel with fewer query heads a block (fewer registers, more blocks).
-            if rep > 2 {
-                let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
-                let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, 2))?;
-                let got2 = dev.clone_dtoh(&o2)?;
-                let err2 = rel_error(&got2, &got);
-                push(&format!("{name} attend, 2 heads/block"), layer.bytes_read(), ms2, None, Some(err2), &mut t);
-                if err2 > 1e-5 {
-                    failures.push(format!("{} {name}: 2 heads a block differs from 4 by {err2:.1e}", sh.name));
-                }
+            // The first kernel, all on CUDA cores: a second implementation checked the same way.
+            let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
+            let simt = AttnKernel::CudaCores { heads_per_block: 4 };
+            let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, simt))?;
+            let got2 = dev.clone_dtoh(&o2)?;
+            let c2 = cuda::check_kivi(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got2)?;
+            push(&format!("{name} attend, CUDA cores"), layer.bytes_read(), ms2, Some(c2.packed_bytes_equal), Some(c2.max_rel_error), &mut t);
+            if c2.max_rel_error > MAX_REL_ERROR {
+                failures.push(format!("{} {name} (CUDA cores): attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c2.max_rel_error));
             }
 
             // Quantize + pack, bulk: every token of K and V in one launch each.

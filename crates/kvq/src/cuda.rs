@@ -111,9 +111,44 @@ struct AttnArgs {
     tiles_per_split: i32,
     splits: i32,
     scale_log2: f32,
+    tile0: i32,
+    tile_end: i32,
+    split0: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnArgs {}
+
+/// Which decode-attention kernel reads the packed tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Tensor cores where they apply (at most 8 query heads a KV head), else CUDA cores.
+    Auto,
+    /// Both products on tensor cores (`tc::decode_attn` in kivi.cu) for the tiles whose
+    /// keys and values are all packed; the window's tiles go to the CUDA-core kernel.
+    TensorCores,
+    /// Everything on CUDA cores, `heads_per_block` (1..=4) query heads a block: the
+    /// first kernel, kept as a second reference and for more than 8 query heads a KV head.
+    CudaCores { heads_per_block: usize },
+}
+
+/// Query heads a KV head may serve in the tensor-core kernel (the MMA's 8 columns).
+const TC_MAX_REP: usize = 8;
+
+/// Splits a range of `tiles` so that `blocks_per_split` × splits ≈ `target` blocks, each
+/// warp of a block keeping at least one tile: (splits, tiles a split).
+fn plan_splits(tiles: usize, blocks_per_split: usize, target: usize) -> (usize, usize) {
+    let splits = target.div_ceil(blocks_per_split).clamp(1, tiles.div_ceil(WARPS as usize)).min(tiles);
+    let per = tiles.div_ceil(splits);
+    (tiles.div_ceil(per), per)
+}
+
+/// A launch's thread count as the kernels index it: 32-bit.
+fn threads_i32(n: usize) -> Result<usize> {
+    if n > i32::MAX as usize {
+        return Err(KvqError::Unsupported(format!("{n} threads in one launch: the quantize kernels index with 32 bits")));
+    }
+    Ok(n)
+}
 
 /// One layer of a KIVI cache on the GPU.
 pub struct KiviGpuLayer {
@@ -294,7 +329,7 @@ impl KiviGpuLayer {
         }
         if nqk > self.nqk {
             let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
-            let n = s * (nqk - self.nqk) / g * d / if g == 32 { 2 } else { 1 }; // pairs of channels at g = 32
+            let n = threads_i32(s * (nqk - self.nqk) / g * d / if g == 32 { 2 } else { 1 })?; // pairs of channels at g = 32
             let name = format!("quant_channel_blocks_b{}", self.k_bits);
             let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
             launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
@@ -303,7 +338,7 @@ impl KiviGpuLayer {
         let nqv = self.len.saturating_sub(self.residual);
         if nqv > self.nqv {
             let (t0, t1) = (self.nqv as i64, nqv as i64);
-            let n = s * (nqv - self.nqv) * (d / self.value_group);
+            let n = threads_i32(s * (nqv - self.nqv) * (d / self.value_group))?;
             let name = format!("quant_token_groups_b{}", self.v_bits);
             let (vr, di, gv, si, cap) = (self.vring as i32, d as i32, self.value_group as i32, s as i32, self.capacity as i64);
             launch!(dev, &name, grid_1d(n), &self.vtail, &vr, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
@@ -315,16 +350,14 @@ impl KiviGpuLayer {
     /// Decode attention: one query token per sequence, `q` `[batch][q_heads][D]` (f32),
     /// over every token held; writes `out` (same shape). `splits` = 0 picks a split count.
     pub fn attend(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize) -> Result<()> {
-        self.attend_with(q, q_heads, out, splits, 4)
+        self.attend_with(q, q_heads, out, splits, AttnKernel::Auto)
     }
 
-    /// [`KiviGpuLayer::attend`] with at most `heads_per_block` (1..=4) query heads a block:
-    /// fewer heads per block means fewer registers and more blocks, at the cost of
-    /// reading each KV head's codes once per block.
-    pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize, heads_per_block: usize) -> Result<()> {
-        if !(1..=4).contains(&heads_per_block) {
-            return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {heads_per_block}")));
-        }
+    /// [`KiviGpuLayer::attend`] with a chosen kernel. The tensor-core kernel takes the
+    /// tiles of 32 tokens whose keys and values are all packed and the CUDA-core kernel
+    /// the rest (the window), each into its own splits; `combine_splits` merges them all.
+    /// `splits` > 0 fixes the splits of the main part.
+    pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize, kernel: AttnKernel) -> Result<()> {
         let (s, d) = (self.streams, self.head_dim);
         if self.len == 0 {
             return Err(KvqError::Shape("attention over an empty cache".into()));
@@ -338,18 +371,41 @@ impl KiviGpuLayer {
             return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
         }
         let rep = q_heads / kv_heads;
+        let (tensor_cores, heads_per_block) = match kernel {
+            AttnKernel::Auto => (rep <= TC_MAX_REP, 4),
+            AttnKernel::TensorCores if rep > TC_MAX_REP => {
+                return Err(KvqError::Unsupported(format!("the tensor-core kernel serves at most {TC_MAX_REP} query heads a KV head, not {rep}")));
+            }
+            AttnKernel::TensorCores => (true, 4),
+            AttnKernel::CudaCores { heads_per_block: h } if !(1..=4).contains(&h) => {
+                return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {h}")));
+            }
+            AttnKernel::CudaCores { heads_per_block: h } => (false, h),
+        };
+        let ntiles = self.len.div_ceil(TILE);
+        let packed = if tensor_cores { self.nqk.min(self.nqv) / TILE } else { 0 };
         let rep_chunk = rep.min(heads_per_block);
         let chunks = rep.div_ceil(rep_chunk);
-        let ntiles = self.len.div_ceil(TILE);
-        // Enough blocks to fill the GPU about four times over, at least a tile per warp.
-        let splits = if splits > 0 { splits } else { (4 * self.sms).div_ceil(s * chunks).clamp(1, ntiles.div_ceil(WARPS as usize)) };
-        let splits = splits.min(ntiles);
-        let tiles_per_split = ntiles.div_ceil(splits);
-        let splits = ntiles.div_ceil(tiles_per_split);
-        let need_acc = s * splits * rep * d;
+        let fixed = |tiles: usize| {
+            let per = tiles.div_ceil(splits.min(tiles));
+            (tiles.div_ceil(per), per)
+        };
+        // The tensor-core kernel fits about 5 blocks an SM: aim for 8 blocks an SM in all.
+        let (tc_splits, tc_per) = match packed {
+            0 => (0, 1),
+            t if splits > 0 => fixed(t),
+            t => plan_splits(t, s, 8 * self.sms),
+        };
+        let (cc_splits, cc_per) = match ntiles - packed {
+            0 => (0, 1),
+            t if splits > 0 && packed == 0 => fixed(t),
+            t => plan_splits(t, s * chunks, 4 * self.sms),
+        };
+        let total = tc_splits + cc_splits;
+        let need_acc = s * total * rep * d;
         if self.part_acc.len() < need_acc {
             self.part_acc = self.dev.alloc_zeros::<f32>(need_acc).map_err(gpu)?;
-            self.part_ml = self.dev.alloc_zeros::<f32>(s * splits * rep * 2).map_err(gpu)?;
+            self.part_ml = self.dev.alloc_zeros::<f32>(s * total * rep * 2).map_err(gpu)?;
         }
         let stream = self.dev.cuda_stream();
         let args = {
@@ -383,16 +439,28 @@ impl KiviGpuLayer {
                 n: self.len as i64,
                 nqk: self.nqk as i64,
                 nqv: self.nqv as i64,
-                tiles_per_split: tiles_per_split as i32,
-                splits: splits as i32,
+                tiles_per_split: tc_per as i32,
+                splits: total as i32,
                 scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+                tile0: 0,
+                tile_end: packed as i32,
+                split0: 0,
             }
         };
-        let name = format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits);
-        let cfg = LaunchConfig { grid_dim: (s as u32, splits as u32, chunks as u32), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.dev, &name, cfg, &args);
+        let block = (WARPS * 32, 1, 1);
+        if tc_splits > 0 {
+            let name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group);
+            let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, 1), block_dim: block, shared_mem_bytes: 0 };
+            launch!(self.dev, &name, cfg, &args);
+        }
+        if cc_splits > 0 {
+            let args = AttnArgs { tiles_per_split: cc_per as i32, tile0: packed as i32, tile_end: ntiles as i32, split0: tc_splits as i32, ..args };
+            let name = format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits);
+            let cfg = LaunchConfig { grid_dim: (s as u32, cc_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
+            launch!(self.dev, &name, cfg, &args);
+        }
         let cfg = LaunchConfig { grid_dim: ((s * rep) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
-        let (sp, ri, hk, di) = (splits as i32, rep as i32, kv_heads as i32, d as i32);
+        let (sp, ri, hk, di) = (total as i32, rep as i32, kv_heads as i32, d as i32);
         launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
         Ok(())
     }
@@ -523,11 +591,12 @@ impl KiviGpuLayer {
         let (ring, di, gi, si, cap) = (src_tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
         let (b0, b1) = (0i64, (tokens / g) as i64);
         let name = format!("quant_channel_blocks_b{}", self.k_bits);
-        let threads = s * tokens / g * d / if g == 32 { 2 } else { 1 };
+        let threads = threads_i32(s * tokens / g * d / if g == 32 { 2 } else { 1 })?;
+        let vthreads = threads_i32(s * tokens * (d / self.value_group))?;
         launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
         let (t0, t1, gv) = (0i64, tokens as i64, self.value_group as i32);
         let name = format!("quant_token_groups_b{}", self.v_bits);
-        launch!(dev, &name, grid_1d(s * tokens * (d / self.value_group)), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
+        launch!(dev, &name, grid_1d(vthreads), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
         // Every token is now held quantized (no window): what download_stream reads.
         (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
         let read = 2 * s * tokens * d * 2;
