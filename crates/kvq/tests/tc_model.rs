@@ -1,0 +1,415 @@
+//! A lane-by-lane model of the tensor-core decode attention in `kernels/kivi.cu`
+//! (`tc::decode_attn`), run on the CPU against the CPU cache.
+//!
+//! CI has no GPU, and the GPU benchmark (`bench/gpu.sh run`) checks the kernel itself
+//! only where a GPU is lent. This test replays the kernel's arithmetic for each of a
+//! warp's 32 lanes on the bytes the CPU cache packs: the bit tricks that turn packed
+//! codes into f16 MMA operands, the fragment layouts of `mma.m16n8k16` and `movmatrix`
+//! (as the PTX ISA defines them), the shuffles, the bias terms, the online softmax and
+//! the merge of the warps. Its output must match the CPU cache's attention. It is a
+//! model, not the kernel: a change to one must be made to the other.
+
+use half::f16;
+use kvq::cache::{Cache, CacheConfig, CacheShape, KvCache, Overrides, Scheme};
+use kvq::rng::SplitMix64;
+
+type Lanes<T> = [T; 32];
+const WARPS: usize = 4;
+const NQ: usize = 8;
+
+fn lanes<T>(f: impl FnMut(usize) -> T) -> Lanes<T> {
+    std::array::from_fn(f)
+}
+
+// ---- the device intrinsics
+/// `__byte_perm(x, y, s)`: byte i of the result is byte `s[4i..4i+3]` of y:x.
+fn byte_perm(x: u32, y: u32, s: u32) -> u32 {
+    let bytes = ((y as u64) << 32) | x as u64;
+    (0..4).fold(0, |r, i| r | ((((bytes >> (8 * ((s >> (4 * i)) & 7))) & 0xff) as u32) << (8 * i)))
+}
+/// `__funnelshift_r(lo, hi, sh)`: the low word of hi:lo shifted right by sh mod 32.
+fn funnelshift_r(lo: u32, hi: u32, sh: u32) -> u32 {
+    ((((hi as u64) << 32) | lo as u64) >> (sh & 31)) as u32
+}
+/// `__floats2half2_rn`: round to nearest even, `lo` in the low half.
+fn h2(lo: f32, hi: f32) -> u32 {
+    f16::from_f32(lo).to_bits() as u32 | (f16::from_f32(hi).to_bits() as u32) << 16
+}
+fn unh2(x: u32) -> (f32, f32) {
+    (f16::from_bits(x as u16).to_f32(), f16::from_bits((x >> 16) as u16).to_f32())
+}
+/// `mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`. Lane l (g = l/4, t = l%4) holds
+/// A (16×16) elements (g, 2t..2t+1) in register 0, (g+8, 2t..) in 1, (g, 2t+8..) in 2,
+/// (g+8, 2t+8..) in 3; B (16×8) (2t..2t+1, g) in b0 and (2t+8..2t+9, g) in b1;
+/// C (16×8) (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+fn mma(c: &mut Lanes<[f32; 4]>, a: &Lanes<[u32; 4]>, b0: &Lanes<u32>, b1: &Lanes<u32>) {
+    let mut am = [[0f32; 16]; 16];
+    let mut bm = [[0f32; 8]; 16];
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for (r, (row, col)) in [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)].into_iter().enumerate() {
+            (am[row][col], am[row][col + 1]) = unh2(a[l][r]);
+        }
+        (bm[2 * t][g], bm[2 * t + 1][g]) = unh2(b0[l]);
+        (bm[2 * t + 8][g], bm[2 * t + 9][g]) = unh2(b1[l]);
+    }
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for (i, (row, col)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
+            let dot: f64 = (0..16).map(|k| am[row][k] as f64 * bm[k][col] as f64).sum();
+            c[l][i] = (c[l][i] as f64 + dot) as f32;
+        }
+    }
+}
+/// `movmatrix.sync.aligned.m8n8.trans.b16`: lane l holds row l/4, columns 2(l%4), +1.
+fn transpose8x8(x: &Lanes<u32>) -> Lanes<u32> {
+    let mut m = [[0u16; 8]; 8];
+    for l in 0..32 {
+        m[l / 4][2 * (l % 4)] = x[l] as u16;
+        m[l / 4][2 * (l % 4) + 1] = (x[l] >> 16) as u16;
+    }
+    lanes(|l| {
+        let (r, c) = (l / 4, 2 * (l % 4));
+        m[c][r] as u32 | (m[c + 1][r] as u32) << 16
+    })
+}
+fn shfl_xor(v: &Lanes<f32>, mask: usize) -> Lanes<f32> {
+    lanes(|l| v[l ^ mask])
+}
+
+// ---- the kernel's helpers
+fn pair2(u: u32, v: u32, rot: u32) -> (u32, u32) {
+    let (x, y) = (funnelshift_r(u, u, rot), funnelshift_r(v, v, rot));
+    ((byte_perm(x, y, 0x5410) & 0x0300_0300) | 0x3C00_3C00, (byte_perm(x, y, 0x7632) & 0x0300_0300) | 0x3C00_3C00)
+}
+fn pair4(u: u32, v: u32, sel: u32, sh: u32) -> u32 {
+    ((byte_perm(u, v, sel) >> sh) & 0x03C0_03C0) | 0x3C00_3C00
+}
+
+/// What the kernel sees of one stream: the CPU cache's packed bytes.
+struct Stream<'a> {
+    d: usize,
+    kb: usize,
+    vb: usize,
+    group: usize,
+    gpt: usize,
+    kcodes: &'a [u8],
+    kparams: Vec<(f32, f32)>,
+    vcodes: &'a [u8],
+    vparams: Vec<(f32, f32)>,
+}
+
+impl Stream<'_> {
+    /// One tile's shared-memory stage, laid out as the kernel's cp.async copies it.
+    fn stage(&self, tile: usize) -> (Vec<u8>, Vec<(f32, f32)>, Vec<u8>, Vec<(f32, f32)>) {
+        let (d, t0) = (self.d, tile * 32);
+        let (blk, cb, kstride) = (t0 / self.group, 4 * self.kb, self.group * self.kb / 8);
+        let first = (t0 % self.group) * self.kb / 8;
+        let mut kc = Vec::with_capacity(d * cb);
+        for c in 0..d {
+            let at = (blk * d + c) * kstride + first;
+            kc.extend_from_slice(&self.kcodes[at..at + cb]);
+        }
+        let kp = self.kparams[blk * d..(blk + 1) * d].to_vec();
+        let vrow = d * self.vb / 8;
+        let vc = self.vcodes[t0 * vrow..(t0 + 32) * vrow].to_vec();
+        let vp = self.vparams[t0 * self.gpt..(t0 + 32) * self.gpt].to_vec();
+        (kc, kp, vc, vp)
+    }
+}
+
+fn token_row(buf: &[f32], stream: usize, n: usize, d: usize, t: usize) -> &[f32] {
+    &buf[(stream * n + t) * d..(stream * n + t + 1) * d]
+}
+
+fn word(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+/// One warp's online-softmax state after its tiles: per query, (max, sum, output[D]).
+struct WarpState {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    out: Vec<Vec<f32>>,
+}
+
+/// The kernel's loop body for every tile of `tiles`, one warp. `sq`: [NQ][D] queries
+/// times the softmax scale in log2 units (zero rows past `rep`).
+fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
+    let (d, kb, vb, gpt) = (st.d, st.kb, st.vb, st.gpt);
+    let ks_n = d / 16;
+    let (uk, uv) = ((1u32 << kb) as f32, (1u32 << vb) as f32);
+    let vrow = d * vb / 8;
+    let mut m: Lanes<[f32; 2]> = [[f32::NEG_INFINITY; 2]; 32];
+    let mut l: Lanes<[f32; 2]> = [[0.0; 2]; 32];
+    let mut acc: Vec<Lanes<[f32; 4]>> = vec![[[0.0; 4]; 32]; ks_n];
+    let mut extra: Vec<Lanes<[f32; 2]>> = vec![[[0.0; 2]; 32]; gpt];
+    let rot = |l: usize| ((2 * (l / 4) as i32 - 8) & 31) as u32;
+    let sel = |l: usize| ((l / 4) >> 1) as u32 * 0x11 + (4 + ((l / 4) >> 1)) as u32 * 0x1100;
+    let sh = |l: usize| 2 + 4 * ((l / 4) & 1) as u32;
+    for &tile in tiles {
+        let (kc, kp, vc, vp) = st.stage(tile);
+        // Scores.
+        let mut sc: [Lanes<[f32; 4]>; 2] = [[[0.0; 4]; 32]; 2];
+        let mut base: Lanes<f32> = [0.0; 32];
+        for ks in 0..ks_n {
+            let (mut a0, mut a1) = ([[0u32; 4]; 32], [[0u32; 4]; 32]);
+            let (mut bh0, mut bh1, mut bl0, mut bl1) = ([0u32; 32], [0u32; 32], [0u32; 32], [0u32; 32]);
+            for ln in 0..32 {
+                let (g, tq) = (ln / 4, ln % 4);
+                let c0 = 16 * ks + 2 * tq;
+                let (qa, qb) = ((sq[g][c0], sq[g][c0 + 1]), (sq[g][c0 + 8], sq[g][c0 + 9]));
+                let (p0, p1, p8, p9) = (kp[c0], kp[c0 + 1], kp[c0 + 8], kp[c0 + 9]);
+                let (x0, x1, x8, x9) = (qa.0 * p0.1 * uk, qa.1 * p1.1 * uk, qb.0 * p8.1 * uk, qb.1 * p9.1 * uk);
+                let (h01, h89) = (h2(x0, x1), h2(x8, x9));
+                let (f01, f89) = (unh2(h01), unh2(h89));
+                (bh0[ln], bh1[ln]) = (h01, h89);
+                (bl0[ln], bl1[ln]) = (h2(x0 - f01.0, x1 - f01.1), h2(x8 - f89.0, x9 - f89.1));
+                base[ln] += qa.0 * p0.0 + qa.1 * p1.0 + qb.0 * p8.0 + qb.1 * p9.0 - ((x0 + x1) + (x8 + x9));
+                if kb == 2 {
+                    let w = |c: usize, i: usize| word(&kc, c * 8 + 4 * i);
+                    (a0[ln][0], a0[ln][1]) = pair2(w(c0, 0), w(c0 + 1, 0), rot(ln));
+                    (a0[ln][2], a0[ln][3]) = pair2(w(c0 + 8, 0), w(c0 + 9, 0), rot(ln));
+                    (a1[ln][0], a1[ln][1]) = pair2(w(c0, 1), w(c0 + 1, 1), rot(ln));
+                    (a1[ln][2], a1[ln][3]) = pair2(w(c0 + 8, 1), w(c0 + 9, 1), rot(ln));
+                } else {
+                    let w = |c: usize, i: usize| word(&kc, c * 16 + 4 * i);
+                    let p = |u: u32, v: u32| pair4(u, v, sel(ln), sh(ln));
+                    a0[ln] = [p(w(c0, 0), w(c0 + 1, 0)), p(w(c0, 1), w(c0 + 1, 1)), p(w(c0 + 8, 0), w(c0 + 9, 0)), p(w(c0 + 8, 1), w(c0 + 9, 1))];
+                    a1[ln] = [p(w(c0, 2), w(c0 + 1, 2)), p(w(c0, 3), w(c0 + 1, 3)), p(w(c0 + 8, 2), w(c0 + 9, 2)), p(w(c0 + 8, 3), w(c0 + 9, 3))];
+                }
+            }
+            mma(&mut sc[0], &a0, &bh0, &bh1);
+            mma(&mut sc[0], &a0, &bl0, &bl1);
+            mma(&mut sc[1], &a1, &bh0, &bh1);
+            mma(&mut sc[1], &a1, &bl0, &bl1);
+        }
+        let b1 = shfl_xor(&base, 1);
+        let base: Lanes<f32> = lanes(|ln| base[ln] + b1[ln]);
+        let b2 = shfl_xor(&base, 2);
+        let base: Lanes<f32> = lanes(|ln| base[ln] + b2[ln]);
+        let bq: Lanes<[f32; 2]> = lanes(|ln| [base[8 * (ln % 4)], base[8 * (ln % 4) + 4]]);
+
+        // Online softmax.
+        let mut corr: Lanes<[f32; 2]> = [[0.0; 2]; 32];
+        for j in 0..2 {
+            for ln in 0..32 {
+                for mt in 0..2 {
+                    sc[mt][ln][j] += bq[ln][j];
+                    sc[mt][ln][j + 2] += bq[ln][j];
+                }
+            }
+            let mut mx: Lanes<f32> = lanes(|ln| sc[0][ln][j].max(sc[0][ln][j + 2]).max(sc[1][ln][j].max(sc[1][ln][j + 2])));
+            for o in [4, 8, 16] {
+                let other = shfl_xor(&mx, o);
+                mx = lanes(|ln| mx[ln].max(other[ln]));
+            }
+            for ln in 0..32 {
+                let mn = m[ln][j].max(mx[ln]);
+                corr[ln][j] = (m[ln][j] - mn).exp2();
+                m[ln][j] = mn;
+                let mut ps = 0.0;
+                for mt in 0..2 {
+                    sc[mt][ln][j] = (sc[mt][ln][j] - mn).exp2();
+                    sc[mt][ln][j + 2] = (sc[mt][ln][j + 2] - mn).exp2();
+                    ps += sc[mt][ln][j] + sc[mt][ln][j + 2];
+                }
+                l[ln][j] = l[ln][j] * corr[ln][j] + ps;
+            }
+        }
+        for ln in 0..32 {
+            for a in acc.iter_mut() {
+                for i in 0..4 {
+                    a[ln][i] *= corr[ln][i & 1];
+                }
+            }
+            for e in extra.iter_mut() {
+                e[ln][0] *= corr[ln][0];
+                e[ln][1] *= corr[ln][1];
+            }
+        }
+
+        // Output.
+        for ks in 0..2 {
+            let mut b0s = Vec::new();
+            let mut b1s = Vec::new();
+            for gr in 0..gpt {
+                let (mut r0, mut r1) = ([0u32; 32], [0u32; 32]);
+                for ln in 0..32 {
+                    let ta = 16 * ks + ln / 4;
+                    let (pa, pb) = (vp[ta * gpt + gr], vp[(ta + 8) * gpt + gr]);
+                    let s = &sc[ks][ln];
+                    r0[ln] = h2(s[0] * pa.1 * uv, s[1] * pa.1 * uv);
+                    r1[ln] = h2(s[2] * pb.1 * uv, s[3] * pb.1 * uv);
+                    let (f0, f1) = (unh2(r0[ln]), unh2(r1[ln]));
+                    extra[gr][ln][0] += s[0] * pa.0 + s[2] * pb.0 - (f0.0 + f1.0);
+                    extra[gr][ln][1] += s[1] * pa.0 + s[3] * pb.0 - (f0.1 + f1.1);
+                }
+                b0s.push(transpose8x8(&r0));
+                b1s.push(transpose8x8(&r1));
+            }
+            for w4 in 0..vrow / 16 {
+                let row = |ln: usize, dt: usize, e: usize| word(&vc, (16 * ks + 2 * (ln % 4) + dt) * vrow + 16 * w4 + 4 * e);
+                if vb == 2 {
+                    for e in 0..4 {
+                        let mt = 4 * w4 + e;
+                        let gr = mt * gpt / ks_n;
+                        let a: Lanes<[u32; 4]> = lanes(|ln| {
+                            let (x0, x1) = pair2(row(ln, 0, e), row(ln, 1, e), rot(ln));
+                            let (x2, x3) = pair2(row(ln, 8, e), row(ln, 9, e), rot(ln));
+                            [x0, x1, x2, x3]
+                        });
+                        mma(&mut acc[mt], &a, &b0s[gr], &b1s[gr]);
+                    }
+                } else {
+                    for e in 0..2 {
+                        let mt = 2 * w4 + e;
+                        let gr = mt * gpt / ks_n;
+                        let a: Lanes<[u32; 4]> = lanes(|ln| {
+                            let p = |u: u32, v: u32| pair4(u, v, sel(ln), sh(ln));
+                            [
+                                p(row(ln, 0, 2 * e), row(ln, 1, 2 * e)),
+                                p(row(ln, 0, 2 * e + 1), row(ln, 1, 2 * e + 1)),
+                                p(row(ln, 8, 2 * e), row(ln, 9, 2 * e)),
+                                p(row(ln, 8, 2 * e + 1), row(ln, 9, 2 * e + 1)),
+                            ]
+                        });
+                        mma(&mut acc[mt], &a, &b0s[gr], &b1s[gr]);
+                    }
+                }
+            }
+        }
+    }
+    // Sums over the lanes' tokens, then what the block merge reads.
+    for o in [4, 8, 16] {
+        for j in 0..2 {
+            let lj: Lanes<f32> = lanes(|ln| l[ln][j]);
+            let other = shfl_xor(&lj, o);
+            for ln in 0..32 {
+                l[ln][j] += other[ln];
+            }
+            for e in extra.iter_mut() {
+                let ej: Lanes<f32> = lanes(|ln| e[ln][j]);
+                let other = shfl_xor(&ej, o);
+                for ln in 0..32 {
+                    e[ln][j] += other[ln];
+                }
+            }
+        }
+    }
+    let mut ws = WarpState { m: vec![0.0; NQ], l: vec![0.0; NQ], out: vec![vec![0.0; d]; NQ] };
+    for ln in 0..32 {
+        let (g, tq) = (ln / 4, ln % 4);
+        for j in 0..2 {
+            if g == 0 {
+                ws.m[2 * tq + j] = m[ln][j];
+                ws.l[2 * tq + j] = l[ln][j];
+            }
+            for mt in 0..ks_n {
+                let e = extra[mt * gpt / ks_n][ln][j];
+                ws.out[2 * tq + j][16 * mt + g] = acc[mt][ln][j] + e;
+                ws.out[2 * tq + j][16 * mt + g + 8] = acc[mt][ln][j + 2] + e;
+            }
+        }
+    }
+    ws
+}
+
+/// The model's attention for every query head of every stream, next to the CPU cache's.
+fn model_vs_cpu(spec: &str, kv_heads: usize, rep: usize, d: usize, n: usize, seed: u64) -> f64 {
+    let config = CacheConfig { past_only: false, ..CacheConfig::from_spec(spec, &Overrides::default()).unwrap() };
+    let Scheme::Kivi { k_bits, v_bits, group_size, .. } = config.scheme else { panic!("{spec} is not KIVI") };
+    let shape = CacheShape { layers: 1, batch: 1, kv_heads, head_dim: d };
+    let mut cache = Cache::new(&config, shape, None, None).unwrap();
+    let mut rng = SplitMix64::new(seed);
+    // Keys with a few large channels, like real keys; values plain.
+    let mut k = vec![0f32; kv_heads * n * d];
+    let mut v = vec![0f32; kv_heads * n * d];
+    for (i, x) in k.iter_mut().enumerate() {
+        *x = rng.normal() * if i % d < 4 { 8.0 } else { 1.0 } + 0.5;
+    }
+    for x in v.iter_mut() {
+        *x = rng.normal();
+    }
+    // Appended in the GPU layer's chunks of one key group.
+    let mut t = 0;
+    while t < n {
+        let c = (n - t).min(group_size);
+        let (mut kc, mut vc) = (Vec::new(), Vec::new());
+        for s in 0..kv_heads {
+            kc.extend_from_slice(&k[(s * n + t) * d..(s * n + t + c) * d]);
+            vc.extend_from_slice(&v[(s * n + t) * d..(s * n + t + c) * d]);
+        }
+        cache.append(0, &kc, &vc, c).unwrap();
+        t += c;
+    }
+    let hq = kv_heads * rep;
+    let q: Vec<f32> = (0..hq * d).map(|_| rng.normal()).collect();
+    let mut want = vec![0f32; hq * d];
+    cache.attend(0, &q, hq, 1, &mut want).unwrap();
+    let (keys, values) = cache.materialize(0).unwrap();
+    let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+
+    let (mut max_err, mut max_abs) = (0f64, 0f64);
+    for h in 0..kv_heads {
+        let (ck, cv) = cache.packed_stream(0, h).unwrap();
+        let params = |p: &[kvq::quant::Affine]| p.iter().map(|a| (a.min.to_f32(), a.scale.to_f32())).collect::<Vec<_>>();
+        let value_group = group_size.min(d);
+        let st = Stream { d, kb: k_bits as usize, vb: v_bits as usize, group: group_size, gpt: d / value_group, kcodes: ck.codes, kparams: params(ck.params), vcodes: cv.codes, vparams: params(cv.params) };
+        let sq: Vec<Vec<f32>> = (0..NQ).map(|r| (0..d).map(|c| if r < rep { q[(h * rep + r) * d + c] * scale_log2 } else { 0.0 }).collect()).collect();
+        // The tensor-core kernel takes the tiles whose keys and values are all packed,
+        // round robin over a block's warps; the rest is the CUDA-core kernel's (here: f64).
+        let packed = ck.quantized.min(cv.quantized) / 32;
+        assert!(packed >= 2 * WARPS, "{spec}: only {packed} packed tiles; the test needs a longer context");
+        let warps: Vec<WarpState> = (0..WARPS).map(|w| warp_tiles(&st, &sq, &(w..packed).step_by(WARPS).collect::<Vec<_>>())).collect();
+        for r in 0..rep {
+            // Merge the warps (write_split) and the window (tokens packed·32 .. n) in f64.
+            let mut parts: Vec<(f64, f64, Vec<f64>)> = warps.iter().map(|w| (w.m[r] as f64, w.l[r] as f64, w.out[r].iter().map(|&x| x as f64).collect())).collect();
+            let scores: Vec<f64> = (packed * 32..n).map(|t| token_row(&keys, h, n, d, t).iter().zip(&sq[r]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
+            let mw = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let mut aw = vec![0f64; d];
+            let mut lw = 0.0;
+            for (i, s) in scores.iter().enumerate() {
+                let p = (s - mw).exp2();
+                lw += p;
+                for (a, &x) in aw.iter_mut().zip(token_row(&values, h, n, d, packed * 32 + i)) {
+                    *a += p * x as f64;
+                }
+            }
+            parts.push((mw, lw, aw));
+            let mm = parts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+            let lsum: f64 = parts.iter().map(|p| p.1 * (p.0 - mm).exp2()).sum();
+            for c in 0..d {
+                let got = parts.iter().map(|p| p.2[c] * (p.0 - mm).exp2()).sum::<f64>() / lsum;
+                let w = want[(h * rep + r) * d + c] as f64;
+                max_err = max_err.max((got - w).abs());
+                max_abs = max_abs.max(w.abs());
+            }
+        }
+    }
+    max_err / max_abs
+}
+
+#[test]
+fn tensor_core_model_matches_the_cpu_cache() {
+    // Both head dims, 2- and 4-bit keys and values, value groups of 32, 64 and 128
+    // channels (1, 2 or 4 a token), 3, 4 and 8 query heads a KV head, contexts that end
+    // mid-group.
+    let mut errs = Vec::new();
+    for (spec, kv_heads, rep, d, n) in [
+        ("kivi-2", 2, 4, 128, 700),
+        ("kivi-4", 1, 3, 64, 650),
+        ("kivi-4:k-bits=2", 1, 8, 128, 555),
+        ("kivi-2:v-bits=4", 2, 3, 64, 420),
+        ("kivi-2:group=64", 1, 4, 128, 900),
+        ("kivi-4:group=128", 1, 3, 64, 1100),
+        ("kivi-2:group=128", 1, 2, 128, 1100),
+    ] {
+        let err = model_vs_cpu(spec, kv_heads, rep, d, n, 17);
+        println!("{spec} d={d} rep={rep} n={n}: max rel error {err:.2e}");
+        errs.push((spec, err));
+    }
+    for (spec, err) in errs {
+        assert!(err < 5e-4, "{spec}: the lane model is off by {err:.2e}");
+    }
+}
