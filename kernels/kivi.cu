@@ -573,8 +573,8 @@ ATTN_REPS(128, 4, 2)
 // with both products on tensor cores (mma.sync m16n8k16: f16 in, f32 accumulate):
 //   scores  S[t][q] = Σ_c code_k[t][c] · x[c][q] + Σ_c q·min_k,  x = q · scale_k
 //   output  O[c][q] = Σ_t code_v[t][c] · p[t][q] · scale_v[t] + Σ_t p[t][q] · min_v[t]
-// The MMA's 16 rows are tokens (scores) and channels (output); its 8 columns are the
-// ≤ 8 query heads that share a KV head. A code enters as the exact f16 1 + code/2^bits:
+// The MMA's 16 rows are tokens (scores) and channels (output); its 8 columns are 8 of
+// the query heads that share a KV head (block z takes heads 8z .. 8z + 7). A code enters as the exact f16 1 + code/2^bits:
 // its bits dropped into the top of an f16 mantissa by a rotate or shift, a byte permute
 // and a mask per two codes. The 1 comes back out with the bias terms, which the thread
 // sums in f32. x = U·q·scale is split into f16 hi + lo (two MMAs: keys keep f32-like
@@ -590,13 +590,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src) {
     if constexpr (BYTES == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
     else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES) : "memory");
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -650,13 +650,14 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     __shared__ __align__(16) unsigned char sm[WARPS * T::STAGES * T::BYTES];
     __shared__ __align__(16) float sq[NQ][D + 8];  // padded: the 8 row groups hit distinct banks
 
-    const int s = blockIdx.x, split = a.split0 + blockIdx.y;
+    // Block z serves queries r0 .. r0 + 8 of the KV head's `rep`.
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * NQ;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
     for (int i = threadIdx.x; i < NQ * D; i += WARPS * 32) {
         const int r = i / D, c = i % D;
-        sq[r][c] = r < a.rep ? a.q[((long)b * a.Hq + h * a.rep + r) * D + c] * a.scale_log2 : 0.f;
+        sq[r][c] = r0 + r < a.rep ? a.q[((long)b * a.Hq + h * a.rep + r0 + r) * D + c] * a.scale_log2 : 0.f;
     }
     __syncthreads();
 
@@ -870,7 +871,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         }
     }
     __syncthreads();
-    write_split<D, NQ>(a, sm_m, sm_l, sm_acc, s, split, 0);
+    write_split<D, NQ>(a, sm_m, sm_l, sm_acc, s, split, r0);
 }
 }  // namespace tc
 
@@ -885,6 +886,45 @@ TC_BITS(64, 2)
 TC_BITS(128, 1)
 TC_BITS(128, 2)
 TC_BITS(128, 4)
+
+
+// ---------------------------------------------------------------- the chunk's own tokens
+// Past-only attention (kvq's `past_only`): the t queries of a chunk see the past from
+// the store (the kernels above, with n = the past's length) and the chunk's own K/V at
+// full precision, causally. This kernel does the latter for one (stream, query head,
+// token) a block, D threads, and writes it as split `split` for combine_splits.
+// q: [batch][Hq][t][D]; k, v: [stream][t][D] (what was appended); queries are counted
+// as rep·t "heads" a KV head, token fastest, as in the other kernels' partial results.
+extern "C" __global__ void fresh_attn(const float* __restrict__ q, const float* __restrict__ k,
+                                      const float* __restrict__ v, float* __restrict__ part_acc,
+                                      float* __restrict__ part_ml, int t, int D, int Hkv, int rep, int splits,
+                                      int split, float scale_log2) {
+    __shared__ float red[4];
+    const int s = blockIdx.x, rv = blockIdx.y;  // rv = head · t + token
+    const int i = rv % t, c = threadIdx.x;
+    const int b = s / Hkv, h = s % Hkv;
+    const int lane = c & 31, warp = c >> 5, warps = D / 32;
+    const float qc = q[(((long)b * Hkv + h) * rep * t + rv) * D + c] * scale_log2;
+    float m = -INFINITY, l = 0.f, acc = 0.f;
+    for (int j = 0; j <= i; j++) {
+        float x = warp_sum(qc * k[((long)s * t + j) * D + c]);
+        if (lane == 0) red[warp] = x;
+        __syncthreads();
+        float sc = 0.f;
+        for (int w = 0; w < warps; w++) sc += red[w];
+        __syncthreads();
+        const float mn = fmaxf(m, sc), corr = exp2f(m - mn), p = exp2f(sc - mn);
+        l = l * corr + p;
+        acc = acc * corr + p * v[((long)s * t + j) * D + c];
+        m = mn;
+    }
+    const long o = ((long)s * splits + split) * rep * t + rv;
+    part_acc[o * D + c] = acc;
+    if (c == 0) {
+        part_ml[o * 2] = m;
+        part_ml[o * 2 + 1] = l;
+    }
+}
 
 
 // Merges the splits of every (stream, query): out = Σ acc·2^(m−M) / Σ l·2^(m−M).

@@ -110,6 +110,11 @@ struct ModelArgs {
 struct PplCli {
     #[command(flatten)]
     model: ModelArgs,
+    /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
+    /// weights and matmuls on the GPU, KIVI caches packed on the GPU (kvq's kernels);
+    /// other caches stay in host memory.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// The text file to score.
     #[arg(long)]
     text: std::path::PathBuf,
@@ -150,6 +155,11 @@ struct PplCli {
 struct GenerateCli {
     #[command(flatten)]
     model: ModelArgs,
+    /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
+    /// weights and matmuls on the GPU, KIVI caches packed on the GPU (kvq's kernels);
+    /// other caches stay in host memory.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// The prompt.
     #[arg(long)]
     prompt: Option<String>,
@@ -411,6 +421,7 @@ fn run() -> Result<()> {
             write_result(&out, "Quantize + pack throughput", &body)?;
         }
         Command::Generate(g) => run_cmd::run_generate(run_cmd::GenerateArgs {
+            device: g.device.parse()?,
             model: g.model.path()?,
             weights: g.model.weights.parse()?,
             prompt: g.prompt.clone(),
@@ -424,6 +435,7 @@ fn run() -> Result<()> {
             ignore_eos: g.ignore_eos,
         })?,
         Command::Ppl(p) => run_cmd::run_ppl(run_cmd::PplArgs {
+            device: p.device.parse()?,
             model: p.model.path()?,
             weights: p.model.weights.parse()?,
             text: p.text.clone(),

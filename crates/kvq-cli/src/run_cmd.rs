@@ -16,12 +16,49 @@ pub const CALIBRATION_TEXT: &str = include_str!("../../../data/calibration.txt")
 /// At most this many tokens of the calibration text are used unless `--calibration-tokens` says otherwise.
 pub const CALIBRATION_TOKENS: usize = 512;
 
+/// Where `generate` and `ppl` run the model (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            other => bail!("unknown device {other:?} (known: cpu, cuda)"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The candle device; `cuda` needs a build with the `cuda` feature and a GPU.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda => Device::new_cuda(0).context("opening GPU 0"),
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda => bail!("--device cuda needs kvq built with the cuda feature (bash bench/gpu.sh build)"),
+        }
+    }
+}
+
 pub fn load_model(model: Option<&Path>, weights: WeightFormat) -> Result<(Llama, TextTokenizer, gguf::GgufInfo)> {
+    load_model_on(model, weights, &Device::Cpu)
+}
+
+/// [`load_model`] onto `device` (kvq's own SIMD matmul is CPU-only: on a GPU the
+/// weights go to candle's matmuls).
+pub fn load_model_on(model: Option<&Path>, weights: WeightFormat, device: &Device) -> Result<(Llama, TextTokenizer, gguf::GgufInfo)> {
     let path = gguf::find_model(model)?;
     let t0 = std::time::Instant::now();
-    let (m, tok, info) = gguf::load(&path, weights, &Device::Cpu)?;
+    let (m, tok, info) = gguf::load(&path, weights, device)?;
     eprintln!(
-        "loaded {} ({}, {:.1} MB) in {:.2} s: {} layers, {} query heads, {} KV heads, head dim {}, weights {:?}",
+        "loaded {} ({}, {:.1} MB) in {:.2} s: {} layers, {} query heads, {} KV heads, head dim {}, weights {:?} on {:?}",
         info.name,
         path.display(),
         info.file_bytes as f64 / 1e6,
@@ -30,7 +67,8 @@ pub fn load_model(model: Option<&Path>, weights: WeightFormat) -> Result<(Llama,
         m.config.q_heads,
         m.config.kv_heads,
         m.config.head_dim,
-        weights
+        weights,
+        device.location()
     );
     Ok((m, tok, info))
 }
@@ -43,6 +81,13 @@ pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Override
         Scheme::KvQuant { bits, outlier_fraction } => Some(Arc::new(calibrate(model, tok, calibration, bits, outlier_fraction)?)),
         _ => None,
     };
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = &model.device {
+        if kvq::gpu_cache::runs_on_gpu(&cfg, model.config.head_dim) {
+            let cache = kvq::gpu_cache::KiviGpuCache::new(dev, &cfg, model.cache_shape(batch), model.config.max_seq_len)?;
+            return Ok((cfg, Box::new(cache)));
+        }
+    }
     let cache = model.new_cache(&cfg, batch, calib)?;
     Ok((cfg, Box::new(cache)))
 }
@@ -75,6 +120,7 @@ pub fn calibrate(model: &Llama, tok: &TextTokenizer, (text, max_tokens): (&str, 
 }
 
 pub struct GenerateArgs {
+    pub device: DeviceChoice,
     pub model: Option<PathBuf>,
     pub weights: WeightFormat,
     pub prompt: Option<String>,
@@ -104,7 +150,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         bail!("no prompts: the file has no non-empty line");
     }
     CacheConfig::from_spec(&a.cache, &a.overrides)?; // fail before loading the model
-    let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
+    let (model, tok, _) = load_model_on(a.model.as_deref(), a.weights, &a.device.open()?)?;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| if a.chat { tok.chat_prompt(p).and_then(|s| tok.encode(&s)) } else { tok.encode(p) })
@@ -208,6 +254,7 @@ pub fn fetch(dest_dir: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub struct PplArgs {
+    pub device: DeviceChoice,
     pub model: Option<PathBuf>,
     pub weights: WeightFormat,
     pub text: PathBuf,
@@ -232,7 +279,7 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
     }
     CacheConfig::from_spec(&a.reference, &Overrides::default())?;
     let calib_text = calibration_text(a.calibration.as_deref(), a.calibration_tokens)?;
-    let (model, tok, _) = load_model(a.model.as_deref(), a.weights)?;
+    let (model, tok, _) = load_model_on(a.model.as_deref(), a.weights, &a.device.open()?)?;
     let mut ids = tok.encode(&text)?;
     if ids.len() < 2 {
         bail!("{} has fewer than two tokens", a.text.display());

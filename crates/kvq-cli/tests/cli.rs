@@ -91,6 +91,13 @@ fn generate_and_ppl_reject_bad_input_before_loading_anything() {
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--caches", "fp16,wat"], "unknown cache preset"),
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--caches", "kivi-2:group=x"], "whole number"),
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--calibration-tokens", "0"], "--calibration-tokens must be at least 1"),
+        (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--device", "tpu"], "unknown device \"tpu\" (known: cpu, cuda)"),
+        (vec!["generate", "--model", m, "--prompt", "hi", "--device", "tpu"], "unknown device"),
+        // The default build has no GPU code: a clear error before any model is read.
+        #[cfg(not(feature = "cuda"))]
+        (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--device", "cuda"], "--device cuda needs kvq built with the cuda feature"),
+        #[cfg(not(feature = "cuda"))]
+        (vec!["generate", "--model", m, "--prompt", "hi", "--device", "cuda"], "--device cuda needs kvq built with the cuda feature"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--tokens", "1"], "--tokens must be at least 2"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--caches", "kivi-9"], "unknown cache preset"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--calibration-tokens", "0"], "--calibration-tokens must be at least 1"),

@@ -26,7 +26,7 @@ const WARPS: u32 = 4;
 /// Tokens per attention tile (a warp's 32 lanes).
 const TILE: usize = 32;
 
-fn gpu<E: std::fmt::Display>(e: E) -> KvqError {
+pub(crate) fn gpu<E: std::fmt::Display>(e: E) -> KvqError {
     KvqError::Gpu(e.to_string())
 }
 
@@ -121,18 +121,18 @@ unsafe impl DeviceRepr for AttnArgs {}
 /// Which decode-attention kernel reads the packed tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// Tensor cores where they apply (at most 8 query heads a KV head), else CUDA cores.
+    /// The default: tensor cores for the packed tiles.
     Auto,
     /// Both products on tensor cores (`tc::decode_attn` in kivi.cu) for the tiles whose
     /// keys and values are all packed; the window's tiles go to the CUDA-core kernel.
     TensorCores,
     /// Everything on CUDA cores, `heads_per_block` (1..=4) query heads a block: the
-    /// first kernel, kept as a second reference and for more than 8 query heads a KV head.
+    /// first kernel, kept as a second implementation to check and time against.
     CudaCores { heads_per_block: usize },
 }
 
-/// Query heads a KV head may serve in the tensor-core kernel (the MMA's 8 columns).
-const TC_MAX_REP: usize = 8;
+/// Query heads a tensor-core block serves (the MMA's 8 columns); more take more blocks.
+const TC_QUERIES: usize = 8;
 
 /// Splits a range of `tiles` so that `blocks_per_split` × splits ≈ `target` blocks, each
 /// warp of a block keeping at least one tile: (splits, tiles a split).
@@ -275,6 +275,17 @@ impl KiviGpuLayer {
         self.streams * per_stream
     }
 
+    /// What the layer holds now, by kind (as the CPU cache counts it).
+    pub fn held_bytes(&self) -> crate::size::Bytes {
+        let (s, d) = (self.streams, self.head_dim);
+        crate::size::Bytes {
+            codes: s * (self.nqk * packed_len(d, self.k_bits) + self.nqv * packed_len(d, self.v_bits)),
+            params: s * 4 * (self.nqk / self.group * d + self.nqv * (d / self.value_group)),
+            full: s * 2 * d * ((self.len - self.nqk) + (self.len - self.nqv)),
+            ..Default::default()
+        }
+    }
+
     /// Bytes the decode attention must read at the current length: packed codes and
     /// params of the quantized tokens, f16 rows of the rest.
     pub fn bytes_read(&self) -> usize {
@@ -358,8 +369,38 @@ impl KiviGpuLayer {
     /// the rest (the window), each into its own splits; `combine_splits` merges them all.
     /// `splits` > 0 fixes the splits of the main part.
     pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize, kernel: AttnKernel) -> Result<()> {
+        self.attend_inner(q, q_heads, self.len, None, out, splits, kernel)
+    }
+
+    /// The attention of a chunk of `tokens` queries a sequence (`q`, `out`:
+    /// `[batch][q_heads][tokens][D]`) that has just been appended, past-only (kvq's
+    /// `past_only`): each query sees the tokens held before the chunk, read from the
+    /// packed store and the window, and the chunk's own K/V `fresh_k`/`fresh_v`
+    /// (`[stream][tokens][D]`, f32, what `append` took) causally at full precision.
+    pub fn attend_chunk(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, fresh_k: &CudaSlice<f32>, fresh_v: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        let need = self.streams * tokens * self.head_dim;
+        if tokens == 0 || tokens > self.len || fresh_k.len() < need || fresh_v.len() < need {
+            return Err(KvqError::Shape(format!("a chunk of {tokens} tokens over {} held needs {need} fresh floats each, got {} and {}", self.len, fresh_k.len(), fresh_v.len())));
+        }
+        let past = self.len - tokens;
+        self.attend_inner(q, q_heads * tokens, past, Some((fresh_k, fresh_v, tokens)), out, 0, AttnKernel::Auto)
+    }
+
+    /// Attention of `q_heads` queries a sequence (a chunk's tokens count as heads, token
+    /// fastest) over the first `n` tokens held, plus a fresh chunk if given.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_inner(
+        &mut self,
+        q: &CudaSlice<f32>,
+        q_heads: usize,
+        n: usize,
+        fresh: Option<(&CudaSlice<f32>, &CudaSlice<f32>, usize)>,
+        out: &mut CudaSlice<f32>,
+        splits: usize,
+        kernel: AttnKernel,
+    ) -> Result<()> {
         let (s, d) = (self.streams, self.head_dim);
-        if self.len == 0 {
+        if n == 0 && fresh.is_none() {
             return Err(KvqError::Shape("attention over an empty cache".into()));
         }
         let batch = q.len() / (q_heads.max(1) * d);
@@ -372,20 +413,17 @@ impl KiviGpuLayer {
         }
         let rep = q_heads / kv_heads;
         let (tensor_cores, heads_per_block) = match kernel {
-            AttnKernel::Auto => (rep <= TC_MAX_REP, 4),
-            AttnKernel::TensorCores if rep > TC_MAX_REP => {
-                return Err(KvqError::Unsupported(format!("the tensor-core kernel serves at most {TC_MAX_REP} query heads a KV head, not {rep}")));
-            }
-            AttnKernel::TensorCores => (true, 4),
+            AttnKernel::Auto | AttnKernel::TensorCores => (true, 4),
             AttnKernel::CudaCores { heads_per_block: h } if !(1..=4).contains(&h) => {
                 return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {h}")));
             }
             AttnKernel::CudaCores { heads_per_block: h } => (false, h),
         };
-        let ntiles = self.len.div_ceil(TILE);
-        let packed = if tensor_cores { self.nqk.min(self.nqv) / TILE } else { 0 };
+        let ntiles = n.div_ceil(TILE);
+        let packed = if tensor_cores { self.nqk.min(self.nqv).min(n) / TILE } else { 0 };
         let rep_chunk = rep.min(heads_per_block);
         let chunks = rep.div_ceil(rep_chunk);
+        let tc_chunks = rep.div_ceil(TC_QUERIES);
         let fixed = |tiles: usize| {
             let per = tiles.div_ceil(splits.min(tiles));
             (tiles.div_ceil(per), per)
@@ -394,14 +432,14 @@ impl KiviGpuLayer {
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
             t if splits > 0 => fixed(t),
-            t => plan_splits(t, s, 8 * self.sms),
+            t => plan_splits(t, s * tc_chunks, 8 * self.sms),
         };
         let (cc_splits, cc_per) = match ntiles - packed {
             0 => (0, 1),
             t if splits > 0 && packed == 0 => fixed(t),
             t => plan_splits(t, s * chunks, 4 * self.sms),
         };
-        let total = tc_splits + cc_splits;
+        let total = tc_splits + cc_splits + usize::from(fresh.is_some());
         let need_acc = s * total * rep * d;
         if self.part_acc.len() < need_acc {
             self.part_acc = self.dev.alloc_zeros::<f32>(need_acc).map_err(gpu)?;
@@ -436,7 +474,7 @@ impl KiviGpuLayer {
                 hq: q_heads as i32,
                 hkv: kv_heads as i32,
                 rep: rep as i32,
-                n: self.len as i64,
+                n: n as i64,
                 nqk: self.nqk as i64,
                 nqv: self.nqv as i64,
                 tiles_per_split: tc_per as i32,
@@ -450,7 +488,7 @@ impl KiviGpuLayer {
         let block = (WARPS * 32, 1, 1);
         if tc_splits > 0 {
             let name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group);
-            let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, 1), block_dim: block, shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &name, cfg, &args);
         }
         if cc_splits > 0 {
@@ -459,10 +497,20 @@ impl KiviGpuLayer {
             let cfg = LaunchConfig { grid_dim: (s as u32, cc_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &name, cfg, &args);
         }
+        if let Some((fk, fv, t)) = fresh {
+            let cfg = LaunchConfig { grid_dim: (s as u32, rep as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+            let (ti, di, hk, ri, sp, last, sl) = (t as i32, d as i32, kv_heads as i32, (rep / t) as i32, total as i32, (total - 1) as i32, args.scale_log2);
+            launch!(self.dev, "fresh_attn", cfg, q, fk, fv, &self.part_acc, &self.part_ml, &ti, &di, &hk, &ri, &sp, &last, &sl);
+        }
         let cfg = LaunchConfig { grid_dim: ((s * rep) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
         let (sp, ri, hk, di) = (total as i32, rep as i32, kv_heads as i32, d as i32);
         launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
         Ok(())
+    }
+
+    /// Forgets every token (the buffers stay allocated).
+    pub fn reset(&mut self) {
+        (self.len, self.nqk, self.nqv) = (0, 0, 0);
     }
 
     /// Copies one stream's quantized codes and params back (for the byte-for-byte check).

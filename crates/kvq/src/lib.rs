@@ -32,6 +32,8 @@ pub mod model;
 pub mod qmatmul;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod gpu_cache;
 
 pub use cache::{Cache, CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
 pub use error::{KvqError, Result};

@@ -356,16 +356,23 @@ fn model_vs_cpu(spec: &str, kv_heads: usize, rep: usize, d: usize, n: usize, see
         let params = |p: &[kvq::quant::Affine]| p.iter().map(|a| (a.min.to_f32(), a.scale.to_f32())).collect::<Vec<_>>();
         let value_group = group_size.min(d);
         let st = Stream { d, kb: k_bits as usize, vb: v_bits as usize, group: group_size, gpt: d / value_group, kcodes: ck.codes, kparams: params(ck.params), vcodes: cv.codes, vparams: params(cv.params) };
-        let sq: Vec<Vec<f32>> = (0..NQ).map(|r| (0..d).map(|c| if r < rep { q[(h * rep + r) * d + c] * scale_log2 } else { 0.0 }).collect()).collect();
         // The tensor-core kernel takes the tiles whose keys and values are all packed,
         // round robin over a block's warps; the rest is the CUDA-core kernel's (here: f64).
         let packed = ck.quantized.min(cv.quantized) / 32;
         assert!(packed >= 2 * WARPS, "{spec}: only {packed} packed tiles; the test needs a longer context");
-        let warps: Vec<WarpState> = (0..WARPS).map(|w| warp_tiles(&st, &sq, &(w..packed).step_by(WARPS).collect::<Vec<_>>())).collect();
+        // Block z of the grid serves query heads 8z .. 8z + 7 of the KV head.
+        let blocks: Vec<Vec<WarpState>> = (0..rep.div_ceil(NQ))
+            .map(|z| {
+                let sq: Vec<Vec<f32>> = (0..NQ).map(|r| (0..d).map(|c| if z * NQ + r < rep { q[(h * rep + z * NQ + r) * d + c] * scale_log2 } else { 0.0 }).collect()).collect();
+                (0..WARPS).map(|w| warp_tiles(&st, &sq, &(w..packed).step_by(WARPS).collect::<Vec<_>>())).collect()
+            })
+            .collect();
         for r in 0..rep {
+            let (warps, rz) = (&blocks[r / NQ], r % NQ);
+            let sq_r: Vec<f32> = (0..d).map(|c| q[(h * rep + r) * d + c] * scale_log2).collect();
             // Merge the warps (write_split) and the window (tokens packed·32 .. n) in f64.
-            let mut parts: Vec<(f64, f64, Vec<f64>)> = warps.iter().map(|w| (w.m[r] as f64, w.l[r] as f64, w.out[r].iter().map(|&x| x as f64).collect())).collect();
-            let scores: Vec<f64> = (packed * 32..n).map(|t| token_row(&keys, h, n, d, t).iter().zip(&sq[r]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
+            let mut parts: Vec<(f64, f64, Vec<f64>)> = warps.iter().map(|w| (w.m[rz] as f64, w.l[rz] as f64, w.out[rz].iter().map(|&x| x as f64).collect())).collect();
+            let scores: Vec<f64> = (packed * 32..n).map(|t| token_row(&keys, h, n, d, t).iter().zip(&sq_r).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
             let mw = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let mut aw = vec![0f64; d];
             let mut lw = 0.0;
@@ -392,9 +399,9 @@ fn model_vs_cpu(spec: &str, kv_heads: usize, rep: usize, d: usize, n: usize, see
 
 #[test]
 fn tensor_core_model_matches_the_cpu_cache() {
-    // Both head dims, 2- and 4-bit keys and values, value groups of 32, 64 and 128
-    // channels (1, 2 or 4 a token), 3, 4 and 8 query heads a KV head, contexts that end
-    // mid-group.
+    // Both head dims, 2- and 4-bit keys and values (and both mixes), value groups of
+    // 32, 64 and 128 channels (1, 2 or 4 a token), 2 to 12 query heads a KV head,
+    // contexts that end mid-group.
     let mut errs = Vec::new();
     for (spec, kv_heads, rep, d, n) in [
         ("kivi-2", 2, 4, 128, 700),
@@ -404,6 +411,9 @@ fn tensor_core_model_matches_the_cpu_cache() {
         ("kivi-2:group=64", 1, 4, 128, 900),
         ("kivi-4:group=128", 1, 3, 64, 1100),
         ("kivi-2:group=128", 1, 2, 128, 1100),
+        ("kivi-2:k-bits=4", 1, 3, 128, 640),
+        // More than 8 query heads a KV head: two blocks (grid z) of 8.
+        ("kivi-2", 1, 12, 64, 500),
     ] {
         let err = model_vs_cpu(spec, kv_heads, rep, d, n, 17);
         println!("{spec} d={d} rep={rep} n={n}: max rel error {err:.2e}");

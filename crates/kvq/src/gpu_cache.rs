@@ -1,0 +1,189 @@
+//! [`KiviGpuCache`]: a KIVI cache in GPU memory behind kvq's [`KvCache`] trait, so the
+//! model runs with its K/V packed on the GPU (feature `cuda`).
+//!
+//! Each layer is a [`KiviGpuLayer`]: appends quantize and pack on the GPU, attention
+//! reads the packed codes there (tensor cores for the packed tiles). The trait passes
+//! keys, values and queries as host slices, so a step copies its new q/k/v up and the
+//! attention output down: a few kilobytes a layer for a decode step, while the cache
+//! itself never leaves the GPU. Attention follows the CPU cache's rules: with
+//! `past_only` (the KIVI presets' default) a chunk's queries see the tokens held before
+//! it from the store and the chunk's own K/V at full precision, causally.
+
+use crate::cache::{CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
+use crate::cuda::{KiviGpuLayer, gpu};
+use crate::error::{KvqError, Result};
+use crate::size::Bytes;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::CudaDevice;
+
+pub struct KiviGpuCache {
+    dev: CudaDevice,
+    config: CacheConfig,
+    shape: CacheShape,
+    layers: Vec<KiviGpuLayer>,
+    /// Each layer's last append, on the GPU: what past-only attention reads as the chunk.
+    fresh: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>, usize)>>,
+    padding: Vec<usize>,
+}
+
+impl KiviGpuCache {
+    /// A cache for `shape` holding up to `capacity` tokens a sequence.
+    pub fn new(dev: &CudaDevice, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Self> {
+        let streams = shape.batch * shape.kv_heads;
+        let layers = (0..shape.layers).map(|_| KiviGpuLayer::new(dev, config, streams, shape.head_dim, capacity)).collect::<Result<Vec<_>>>()?;
+        Ok(KiviGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch] })
+    }
+
+    fn layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.layers.len() {
+            return Err(KvqError::InvalidParam(format!("layer {layer} of {}", self.layers.len())));
+        }
+        Ok(())
+    }
+}
+
+fn check_finite(what: &'static str, x: &[f32]) -> Result<()> {
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(KvqError::NonFinite { what, index, value: x[index] }),
+        None => Ok(()),
+    }
+}
+
+impl KvCache for KiviGpuCache {
+    fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+
+    fn wants_pre_rope_keys(&self) -> bool {
+        false
+    }
+
+    fn seq_len(&self) -> usize {
+        self.layers.first().map_or(0, KiviGpuLayer::len)
+    }
+
+    fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
+        if row_start.len() != self.shape.batch {
+            return Err(KvqError::Shape(format!("padding for {} rows, the cache has {}", row_start.len(), self.shape.batch)));
+        }
+        if row_start.iter().any(|&p| p != 0) {
+            return Err(KvqError::Unsupported("left padding (prompts of different lengths) is not in the GPU cache yet: give prompts of one length, or use the CPU".into()));
+        }
+        Ok(())
+    }
+
+    fn padding(&self) -> &[usize] {
+        &self.padding
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
+        self.layer(layer)?;
+        let need = self.shape.batch * self.shape.kv_heads * tokens * self.shape.head_dim;
+        if tokens == 0 || k.len() != need || v.len() != need {
+            return Err(KvqError::Shape(format!("append of {tokens} tokens needs {need} values each for K and V, got {} and {}", k.len(), v.len())));
+        }
+        check_finite("keys", k)?;
+        check_finite("values", v)?;
+        let kd = self.dev.clone_htod(k).map_err(gpu)?;
+        let vd = self.dev.clone_htod(v).map_err(gpu)?;
+        self.layers[layer].append(&kd, &vd, tokens, 0, tokens)?;
+        self.fresh[layer] = Some((kd, vd, tokens));
+        Ok(())
+    }
+
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()> {
+        self.layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
+        if q_heads == 0 || q_heads % kv_heads != 0 {
+            return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
+        }
+        let want = batch * q_heads * tokens * d;
+        if tokens == 0 || q.len() != want || out.len() != want {
+            return Err(KvqError::Shape(format!("queries and output need {want} values, got {} and {}", q.len(), out.len())));
+        }
+        check_finite("queries", q)?;
+        let held = self.layers[layer].len();
+        if tokens > held {
+            return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {held} tokens")));
+        }
+        let qd = self.dev.clone_htod(q).map_err(gpu)?;
+        let mut od = self.dev.alloc_zeros::<f32>(want).map_err(gpu)?;
+        let lay = &mut self.layers[layer];
+        if self.config.past_only {
+            let Some((fk, fv, t)) = self.fresh[layer].as_ref() else {
+                return Err(KvqError::Shape("past-only attention reads the chunk just appended, and nothing was".into()));
+            };
+            if *t != tokens {
+                return Err(KvqError::Shape(format!("past-only attention of {tokens} queries, but the last append held {t} tokens")));
+            }
+            lay.attend_chunk(&qd, q_heads, tokens, fk, fv, &mut od)?;
+        } else if tokens == 1 {
+            lay.attend(&qd, q_heads, &mut od, 0)?;
+        } else {
+            return Err(KvqError::Unsupported(
+                "causal attention of several queries over the packed store (past-only off) is not on the GPU: use past-only (the default) or chunks of one token".into(),
+            ));
+        }
+        let host = self.dev.cuda_stream().clone_dtoh(&od).map_err(gpu)?;
+        out.copy_from_slice(&host);
+        Ok(())
+    }
+
+    fn materialize(&self, _layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Err(KvqError::Unsupported("the GPU cache's K/V stay on the GPU; materialize a CPU cache of the same preset".into()))
+    }
+
+    fn bytes(&self) -> Bytes {
+        self.layers.iter().fold(Bytes::default(), |a, l| {
+            let b = l.held_bytes();
+            Bytes { codes: a.codes + b.codes, params: a.params + b.params, full: a.full + b.full, ..a }
+        })
+    }
+
+    fn info(&self) -> CacheInfo {
+        let total = self.seq_len();
+        let (kq, q) = self.layers.first().map_or((0, 0), KiviGpuLayer::quantized);
+        let bytes = self.bytes();
+        let memory = bytes.total();
+        let elements = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * total * self.shape.batch;
+        let (k_bits, v_bits) = self.config.bits();
+        CacheInfo {
+            scheme: format!("{} (GPU)", self.config.label()),
+            num_layers: self.shape.layers,
+            batch: self.shape.batch,
+            total_seq_len: total,
+            quantized_len: q,
+            key_quantized_len: kq,
+            residual_len: total - q,
+            sink_len: 0,
+            k_bits,
+            v_bits,
+            effective_bits: if elements > 0 { 8.0 * memory as f64 / elements as f64 } else { 0.0 },
+            memory_bytes: memory,
+            fp16_bytes: 2 * elements,
+            memory_ratio: if elements > 0 { memory as f64 / (2 * elements) as f64 } else { 0.0 },
+            bytes,
+        }
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.iter().copied().eq(0..self.shape.batch) {
+            return Ok(());
+        }
+        Err(KvqError::Unsupported("reordering or dropping sequences (beam search) is not in the GPU cache yet".into()))
+    }
+
+    fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KiviGpuLayer::reset);
+        self.fresh.iter_mut().for_each(|f| *f = None);
+    }
+}
+
+/// Whether a preset runs in [`KiviGpuCache`] (a KIVI scheme the kernels take).
+pub fn runs_on_gpu(config: &CacheConfig, head_dim: usize) -> bool {
+    matches!(config.scheme, Scheme::Kivi { .. }) && crate::cuda::check_supported(config, head_dim).is_ok()
+}
