@@ -5,7 +5,9 @@
 #                                  # → .gpu/kvq (stripped; carry it to the GPU machine)
 #   bash bench/gpu.sh run OUTDIR   # on the GPU: compute-sanitizer memcheck + racecheck on small
 #                                  # problems, PyTorch SDPA (the peer), then `kvq bench attn`
-#                                  # with its checks; everything lands in OUTDIR
+#                                  # with its checks, then `kvq bench gpu-model` (the model on
+#                                  # the GPU vs the CPU; the real GGUF too if $KVQ_MODEL names
+#                                  # one there); everything lands in OUTDIR
 #
 # The results table goes to OUTDIR/gpu-attn.md; copy it to bench/results/.
 set -euo pipefail
@@ -49,6 +51,20 @@ run)
   fi
   python3 bench/peers/sdpa_attn.py --out "$OUT/sdpa.json" ${KVQ_SHAPES:+--shapes "$KVQ_SHAPES"}
   "$KVQ" bench attn --peer "$OUT/sdpa.json" --json "$OUT/gpu-attn.json" --out "$OUT/gpu-attn.md" ${KVQ_SHAPES:+--shapes "$KVQ_SHAPES"}
+  # The model on the GPU (KIVI caches packed there) vs the CPU: kvq's small model always
+  # (no file to carry); the real GGUF too when $KVQ_MODEL names one on this machine.
+  if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
+    if compute-sanitizer --tool memcheck --error-exitcode 9 "$KVQ" bench gpu-model --tokens 96 --chunk 16 --batch 2 --new-tokens 4 >"$OUT/sanitizer-model.txt" 2>&1; then
+      echo "compute-sanitizer memcheck (gpu-model): clean" | tee -a "$OUT/sanitizer.txt"
+    else
+      echo "compute-sanitizer memcheck (gpu-model): FAILED (see sanitizer-model.txt)" | tee -a "$OUT/sanitizer.txt"
+      tail -30 "$OUT/sanitizer-model.txt"
+    fi
+  fi
+  "$KVQ" bench gpu-model --out "$OUT/gpu-model.md" || echo "gpu-model (small model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
+  if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
+    "$KVQ" bench gpu-model --model "$KVQ_MODEL" --tokens 1024 --batch 16 --out "$OUT/gpu-model-real.md" || echo "gpu-model (real model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
+  fi
   ;;
 *)
   sed -n '2,12p' "$0"

@@ -253,3 +253,96 @@ fn cpu_attention(config: &CacheConfig, rows: &[usize], hkv: usize, d: usize, n: 
     cache.attend(0, &qr, hq, 1, &mut out)?;
     Ok(out)
 }
+
+/// What `kvq bench gpu-model` compares.
+pub struct GpuModelArgs<'a> {
+    /// A GGUF; `None`: the small deterministic model kvq builds itself (no file needed).
+    pub model: Option<&'a std::path::Path>,
+    pub weights: kvq::gguf::WeightFormat,
+    pub tokens: usize,
+    pub chunk: usize,
+    pub caches: &'a [String],
+    pub batch: usize,
+    pub new_tokens: usize,
+}
+
+/// The model on the GPU against the model on the CPU: the same token ids scored with
+/// each cache on both (CPU caches there; the weights' matmuls and the KIVI caches on
+/// the GPU here), perplexities compared to 3 significant digits; then greedy decoding
+/// of `batch` sequences on the GPU, tokens/s.
+pub fn model(a: &GpuModelArgs) -> Result<String> {
+    use kvq::eval::evaluate;
+    use kvq::generate::{generate, GenerateOptions, Sampling};
+    use kvq::model::{Llama, LlamaConfig};
+    let gpu = Device::new_cuda(0)?;
+    let dev = cuda::cuda_device(&gpu)?;
+    let (cpu_m, gpu_m, name, ids) = match a.model {
+        Some(p) => {
+            let (c, tok, info) = kvq::gguf::load(p, a.weights, &Device::Cpu)?;
+            let (g, _, _) = kvq::gguf::load(p, a.weights, &gpu)?;
+            let mut ids = tok.encode(crate::run_cmd::CALIBRATION_TEXT)?;
+            while ids.len() < a.tokens {
+                ids.extend_from_within(..);
+            }
+            ids.truncate(a.tokens);
+            (c, g, format!("{} ({:?} weights), {} tokens of data/calibration.txt", info.name, a.weights, a.tokens), ids)
+        }
+        None => {
+            let cfg = LlamaConfig::tiny();
+            let mut rng = kvq::rng::SplitMix64::new(5);
+            let ids: Vec<u32> = (0..a.tokens).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
+            let c = Llama::random(cfg.clone(), 1, &Device::Cpu)?;
+            let g = Llama::random(cfg, 1, &gpu)?;
+            (c, g, format!("kvq's small deterministic model (LlamaConfig::tiny), {} random ids", a.tokens), ids)
+        }
+    };
+    if ids.len() < 2 {
+        bail!("gpu-model needs at least 2 tokens");
+    }
+    let shape = |m: &Llama, batch: usize| m.cache_shape(batch);
+    let mut t = Table::new(&["cache", "PPL (CPU)", "PPL (GPU)", "rel. diff", "KL vs fp32 (CPU)", "KL vs fp32 (GPU)", "3 s.f.", "GPU s"]);
+    let mut failures = Vec::new();
+    let three = |x: f64| format!("{:.2e}", x);
+    for name in a.caches {
+        let cfg = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
+        if !kvq::gpu_cache::runs_on_gpu(&cfg, gpu_m.config.head_dim) {
+            bail!("{name}: only KIVI caches run on the GPU so far");
+        }
+        let reference = CacheConfig::new(Scheme::Full(FullPrecision::F32));
+        let mut cpu_ref = cpu_m.new_cache(&reference, 1, None)?;
+        let mut cpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(cpu_m.new_cache(&cfg, 1, None)?))];
+        let (_, cpu_rows) = evaluate(&cpu_m, &ids, ("fp32", &mut cpu_ref), &mut cpu_caches, a.chunk, |_, _| {})?;
+        let mut gpu_ref = gpu_m.new_cache(&reference, 1, None)?;
+        let gcache = kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, shape(&gpu_m, 1), gpu_m.config.max_seq_len)?;
+        let mut gpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(gcache))];
+        let (_, gpu_rows) = evaluate(&gpu_m, &ids, ("fp32", &mut gpu_ref), &mut gpu_caches, a.chunk, |_, _| {})?;
+        let (c, g) = (&cpu_rows[0], &gpu_rows[0]);
+        let rel = (g.ppl / c.ppl - 1.0).abs();
+        let same = three(c.ppl) == three(g.ppl);
+        if !same {
+            failures.push(format!("{name}: PPL {:.5} on the CPU, {:.5} on the GPU", c.ppl, g.ppl));
+        }
+        t.row(vec![cfg.label(), format!("{:.5}", c.ppl), format!("{:.5}", g.ppl), format!("{rel:.1e}"), format!("{:.5}", c.kl), format!("{:.5}", g.kl), if same { "equal".into() } else { "DIFFER".into() }, format!("{:.1}", g.seconds)]);
+    }
+    let mut out = format!("- GPU: {}\n- model: {name}; scored in chunks of {} tokens (past-only, as `kvq ppl`)\n\n", cuda::describe(&dev)?, a.chunk);
+    out.push_str(&t.markdown());
+
+    // Greedy decoding on the GPU: `batch` equal-length prompts (the GPU cache has no left padding yet).
+    let prompt_len = (ids.len() / 2).max(1);
+    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|b| ids.iter().cycle().skip(b).take(prompt_len).copied().collect()).collect();
+    let opts = GenerateOptions { max_new_tokens: a.new_tokens, sampling: Sampling::greedy(), stop_tokens: Vec::new(), pad_token: 0 };
+    let mut d = Table::new(&["cache", "batch", "prompt", "new tokens", "prefill s", "decode tok/s (all rows)"]);
+    for name in a.caches {
+        let cfg = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
+        let mut cache = kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, shape(&gpu_m, a.batch), gpu_m.config.max_seq_len)?;
+        let g = generate(&gpu_m, &mut cache, &prompts, &opts, |_, _| {})?;
+        d.row(vec![cfg.label(), a.batch.to_string(), prompt_len.to_string(), a.new_tokens.to_string(), format!("{:.3}", g.steps.first().map_or(0.0, |s| s.latency_s)), format!("{:.0}", g.decode_tokens_per_s())]);
+    }
+    out.push_str("\nDecoding on the GPU (weights' matmuls through candle, the cache through kvq's kernels; q/k/v and the attention output cross to the host each layer, as the `KvCache` trait passes host slices):\n\n");
+    out.push_str(&d.markdown());
+    if !failures.is_empty() {
+        print!("{out}");
+        bail!("the GPU model disagrees with the CPU:\n  {}", failures.join("\n  "));
+    }
+    Ok(out)
+}

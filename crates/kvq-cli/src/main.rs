@@ -325,6 +325,29 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// The model on the GPU vs the CPU (needs `--features cuda`): the same ids scored
+    /// with each KIVI cache on both, perplexities compared to 3 significant digits;
+    /// then greedy decoding of a batch on the GPU.
+    GpuModel {
+        /// A GGUF file (default: kvq's small deterministic model, no file needed).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Weights for a GGUF: f32 by default, so both sides compute with the same numbers.
+        #[arg(long, default_value = "f32")]
+        weights: String,
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        chunk: usize,
+        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4")]
+        caches: Vec<String>,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Decode latency per token with and without a cache, on the small decoder.
     Decode {
         #[arg(long, value_delimiter = ',', default_value = "64,128,256,512,1024,2048")]
@@ -490,6 +513,19 @@ fn run() -> Result<()> {
             let shapes = shapes.iter().map(|s| s.parse()).collect::<Result<Vec<gpu_bench::AttnShape>>>()?;
             let body = gpu_bench::attn(&shapes, &caches, iters, peer.as_deref(), json.as_deref())?;
             write_result(&out, "GPU decode attention over the packed KIVI cache", &body)?;
+        }
+        #[cfg(feature = "cuda")]
+        Command::Bench(BenchCmd::GpuModel { model, weights, tokens, chunk, caches, batch, new_tokens, out }) => {
+            if tokens < 2 || chunk == 0 || batch == 0 {
+                anyhow::bail!("gpu-model needs --tokens ≥ 2, --chunk ≥ 1 and --batch ≥ 1");
+            }
+            let args = gpu_bench::GpuModelArgs { model: model.as_deref(), weights: weights.parse()?, tokens, chunk, caches: &caches, batch, new_tokens };
+            let body = gpu_bench::model(&args)?;
+            write_result(&out, "The model on the GPU vs the CPU", &body)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Command::Bench(BenchCmd::GpuModel { .. }) => {
+            anyhow::bail!("this kvq was built without the GPU: rebuild with `cargo build --release --features cuda` (bench/gpu.sh does)");
         }
         #[cfg(not(feature = "cuda"))]
         Command::Bench(BenchCmd::Attn { .. }) => {
