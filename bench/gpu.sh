@@ -9,10 +9,29 @@
 #                                  # the GPU vs the CPU; the real GGUF too if $KVQ_MODEL names
 #                                  # one there); everything lands in OUTDIR
 #
+# The real model for gpu-model's second check travels in two device calls (a call carries
+# at most 64 MiB): here `bash bench/gpu.sh pack-model` (→ .gpu/model.a, .gpu/model.b);
+# there, call 1 carrying .gpu/model.a: `bash bench/gpu.sh stash-model`; call 2, on the same
+# machine, carrying .gpu/kvq.gz, .gpu/COMMIT and .gpu/model.b: `bash bench/gpu.sh run OUT`.
+#
 # The results table goes to OUTDIR/gpu-attn.md; copy it to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/model.env
+source bench/model.env
+STASH=/tmp/kvq-gpu
 case "${1:-}" in
+pack-model)
+  model=${KVQ_MODEL:-$HOME/.cache/kvq/SmolLM2-135M-Instruct.Q4_1.gguf}
+  echo "$MODEL_SHA  $model" | sha256sum -c --quiet
+  mkdir -p .gpu
+  head -c $HALF "$model" >.gpu/model.a
+  tail -c +$((HALF + 1)) "$model" >.gpu/model.b
+  ls -la .gpu/model.a .gpu/model.b
+  ;;
+stash-model)
+  mkdir -p $STASH && cp .gpu/model.a $STASH/model.a && ls -la $STASH
+  ;;
 build)
   if ! command -v nvcc >/dev/null; then
     TK=${KVQ_CUDA_TOOLKIT:-../shared/cuda/toolkit.sh}
@@ -34,6 +53,10 @@ run)
   # The commit the binary was built from (recorded by the build step).
   export KVQ_COMMIT=${KVQ_COMMIT:-$(cat .gpu/COMMIT 2>/dev/null || echo unknown)}
   mkdir -p "$OUT"
+  if [[ -z ${KVQ_MODEL:-} && -f $STASH/model.a && -f .gpu/model.b ]]; then
+    cat $STASH/model.a .gpu/model.b >$STASH/model.gguf
+    echo "$MODEL_SHA  $STASH/model.gguf" | sha256sum -c --quiet && export KVQ_MODEL=$STASH/model.gguf
+  fi
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   KVQ=${KVQ_BIN:-}
   if [[ -z $KVQ ]]; then KVQ=$(mktemp -d)/kvq; gunzip -c .gpu/kvq.gz >"$KVQ"; chmod +x "$KVQ"; fi
@@ -67,7 +90,7 @@ run)
   fi
   ;;
 *)
-  sed -n '2,12p' "$0"
+  sed -n '2,17p' "$0"
   exit 2
   ;;
 esac

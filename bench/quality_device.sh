@@ -18,8 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=/tmp/kvq-quality                          # on the device: model, wheels, runs, logs
-MODEL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-HALF=58000000
+# shellcheck source=bench/model.env
+source bench/model.env
 
 case "${1:-}" in
 pack)
