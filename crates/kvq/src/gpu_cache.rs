@@ -9,7 +9,7 @@
 //! `past_only` (the KIVI presets' default) a chunk's queries see the tokens held before
 //! it from the store and the chunk's own K/V at full precision, causally.
 
-use crate::cache::{CacheConfig, CacheInfo, CacheShape, KvCache, Scheme};
+use crate::cache::{CacheConfig, CacheInfo, CacheShape, HeldTokens, KvCache, Scheme};
 use crate::cuda::{KiviGpuLayer, gpu};
 use crate::error::{KvqError, Result};
 use crate::size::Bytes;
@@ -147,27 +147,9 @@ impl KvCache for KiviGpuCache {
     fn info(&self) -> CacheInfo {
         let total = self.seq_len();
         let (kq, q) = self.layers.first().map_or((0, 0), KiviGpuLayer::quantized);
-        let bytes = self.bytes();
-        let memory = bytes.total();
         let elements = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * total * self.shape.batch;
-        let (k_bits, v_bits) = self.config.bits();
-        CacheInfo {
-            scheme: format!("{} (GPU)", self.config.label()),
-            num_layers: self.shape.layers,
-            batch: self.shape.batch,
-            total_seq_len: total,
-            quantized_len: q,
-            key_quantized_len: kq,
-            residual_len: total - q,
-            sink_len: 0,
-            k_bits,
-            v_bits,
-            effective_bits: if elements > 0 { 8.0 * memory as f64 / elements as f64 } else { 0.0 },
-            memory_bytes: memory,
-            fp16_bytes: 2 * elements,
-            memory_ratio: if elements > 0 { memory as f64 / (2 * elements) as f64 } else { 0.0 },
-            bytes,
-        }
+        let held = HeldTokens { total, quantized: q, key_quantized: kq, sink: 0 };
+        CacheInfo::new(format!("{} (GPU)", self.config.label()), &self.config, self.shape, held, self.bytes(), elements)
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> Result<()> {

@@ -60,6 +60,40 @@ pub struct CacheInfo {
     pub bytes: Bytes,
 }
 
+/// Tokens a cache holds, counted on its first sequence (for [`CacheInfo::new`]).
+pub struct HeldTokens {
+    pub total: usize,
+    pub quantized: usize,
+    pub key_quantized: usize,
+    pub sink: usize,
+}
+
+impl CacheInfo {
+    /// The info of a cache holding `held` tokens, `bytes`, and `elements` K/V values
+    /// over all sequences: bits per element and the ratio to f16 follow from them.
+    pub fn new(scheme: String, config: &CacheConfig, shape: CacheShape, held: HeldTokens, bytes: Bytes, elements: usize) -> Self {
+        let memory = bytes.total();
+        let (k_bits, v_bits) = config.bits();
+        CacheInfo {
+            scheme,
+            num_layers: shape.layers,
+            batch: shape.batch,
+            total_seq_len: held.total,
+            quantized_len: held.quantized,
+            key_quantized_len: held.key_quantized,
+            residual_len: held.total.saturating_sub(held.quantized + held.sink),
+            sink_len: held.sink,
+            k_bits,
+            v_bits,
+            effective_bits: if elements > 0 { 8.0 * memory as f64 / elements as f64 } else { 0.0 },
+            memory_bytes: memory,
+            fp16_bytes: 2 * elements,
+            memory_ratio: if elements > 0 { memory as f64 / (2 * elements) as f64 } else { 0.0 },
+            bytes,
+        }
+    }
+}
+
 // ANCHOR: kv_cache_trait
 /// The interface a model's attention uses. Layouts are row-major:
 /// keys/values `[batch][kv_head][token][dim]`, queries/outputs `[batch][q_head][token][dim]`.
@@ -671,29 +705,11 @@ impl KvCache for Cache {
             kq = st.k.quantized_len();
             sink = st.sink_v.len() / self.shape.head_dim;
         }
-        let bytes = self.bytes();
-        let memory = bytes.total();
         let held = if self.keeps_tokens() { self.layers[0].len } else { 0 };
         let real_tokens: usize = self.row_start.iter().map(|&p| held.saturating_sub(p)).sum();
         let elements = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * real_tokens;
-        let (k_bits, v_bits) = self.config.bits();
-        CacheInfo {
-            scheme: self.config.label(),
-            num_layers: self.shape.layers,
-            batch: self.shape.batch,
-            total_seq_len: total,
-            quantized_len: q,
-            key_quantized_len: kq,
-            residual_len: total.saturating_sub(q + sink),
-            sink_len: sink,
-            k_bits,
-            v_bits,
-            effective_bits: if elements > 0 { 8.0 * memory as f64 / elements as f64 } else { 0.0 },
-            memory_bytes: memory,
-            fp16_bytes: 2 * elements,
-            memory_ratio: if elements > 0 { memory as f64 / (2 * elements) as f64 } else { 0.0 },
-            bytes,
-        }
+        let counts = HeldTokens { total, quantized: q, key_quantized: kq, sink };
+        CacheInfo::new(self.config.label(), &self.config, self.shape, counts, self.bytes(), elements)
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
