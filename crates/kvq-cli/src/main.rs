@@ -207,6 +207,10 @@ struct SizeArgs {
     geometry: GeometryArgs,
     #[command(flatten)]
     overrides: OverrideArgs,
+    /// Also print the largest batch whose caches fit this much GPU memory (e.g. 40GiB),
+    /// in kvq's GPU layouts.
+    #[arg(long)]
+    gpu_budget: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -423,10 +427,17 @@ fn run() -> Result<()> {
             let g = geometry(&a)?;
             let caches = if a.cache.is_empty() { size_cmd::default_caches() } else { a.cache.clone() };
             let r = size_cmd::report(&g, a.seq, a.batch, &caches, &a.overrides.overrides())?;
-            if a.json {
+            let budget = a.gpu_budget.as_deref().map(kvq::size::parse_bytes).transpose()?;
+            let gpu = budget.map(|b| size_cmd::gpu_batches(&g, a.seq, &caches, &a.overrides.overrides(), b)).transpose()?;
+            if a.json && budget.is_none() {
                 println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if a.json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "size": r, "gpu_budget": budget, "gpu_batches": gpu }))?);
             } else {
                 size_cmd::print(&r);
+                if let (Some(b), Some(rows)) = (budget, &gpu) {
+                    size_cmd::print_gpu(rows, a.seq, b);
+                }
             }
         }
         Command::Presets => {
@@ -566,6 +577,14 @@ fn run() -> Result<()> {
 }
 
 fn main() {
+    // End quietly, like other command-line tools, when whoever reads stdout stops
+    // (`kvq presets | head`): Rust ignores SIGPIPE, and println! would then panic.
+    #[cfg(unix)]
+    // SAFETY: first thing in main, before any other thread exists; it only restores
+    // the signal's default action.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(2);

@@ -90,6 +90,44 @@ pub fn print(r: &SizeReport) {
     print!("{}", t.markdown());
 }
 
+/// One row of the GPU budget table: how many sequences of `seq` tokens fit.
+#[derive(Serialize)]
+pub struct GpuBatchRow {
+    pub cache: String,
+    pub bytes_per_sequence: u128,
+    pub max_batch: u128,
+    pub batch_vs_fp16: f64,
+}
+
+/// The largest batch of `seq`-token sequences whose caches fit `budget` bytes of GPU
+/// memory, for fp16 and each cache with a GPU layout (KIVI; full precision).
+pub fn gpu_batches(g: &ModelGeometry, seq: usize, caches: &[String], ov: &Overrides, budget: u128) -> Result<Vec<GpuBatchRow>> {
+    let fp16 = kvq::size::gpu_sequence_bytes(g, &CacheConfig::new(Scheme::Full(FullPrecision::F16)), seq).unwrap_or(0);
+    let fp16_batch = budget.checked_div(fp16).unwrap_or(0);
+    let mut rows = Vec::new();
+    for name in caches {
+        if name == "fp8" {
+            continue;
+        }
+        let cfg = CacheConfig::from_spec(name, ov)?;
+        let Some(per) = kvq::size::gpu_sequence_bytes(g, &cfg, seq) else { continue };
+        let max_batch = budget.checked_div(per).unwrap_or(0);
+        rows.push(GpuBatchRow { cache: cfg.label(), bytes_per_sequence: per, max_batch, batch_vs_fp16: if fp16_batch > 0 { max_batch as f64 / fp16_batch as f64 } else { 0.0 } });
+    }
+    Ok(rows)
+}
+
+pub fn print_gpu(rows: &[GpuBatchRow], seq: usize, budget: u128) {
+    println!("\nLargest batch of {seq}-token sequences in {} ({} bytes) of GPU memory, in kvq's GPU layouts", human(budget), with_commas(budget));
+    println!("(KIVI: codes, f16 params, f16 rings for the window and the groups being filled; full precision: plain K/V):\n");
+    let mut t = Table::new(&["cache", "bytes per sequence", "max batch", "vs fp16"]);
+    for r in rows {
+        t.row(vec![r.cache.clone(), with_commas(r.bytes_per_sequence), with_commas(r.max_batch), format!("{:.2}×", r.batch_vs_fp16)]);
+    }
+    print!("{}", t.markdown());
+    println!("Caches without a GPU layout (per-token, KVQuant) are left out.");
+}
+
 pub fn default_caches() -> Vec<String> {
     PRESETS.iter().filter(|p| **p != "none").map(|s| s.to_string()).chain(std::iter::once("fp8".to_string())).collect()
 }

@@ -8,6 +8,47 @@ fn kvq(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
+fn gpu_budget_gives_the_largest_batch_in_the_gpu_layouts() {
+    let (code, out, err) = kvq(&["size", "--model", "smollm2-135m", "--seq", "8192", "--cache", "fp16,kivi-2,kivi-2:group=64,per-token-4", "--gpu-budget", "40GiB"]);
+    assert_eq!(code, 0, "{err}");
+    let gpu = &out[out.find("Largest batch").expect("the GPU table")..];
+    let row = |start: &str| gpu.lines().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("no {start} row in {gpu}")).to_string();
+    // fp16: 2 · 30 · 3 · 64 · 8192 · 2 bytes a sequence; 40 GiB / that = 227.
+    assert!(row("| fp16 ").contains("188,743,680") && row("| fp16 ").contains(" 227 |"), "{gpu}");
+    // kivi-2: per stream-layer 8192 · 48 bytes of codes and params + 45,056 of f16 rings.
+    let k2 = row("| kivi-2 (g32");
+    assert!(k2.contains("39,444,480") && k2.contains("1,088") && k2.contains("4.79×"), "{k2}");
+    assert!(row("| kivi-2 (g64").contains("5.46×"), "{gpu}");
+    assert!(!gpu.contains("per-token-4 ("), "per-token has no GPU layout: {gpu}");
+    for bad in ["40XB", "-3GB", "GiB", "0"] {
+        let (code, _, err) = kvq(&["size", "--model", "smollm2-135m", "--seq", "8192", &format!("--gpu-budget={bad}")]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!((err.contains("unknown unit") || err.contains("not a positive size")) && !err.contains("panicked"), "{bad}: {err}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_kvq_without_a_panic() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::ExitStatusExt;
+    // A pipe whose reading end is already closed: kvq's first write to stdout fails,
+    // as in `kvq presets | head -0`, with no race.
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two fresh descriptors; the read end is closed at once and the
+    // write end handed to an OwnedFd that the child's stdout takes over.
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        std::os::fd::OwnedFd::from_raw_fd(fds[1])
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_kvq")).arg("presets").stdout(write_end).output().expect("run kvq");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
+
+#[test]
 fn llama_3_8b_at_100k_tokens_is_13_gb_in_fp16() {
     let (code, out, _) = kvq(&["size", "--model", "llama-3-8b", "--seq", "100000"]);
     assert_eq!(code, 0);

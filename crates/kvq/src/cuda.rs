@@ -13,6 +13,7 @@ use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, Scheme};
 use crate::error::{KvqError, Result};
 use crate::quant::packed_len;
 use crate::rng::SplitMix64;
+use crate::size::KiviGpuLayout;
 use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::CudaDevice;
@@ -208,9 +209,8 @@ impl KiviGpuLayer {
             return Err(KvqError::InvalidParam("a GPU cache needs at least one stream and one token of capacity".into()));
         }
         let d = head_dim;
-        let value_group = group.min(d);
-        let capacity = capacity.next_multiple_of(group);
-        let (kring, vring) = (residual + 2 * group, residual + group);
+        let layout = crate::size::KiviGpuLayout::of(config, d, capacity).ok_or_else(|| KvqError::Unsupported("no GPU layout for this cache".into()))?;
+        let KiviGpuLayout { value_group, capacity, kring, vring, .. } = layout;
         let s = streams;
         let kcodes = dev.alloc_zeros::<u8>(s * capacity * packed_len(d, k_bits)).map_err(gpu)?;
         let kparams = dev.alloc_zeros::<u32>(s * capacity / group * d).map_err(gpu)?;
@@ -267,12 +267,17 @@ impl KiviGpuLayer {
 
     /// Device bytes this layer reserves (codes and params for `capacity` tokens, rings).
     pub fn allocated_bytes(&self) -> usize {
-        let d = self.head_dim;
-        let per_stream = self.capacity * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits))
-            + self.capacity / self.group * d * 4
-            + self.capacity * (d / self.value_group) * 4
-            + (self.kring + self.vring) * d * 2;
-        self.streams * per_stream
+        let layout = KiviGpuLayout {
+            k_bits: self.k_bits,
+            v_bits: self.v_bits,
+            head_dim: self.head_dim,
+            group: self.group,
+            value_group: self.value_group,
+            capacity: self.capacity,
+            kring: self.kring,
+            vring: self.vring,
+        };
+        self.streams * layout.stream_bytes()
     }
 
     /// What the layer holds now, by kind (as the CPU cache counts it).

@@ -207,6 +207,80 @@ pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usiz
 }
 
 /// Formats a byte count as `13,107,200,000`.
+/// How kvq's GPU KIVI cache (`cuda::KiviGpuLayer`) lays out one stream (one KV head of
+/// one sequence) of one layer: codes and f16 (min, scale) params for `capacity` tokens,
+/// rounded up to a whole key group, and f16 rings for the tokens not yet quantized
+/// (the window plus the groups being filled: keys wait for a whole group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KiviGpuLayout {
+    pub k_bits: u8,
+    pub v_bits: u8,
+    pub head_dim: usize,
+    /// Tokens of a key block; values are grouped by `min(group, head_dim)` channels.
+    pub group: usize,
+    pub value_group: usize,
+    /// Tokens the code buffers hold (a multiple of `group`).
+    pub capacity: usize,
+    /// Ring slots for f16 keys and values.
+    pub kring: usize,
+    pub vring: usize,
+}
+
+impl KiviGpuLayout {
+    /// The layout of a KIVI `config` (other schemes have no GPU layout: `None`).
+    pub fn of(config: &CacheConfig, head_dim: usize, capacity: usize) -> Option<Self> {
+        let Scheme::Kivi { k_bits, v_bits, group_size: g, residual_length: r } = config.scheme else { return None };
+        if g == 0 || head_dim == 0 {
+            return None;
+        }
+        Some(KiviGpuLayout { k_bits, v_bits, head_dim, group: g, value_group: g.min(head_dim), capacity: capacity.div_ceil(g) * g, kring: r + 2 * g, vring: r + g })
+    }
+
+    /// Bytes one stream reserves: codes, params and rings.
+    pub fn stream_bytes(&self) -> usize {
+        let (d, n) = (self.head_dim, self.capacity);
+        n * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits))
+            + n / self.group * d * 4
+            + n * (d / self.value_group) * 4
+            + (self.kring + self.vring) * d * 2
+    }
+}
+
+/// Bytes a whole sequence's cache takes on the GPU, over every layer and KV head:
+/// KIVI in kvq's GPU layout, full precision as plain K/V buffers. `None` for schemes
+/// with no GPU cache.
+pub fn gpu_sequence_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize) -> Option<u128> {
+    let streams = (g.layers * g.kv_heads) as u128;
+    match cfg.scheme {
+        Scheme::Full(p) => Some(full_precision_bytes(g, seq, 1, p)),
+        Scheme::Kivi { .. } => KiviGpuLayout::of(cfg, g.head_dim, seq).map(|l| streams * l.stream_bytes() as u128),
+        _ => None,
+    }
+}
+
+/// "40GiB", "512 MB", "1e9" or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u128> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = (t[..split].trim(), t[split..].trim());
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        _ => return Err(KvqError::InvalidParam(format!("{text:?}: unknown unit {unit:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"))),
+    };
+    match num.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok((x * mult).round() as u128),
+        _ => Err(KvqError::InvalidParam(format!("{text:?} is not a positive size like 40GiB"))),
+    }
+}
+
 pub fn with_commas(n: u128) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);

@@ -424,3 +424,20 @@ fn packed_stream_exposes_the_bytes_the_cache_counts() {
     let fp16 = build(&CacheConfig::preset("fp16").unwrap());
     assert!(matches!(fp16.packed_stream(0, 0), Err(KvqError::Unsupported(_))));
 }
+
+#[test]
+fn the_gpu_layout_is_the_cpu_cache_bytes_plus_its_rings() {
+    // Two independent formulas: the GPU layer's (kvq::size::KiviGpuLayout, which
+    // cuda::KiviGpuLayer allocates by) and the CPU size math, with no window so that
+    // every token is packed on the CPU side too.
+    for (spec, d, n) in [("kivi-2", 64, 8192), ("kivi-4:group=128", 128, 4096), ("kivi-2:group=64", 64, 1000), ("kivi-4:k-bits=2", 128, 96)] {
+        let cfg = CacheConfig::from_spec(&format!("{spec}:residual=0"), &kvq::cache::Overrides::default()).unwrap();
+        let l = kvq::size::KiviGpuLayout::of(&cfg, d, n).unwrap();
+        assert!(l.capacity >= n && l.capacity % l.group == 0, "{spec}");
+        let g = ModelGeometry { name: "one stream".into(), layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
+        let cpu = cache_bytes(&g, &cfg, l.capacity, 1).unwrap();
+        assert_eq!(cpu.full, 0, "{spec}");
+        assert_eq!(l.stream_bytes(), cpu.codes + cpu.params + (l.kring + l.vring) * d * 2, "{spec}");
+    }
+    assert!(kvq::size::KiviGpuLayout::of(&CacheConfig::preset("kvquant-2").unwrap(), 64, 100).is_none());
+}
