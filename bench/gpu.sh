@@ -9,10 +9,12 @@
 #                                  # the GPU vs the CPU; the real GGUF too if $KVQ_MODEL names
 #                                  # one there); everything lands in OUTDIR
 #
-# The real model for gpu-model's second check travels in two device calls (a call carries
-# at most 64 MiB): here `bash bench/gpu.sh pack-model` (→ .gpu/model.a, .gpu/model.b);
-# there, call 1 carrying .gpu/model.a: `bash bench/gpu.sh stash-model`; call 2, on the same
-# machine, carrying .gpu/kvq.gz, .gpu/COMMIT and .gpu/model.b: `bash bench/gpu.sh run OUT`.
+# A device call carries at most 64 MiB, so the real model (98 MB) and the binary (18 MB)
+# travel in two calls to the same (warm) machine: here `bash bench/gpu.sh pack-model`
+# (→ .gpu/model.a, .gpu/model.b); there, call 1 carrying .gpu/kvq.gz, .gpu/COMMIT and
+# .gpu/model.b: `bash bench/gpu.sh stash && bash bench/gpu.sh run OUT attn`; call 2
+# carrying .gpu/model.a: `bash bench/gpu.sh run OUT model`. `stash` keeps what a call
+# carried in /tmp/kvq-gpu for the next; with everything on one machine, `run OUT` does both.
 #
 # The results table goes to OUTDIR/gpu-attn.md; copy it to bench/results/.
 set -euo pipefail
@@ -29,8 +31,10 @@ pack-model)
   tail -c +$((HALF + 1)) "$model" >.gpu/model.b
   ls -la .gpu/model.a .gpu/model.b
   ;;
-stash-model)
-  mkdir -p $STASH && cp .gpu/model.a $STASH/model.a && ls -la $STASH
+stash|stash-model)
+  mkdir -p $STASH
+  for f in model.a model.b kvq.gz COMMIT; do [[ -f .gpu/$f ]] && cp .gpu/$f $STASH/$f; done
+  ls -la $STASH
   ;;
 build)
   if ! command -v nvcc >/dev/null; then
@@ -49,18 +53,28 @@ build)
   ls -la .gpu/kvq.gz
   ;;
 run)
-  OUT=${2:?usage: bench/gpu.sh run OUTDIR}
+  OUT=${2:?usage: bench/gpu.sh run OUTDIR [all|attn|model]}
+  PART=${3:-all}
+  # What a call carried, or what an earlier call on this machine stashed.
+  carried() { if [[ -f .gpu/$1 ]]; then echo .gpu/$1; elif [[ -f $STASH/$1 ]]; then echo $STASH/$1; fi; }
   # The commit the binary was built from (recorded by the build step).
-  export KVQ_COMMIT=${KVQ_COMMIT:-$(cat .gpu/COMMIT 2>/dev/null || echo unknown)}
+  c=$(carried COMMIT)
+  export KVQ_COMMIT=${KVQ_COMMIT:-$(cat ${c:-/dev/null} 2>/dev/null || echo unknown)}
   mkdir -p "$OUT"
-  if [[ -z ${KVQ_MODEL:-} && -f $STASH/model.a && -f .gpu/model.b ]]; then
-    cat $STASH/model.a .gpu/model.b >$STASH/model.gguf
+  a=$(carried model.a) b=$(carried model.b)
+  if [[ -z ${KVQ_MODEL:-} && -n $a && -n $b ]]; then
+    mkdir -p $STASH && cat "$a" "$b" >$STASH/model.gguf
     echo "$MODEL_SHA  $STASH/model.gguf" | sha256sum -c --quiet && export KVQ_MODEL=$STASH/model.gguf
   fi
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   KVQ=${KVQ_BIN:-}
-  if [[ -z $KVQ ]]; then KVQ=$(mktemp -d)/kvq; gunzip -c .gpu/kvq.gz >"$KVQ"; chmod +x "$KVQ"; fi
+  if [[ -z $KVQ ]]; then
+    z=$(carried kvq.gz)
+    [[ -n $z ]] || { echo "gpu.sh: no .gpu/kvq.gz (run 'bash bench/gpu.sh build' and carry it)" >&2; exit 1; }
+    KVQ=$(mktemp -d)/kvq; gunzip -c "$z" >"$KVQ"; chmod +x "$KVQ"
+  fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  if [[ $PART != model ]]; then
   small=(--shapes tiny64:2:9:3:64:700,tiny128:2:8:2:128:333 --caches kivi-2,kivi-4,kivi-2:group=64,kivi-4:k-bits=2 --iters 1)
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
     for tool in memcheck racecheck; do
@@ -74,6 +88,35 @@ run)
   fi
   python3 bench/peers/sdpa_attn.py --out "$OUT/sdpa.json" ${KVQ_SHAPES:+--shapes "$KVQ_SHAPES"}
   "$KVQ" bench attn --peer "$OUT/sdpa.json" --json "$OUT/gpu-attn.json" --out "$OUT/gpu-attn.md" ${KVQ_SHAPES:+--shapes "$KVQ_SHAPES"}
+  # A profile of the decode kernels on the goal's problem, where Nsight Compute is at hand.
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+  if [[ -n $NCU && ${KVQ_NCU:-1} == 1 ]]; then
+    # The first launches of the decode kernels (tensor cores, then the window's), and of the
+    # quantize kernels (keys, values), on the goal's problem; then why warps waited.
+    for what in attn:decode_attn quant:quant_; do
+      timeout 200 "$NCU" --kernel-name regex:"${what#*:}" --launch-count 2 --set full -o "$OUT/${what%%:*}-profile" \
+        "$KVQ" bench attn --shapes llama3-8b:16:32:8:128:32768 --caches kivi-2 --iters 1 >>"$OUT/ncu.log" 2>&1 || echo "ncu ($what): failed (see ncu.log)"
+      rep=$OUT/${what%%:*}-profile.ncu-rep
+      [[ -f $rep ]] || continue
+      "$NCU" --import "$rep" --page details >"$OUT/${what%%:*}-profile.txt" 2>&1 || true
+      # Cycles per issued instruction each kernel's warps spent waiting, by reason.
+      "$NCU" --import "$rep" --page raw --csv 2>/dev/null | python3 -c '
+import csv, sys
+rows = list(csv.reader(sys.stdin))
+head = rows[0]
+for r in rows[2:]:
+    name = r[head.index("Kernel Name")]
+    stalls = [(float(v.replace(",", "")), h.split("stalled_")[1].split("_per")[0]) for h, v in zip(head, r)
+              if h.startswith("smsp__average_warps_issue_stalled_") and h.endswith("_per_issue_active.ratio") and v]
+    print(name, " ".join(f"{n}={v:.2f}" for v, n in sorted(stalls, reverse=True)[:10]))
+' >>"$OUT/stalls.txt" 2>&1 || true
+      rm -f "$rep"
+    done
+  else
+    echo "ncu: not on this machine" >"$OUT/ncu.log"
+  fi
+  fi
+  if [[ $PART != attn ]]; then
   # The model on the GPU (KIVI caches packed there) vs the CPU: kvq's small model always
   # (no file to carry); the real GGUF too when $KVQ_MODEL names one on this machine.
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
@@ -88,9 +131,10 @@ run)
   if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
     "$KVQ" bench gpu-model --model "$KVQ_MODEL" --tokens 1024 --batch 16 --out "$OUT/gpu-model-real.md" || echo "gpu-model (real model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
   fi
+  fi
   ;;
 *)
-  sed -n '2,17p' "$0"
+  sed -n '2,18p' "$0"
   exit 2
   ;;
 esac

@@ -438,23 +438,32 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 }
             }
         } else {
-            // Full-precision keys from the ring.
+            // Full-precision keys from the ring: eight tokens' loads in flight at a time
+            // (one at a time made the window cost ~64 round trips to memory a tile).
+            const long p0 = t0 % a.kring;
 #pragma unroll
-            for (int j = 0; j < 32; j++) {
-                const long t = t0 + j;
-                if (t < a.n) {
-                    const __half* kp = a.ktail + ((long)s * a.kring + t % a.kring) * D + c0;
-                    float k[C];
+            for (int j0 = 0; j0 < 32; j0 += 8) {
+                __half2 kk[8][C / 2];
 #pragma unroll
-                    for (int i = 0; i < C; i += 2) {
-                        const float2 x = __half22float2(*(const __half2*)(kp + i));
-                        k[i] = x.x;
-                        k[i + 1] = x.y;
+                for (int jj = 0; jj < 8; jj++) {
+                    long pos = p0 + j0 + jj;  // < 2·kring: one step wraps it
+                    pos = pos >= a.kring ? pos - a.kring : pos;
+                    const __half2* kp = (const __half2*)(a.ktail + ((long)s * a.kring + pos) * D + c0);
+                    const bool live = t0 + j0 + jj < a.n;
+#pragma unroll
+                    for (int i = 0; i < C / 2; i++) kk[jj][i] = live ? kp[i] : __half2{};
+                }
+#pragma unroll
+                for (int jj = 0; jj < 8; jj++) {
+#pragma unroll
+                    for (int i = 0; i < C / 2; i++) {
+                        const float2 x = __half22float2(kk[jj][i]);
+#pragma unroll
+                        for (int r = 0; r < REP; r++) {
+                            part[r][j0 + jj] = fmaf(qr[r][2 * i], x.x, part[r][j0 + jj]);
+                            part[r][j0 + jj] = fmaf(qr[r][2 * i + 1], x.y, part[r][j0 + jj]);
+                        }
                     }
-#pragma unroll
-                    for (int r = 0; r < REP; r++)
-#pragma unroll
-                        for (int i = 0; i < C; i++) part[r][j] = fmaf(qr[r][i], k[i], part[r][j]);
                 }
             }
         }
@@ -501,34 +510,42 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
             }
             continue;
         }
-        // The tile that straddles the window's edge, and the window itself.
-        const int jn = (int)min(32L, a.n - t0);
-        for (int j = 0; j < jn; j++) {
-            const long t = t0 + j;
-            float pv[REP];
+        // The tile that straddles the window's edge, and the window itself: eight tokens'
+        // loads in flight at a time, each from the packed rows or the ring.
+        const long p0 = t0 % a.vring;
 #pragma unroll
-            for (int r = 0; r < REP; r++) pv[r] = __shfl_sync(FULL_MASK, p[r], j);
-            if (t < a.nqv) {
+        for (int j0 = 0; j0 < 32; j0 += 8) {
+            uint32_t w[8];
+            __half2 pr[8], vv[8][C / 2];
+#pragma unroll
+            for (int jj = 0; jj < 8; jj++) {
+                const long t = t0 + j0 + jj;
+                long pos = p0 + j0 + jj;
+                pos = pos >= a.vring ? pos - a.vring : pos;
+                const bool packed = t < a.nqv, live = !packed && t < a.n;
                 const uint8_t* row = a.vcodes + ((long)s * a.cap + t) * vrow;
-                const uint32_t w = ((const uint32_t*)row)[vbit / 32] >> (vbit % 32);
-                const float2 pr = __half22float2(a.vparams[((long)s * a.cap + t) * vgpt + vg]);
+                w[jj] = packed ? ((const uint32_t*)row)[vbit / 32] >> (vbit % 32) : 0u;
+                pr[jj] = packed ? a.vparams[((long)s * a.cap + t) * vgpt + vg] : __half2{};
+                const __half2* vp = (const __half2*)(a.vtail + ((long)s * a.vring + pos) * D + c0);
+#pragma unroll
+                for (int i = 0; i < C / 2; i++) vv[jj][i] = live ? vp[i] : __half2{};
+            }
+#pragma unroll
+            for (int jj = 0; jj < 8; jj++) {
+                const float2 mp = __half22float2(pr[jj]);
 #pragma unroll
                 for (int r = 0; r < REP; r++) {
-                    accm[r] = fmaf(pv[r], pr.x, accm[r]);
-                    const float ps = pv[r] * pr.y;
+                    // p is 0 past the last token, and a packed token's ring slot reads as 0.
+                    const float pv = __shfl_sync(FULL_MASK, p[r], j0 + jj);
+                    accm[r] = fmaf(pv, mp.x, accm[r]);
+                    const float ps = pv * mp.y;
 #pragma unroll
-                    for (int i = 0; i < C; i++)
-                        acc[r][i] = fmaf(ps, code_to_float((w >> (i * VB)) & ((1u << VB) - 1)), acc[r][i]);
-                }
-            } else {
-                const __half* vp = a.vtail + ((long)s * a.vring + t % a.vring) * D + c0;
-#pragma unroll
-                for (int i = 0; i < C; i += 2) {
-                    const float2 x = __half22float2(*(const __half2*)(vp + i));
-#pragma unroll
-                    for (int r = 0; r < REP; r++) {
-                        acc[r][i] = fmaf(pv[r], x.x, acc[r][i]);
-                        acc[r][i + 1] = fmaf(pv[r], x.y, acc[r][i + 1]);
+                    for (int i = 0; i < C / 2; i++) {
+                        const float2 x = __half22float2(vv[jj][i]);
+                        const float c0f = code_to_float((w[jj] >> (2 * i * VB)) & ((1u << VB) - 1));
+                        const float c1f = code_to_float((w[jj] >> ((2 * i + 1) * VB)) & ((1u << VB) - 1));
+                        acc[r][2 * i] = fmaf(ps, c0f, fmaf(pv, x.x, acc[r][2 * i]));
+                        acc[r][2 * i + 1] = fmaf(ps, c1f, fmaf(pv, x.y, acc[r][2 * i + 1]));
                     }
                 }
             }

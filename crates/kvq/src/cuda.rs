@@ -11,6 +11,7 @@
 
 use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, Scheme};
 use crate::error::{KvqError, Result};
+use crate::gpu_plan::plan_splits;
 use crate::quant::packed_len;
 use crate::rng::SplitMix64;
 use crate::size::KiviGpuLayout;
@@ -135,12 +136,10 @@ pub enum AttnKernel {
 /// Query heads a tensor-core block serves (the MMA's 8 columns); more take more blocks.
 const TC_QUERIES: usize = 8;
 
-/// Splits a range of `tiles` so that `blocks_per_split` × splits ≈ `target` blocks, each
-/// warp of a block keeping at least one tile: (splits, tiles a split).
-fn plan_splits(tiles: usize, blocks_per_split: usize, target: usize) -> (usize, usize) {
-    let splits = target.div_ceil(blocks_per_split).clamp(1, tiles.div_ceil(WARPS as usize)).min(tiles);
-    let per = tiles.div_ceil(splits);
-    (tiles.div_ceil(per), per)
+/// Blocks of `name` that fit one SM at once (registers, shared memory, warps).
+fn blocks_per_sm(dev: &CudaDevice, name: &str) -> Result<usize> {
+    let f = module(dev)?.load_function(name).map_err(gpu)?;
+    Ok(f.occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None).map_err(gpu)?.max(1) as usize)
 }
 
 /// A launch's thread count as the kernels index it: 32-bit.
@@ -383,12 +382,18 @@ impl KiviGpuLayer {
     /// packed store and the window, and the chunk's own K/V `fresh_k`/`fresh_v`
     /// (`[stream][tokens][D]`, f32, what `append` took) causally at full precision.
     pub fn attend_chunk(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, fresh_k: &CudaSlice<f32>, fresh_v: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        self.attend_chunk_with(q, q_heads, tokens, fresh_k, fresh_v, out, AttnKernel::Auto)
+    }
+
+    /// [`KiviGpuLayer::attend_chunk`] with a chosen kernel for the past.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_chunk_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, fresh_k: &CudaSlice<f32>, fresh_v: &CudaSlice<f32>, out: &mut CudaSlice<f32>, kernel: AttnKernel) -> Result<()> {
         let need = self.streams * tokens * self.head_dim;
         if tokens == 0 || tokens > self.len || fresh_k.len() < need || fresh_v.len() < need {
             return Err(KvqError::Shape(format!("a chunk of {tokens} tokens over {} held needs {need} fresh floats each, got {} and {}", self.len, fresh_k.len(), fresh_v.len())));
         }
         let past = self.len - tokens;
-        self.attend_inner(q, q_heads * tokens, past, Some((fresh_k, fresh_v, tokens)), out, 0, AttnKernel::Auto)
+        self.attend_inner(q, q_heads * tokens, past, Some((fresh_k, fresh_v, tokens)), out, 0, kernel)
     }
 
     /// Attention of `q_heads` queries a sequence (a chunk's tokens count as heads, token
@@ -433,16 +438,18 @@ impl KiviGpuLayer {
             let per = tiles.div_ceil(splits.min(tiles));
             (tiles.div_ceil(per), per)
         };
-        // The tensor-core kernel fits about 5 blocks an SM: aim for 8 blocks an SM in all.
+        let tc_name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group);
+        let cc_name = format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits);
+        let w = WARPS as usize;
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
             t if splits > 0 => fixed(t),
-            t => plan_splits(t, s * tc_chunks, 8 * self.sms),
+            t => plan_splits(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)? * self.sms, w),
         };
         let (cc_splits, cc_per) = match ntiles - packed {
             0 => (0, 1),
             t if splits > 0 && packed == 0 => fixed(t),
-            t => plan_splits(t, s * chunks, 4 * self.sms),
+            t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &cc_name)? * self.sms, w),
         };
         let total = tc_splits + cc_splits + usize::from(fresh.is_some());
         let need_acc = s * total * rep * d;
@@ -492,15 +499,13 @@ impl KiviGpuLayer {
         };
         let block = (WARPS * 32, 1, 1);
         if tc_splits > 0 {
-            let name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group);
             let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
-            launch!(self.dev, &name, cfg, &args);
+            launch!(self.dev, &tc_name, cfg, &args);
         }
         if cc_splits > 0 {
             let args = AttnArgs { tiles_per_split: cc_per as i32, tile0: packed as i32, tile_end: ntiles as i32, split0: tc_splits as i32, ..args };
-            let name = format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits);
             let cfg = LaunchConfig { grid_dim: (s as u32, cc_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
-            launch!(self.dev, &name, cfg, &args);
+            launch!(self.dev, &cc_name, cfg, &args);
         }
         if let Some((fk, fv, t)) = fresh {
             let cfg = LaunchConfig { grid_dim: (s as u32, rep as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };

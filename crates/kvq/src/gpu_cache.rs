@@ -10,7 +10,7 @@
 //! it from the store and the chunk's own K/V at full precision, causally.
 
 use crate::cache::{CacheConfig, CacheInfo, CacheShape, HeldTokens, KvCache, Scheme};
-use crate::cuda::{KiviGpuLayer, gpu};
+use crate::cuda::{AttnKernel, KiviGpuLayer, gpu};
 use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
@@ -24,6 +24,7 @@ pub struct KiviGpuCache {
     /// Each layer's last append, on the GPU: what past-only attention reads as the chunk.
     fresh: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>, usize)>>,
     padding: Vec<usize>,
+    kernel: AttnKernel,
 }
 
 impl KiviGpuCache {
@@ -31,7 +32,14 @@ impl KiviGpuCache {
     pub fn new(dev: &CudaDevice, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Self> {
         let streams = shape.batch * shape.kv_heads;
         let layers = (0..shape.layers).map(|_| KiviGpuLayer::new(dev, config, streams, shape.head_dim, capacity)).collect::<Result<Vec<_>>>()?;
-        Ok(KiviGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch] })
+        Ok(KiviGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch], kernel: AttnKernel::Auto })
+    }
+
+    /// Which kernel reads the packed tiles (the default: tensor cores); `kvq bench
+    /// gpu-model` runs the model with both.
+    pub fn with_kernel(mut self, kernel: AttnKernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     fn layer(&self, layer: usize) -> Result<()> {
@@ -120,9 +128,9 @@ impl KvCache for KiviGpuCache {
             if *t != tokens {
                 return Err(KvqError::Shape(format!("past-only attention of {tokens} queries, but the last append held {t} tokens")));
             }
-            lay.attend_chunk(&qd, q_heads, tokens, fk, fv, &mut od)?;
+            lay.attend_chunk_with(&qd, q_heads, tokens, fk, fv, &mut od, self.kernel)?;
         } else if tokens == 1 {
-            lay.attend(&qd, q_heads, &mut od, 0)?;
+            lay.attend_with(&qd, q_heads, &mut od, 0, self.kernel)?;
         } else {
             return Err(KvqError::Unsupported(
                 "causal attention of several queries over the packed store (past-only off) is not on the GPU: use past-only (the default) or chunks of one token".into(),
