@@ -628,19 +628,22 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
 }
 __device__ __forceinline__ uint32_t bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
-// 2-bit codes: u and v hold 16 codes each; this lane's sit at bits 2g (row g) and
-// 2g + 16 (row g + 8). Rotating right by rot = (2g − 8) mod 32 puts them on bits 8–9
-// and 24–25; the permute pairs u's with v's. Each half becomes f16 1 + code/4.
-__device__ __forceinline__ void pair2(uint32_t u, uint32_t v, int rot, uint32_t& row_g, uint32_t& row_g8) {
-    const uint32_t x = __funnelshift_r(u, u, rot), y = __funnelshift_r(v, v, rot);
-    row_g = (__byte_perm(x, y, 0x5410) & 0x03000300u) | 0x3C003C00u;
-    row_g8 = (__byte_perm(x, y, 0x7632) & 0x03000300u) | 0x3C003C00u;
+// Codes become f16 *subnormals*: a code c at bit `pos` of a half's mantissa (exponent 0)
+// is the f16 value c·2^(pos−24), exactly. So one byte permute (byte `pos/8`… of u to the
+// low half, of v to the high half) and one AND make an MMA operand, whatever the lane's
+// bit position; the lane scales its rows of the result by 2^(24−pos) once (scores: per
+// tile, fused into the add of the min term; output: at the end). Tensor cores take f16
+// subnormals as they are (the bench's check against the CPU would catch a flush).
+//
+// 2-bit codes: u and v hold 16 codes each; this lane's sit at bits 2g (row g) and 2g + 16
+// (row g + 8): byte g/4 and g/4 + 2, bit pos = 2(g & 3) of the byte.
+__device__ __forceinline__ void pair2(uint32_t u, uint32_t v, uint32_t sel, uint32_t mask, uint32_t& row_g, uint32_t& row_g8) {
+    row_g = __byte_perm(u, v, sel) & mask;
+    row_g8 = __byte_perm(u, v, sel + 0x0202u) & mask;
 }
-// 4-bit codes: nibble g of u and of v. `sel` copies byte g/2 of u to bytes 0–1 and of v to
-// bytes 2–3; shifting right by sh = 2 + 4(g & 1) puts the nibbles on bits 6–9 and 22–25:
-// f16 1 + code/16.
-__device__ __forceinline__ uint32_t pair4(uint32_t u, uint32_t v, uint32_t sel, int sh) {
-    return ((__byte_perm(u, v, sel) >> sh) & 0x03C003C0u) | 0x3C003C00u;
+// 4-bit codes: nibble g of u and of v: byte g/2, bit pos = 4(g & 1) of the byte.
+__device__ __forceinline__ uint32_t pair4(uint32_t u, uint32_t v, uint32_t sel, uint32_t mask) {
+    return __byte_perm(u, v, sel) & mask;
 }
 
 // One warp's tile in shared memory: key codes (channel by channel, 32 tokens each), key
@@ -700,14 +703,21 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // queries 2tq, 2tq + 1
     float acc[KS][4];     // output fragments: channels 16mt + g (+ 8) × queries 2tq (+ 1)
-    float extra[GPT][2];  // Σ p·min_v − Σ (rounded U·p·scale_v) per value group, queries 2tq (+ 1)
+    float extra[GPT][2];  // Σ p·min_v per value group, queries 2tq (+ 1)
 #pragma unroll
     for (int mt = 0; mt < KS; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 #pragma unroll
     for (int gr = 0; gr < GPT; gr++) extra[gr][0] = extra[gr][1] = 0.f;
-    const int rot = (2 * g - 8) & 31;
-    const uint32_t sel = (uint32_t)(g >> 1) * 0x11u + (uint32_t)(4 + (g >> 1)) * 0x1100u;
-    const int sh = 2 + 4 * (g & 1);
+    // This lane's byte selectors, masks and the scale back from subnormals (rows g, g + 8).
+    // (A selector's nibble i names the source byte of result byte i: 0–3 from u, 4–7 from v.)
+    const uint32_t sel2 = (uint32_t)(g >> 2) | (uint32_t)(4 + (g >> 2)) << 8;
+    const uint32_t mask2 = (3u << (2 * (g & 3))) * 0x00010001u;
+    const uint32_t sel4 = (uint32_t)(g >> 1) | (uint32_t)(4 + (g >> 1)) << 8;
+    const uint32_t mask4 = (15u << (4 * (g & 1))) * 0x00010001u;
+    const int pos2 = 2 * (g & 3), pos4 = 4 * (g & 1);
+    // 2^(24 − pos) / U, built from its exponent bits (exact).
+    const float kf = __int_as_float((127 + 24 - (KB == 2 ? pos2 : pos4)) << 23) / UK;
+    const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23) / UV;
 
 #pragma unroll
     for (int i = 0; i < T::STAGES - 1; i++) {
@@ -727,7 +737,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 
         // Scores: rows = tokens (two m-tiles of 16), k = channels, columns = queries.
         float sc[2][4] = {};
-        float base = 0.f;  // Σ q·min − Σ x over this lane's channels, query g
+        float base = 0.f;  // Σ q·min over this lane's channels, query g
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
             const int c0 = 16 * ks + 2 * tq;
@@ -739,27 +749,27 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
             const uint32_t l01 = bits(__floats2half2_rn(x0 - f01.x, x1 - f01.y));
             const uint32_t l89 = bits(__floats2half2_rn(x8 - f89.x, x9 - f89.y));
-            base += qa.x * p0.x + qa.y * p1.x + qb.x * p8.x + qb.y * p9.x - ((x0 + x1) + (x8 + x9));
+            base += qa.x * p0.x + qa.y * p1.x + qb.x * p8.x + qb.y * p9.x;
             uint32_t A0[4], A1[4];  // tokens 0–15, 16–31
             if constexpr (KB == 2) {
                 // A channel's 32 codes are two words (tokens 0–15, 16–31).
                 const uint4 wa = *(const uint4*)(kc + 2 * c0), wb = *(const uint4*)(kc + 2 * (c0 + 8));
-                pair2(wa.x, wa.z, rot, A0[0], A0[1]);
-                pair2(wb.x, wb.z, rot, A0[2], A0[3]);
-                pair2(wa.y, wa.w, rot, A1[0], A1[1]);
-                pair2(wb.y, wb.w, rot, A1[2], A1[3]);
+                pair2(wa.x, wa.z, sel2, mask2, A0[0], A0[1]);
+                pair2(wb.x, wb.z, sel2, mask2, A0[2], A0[3]);
+                pair2(wa.y, wa.w, sel2, mask2, A1[0], A1[1]);
+                pair2(wb.y, wb.w, sel2, mask2, A1[2], A1[3]);
             } else {
                 // Four words (tokens 0–7, 8–15, 16–23, 24–31).
                 const uint4 w0 = *(const uint4*)(kc + 4 * c0), w1 = *(const uint4*)(kc + 4 * (c0 + 1));
                 const uint4 w8 = *(const uint4*)(kc + 4 * (c0 + 8)), w9 = *(const uint4*)(kc + 4 * (c0 + 9));
-                A0[0] = pair4(w0.x, w1.x, sel, sh);
-                A0[1] = pair4(w0.y, w1.y, sel, sh);
-                A0[2] = pair4(w8.x, w9.x, sel, sh);
-                A0[3] = pair4(w8.y, w9.y, sel, sh);
-                A1[0] = pair4(w0.z, w1.z, sel, sh);
-                A1[1] = pair4(w0.w, w1.w, sel, sh);
-                A1[2] = pair4(w8.z, w9.z, sel, sh);
-                A1[3] = pair4(w8.w, w9.w, sel, sh);
+                A0[0] = pair4(w0.x, w1.x, sel4, mask4);
+                A0[1] = pair4(w0.y, w1.y, sel4, mask4);
+                A0[2] = pair4(w8.x, w9.x, sel4, mask4);
+                A0[3] = pair4(w8.y, w9.y, sel4, mask4);
+                A1[0] = pair4(w0.z, w1.z, sel4, mask4);
+                A1[1] = pair4(w0.w, w1.w, sel4, mask4);
+                A1[2] = pair4(w8.z, w9.z, sel4, mask4);
+                A1[3] = pair4(w8.w, w9.w, sel4, mask4);
             }
             mma(sc[0], A0, bits(h01), bits(h89));
             mma(sc[0], A0, l01, l89);
@@ -776,8 +786,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         for (int j = 0; j < 2; j++) {
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                sc[mt][j] += bq[j];
-                sc[mt][j + 2] += bq[j];
+                sc[mt][j] = fmaf(sc[mt][j], kf, bq[j]);
+                sc[mt][j + 2] = fmaf(sc[mt][j + 2], kf, bq[j]);
             }
             float mx = fmaxf(fmaxf(sc[0][j], sc[0][j + 2]), fmaxf(sc[1][j], sc[1][j + 2]));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
@@ -818,9 +828,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const float2 pa = __half22float2(vp[ta * GPT + gr]), pb = __half22float2(vp[(ta + 8) * GPT + gr]);
                 const __half2 r0 = __floats2half2_rn(sc[ks][0] * pa.y * UV, sc[ks][1] * pa.y * UV);
                 const __half2 r1 = __floats2half2_rn(sc[ks][2] * pb.y * UV, sc[ks][3] * pb.y * UV);
-                const float2 f0 = __half22float2(r0), f1 = __half22float2(r1);
-                extra[gr][0] += sc[ks][0] * pa.x + sc[ks][2] * pb.x - (f0.x + f1.x);
-                extra[gr][1] += sc[ks][1] * pa.x + sc[ks][3] * pb.x - (f0.y + f1.y);
+                extra[gr][0] += sc[ks][0] * pa.x + sc[ks][2] * pb.x;
+                extra[gr][1] += sc[ks][1] * pa.x + sc[ks][3] * pb.x;
                 b0[gr] = transpose8x8(bits(r0));  // k = tokens 2tq, 2tq + 1; column = query g
                 b1[gr] = transpose8x8(bits(r1));  // tokens 2tq + 8, 2tq + 9
             }
@@ -837,8 +846,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                     for (int e = 0; e < 4; e++) {
                         const int mt = 4 * w4 + e, gr = mt * GPT / KS;
                         uint32_t A[4];
-                        pair2(wa[e], wb[e], rot, A[0], A[1]);
-                        pair2(w8[e], w9[e], rot, A[2], A[3]);
+                        pair2(wa[e], wb[e], sel2, mask2, A[0], A[1]);
+                        pair2(w8[e], w9[e], sel2, mask2, A[2], A[3]);
                         mma(acc[mt], A, b0[gr], b1[gr]);
                     }
                 } else {
@@ -846,8 +855,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         const int mt = 2 * w4 + e, gr = mt * GPT / KS;
-                        const uint32_t A[4] = {pair4(wa[2 * e], wb[2 * e], sel, sh), pair4(wa[2 * e + 1], wb[2 * e + 1], sel, sh),
-                                               pair4(w8[2 * e], w9[2 * e], sel, sh), pair4(w8[2 * e + 1], w9[2 * e + 1], sel, sh)};
+                        const uint32_t A[4] = {pair4(wa[2 * e], wb[2 * e], sel4, mask4), pair4(wa[2 * e + 1], wb[2 * e + 1], sel4, mask4),
+                                               pair4(w8[2 * e], w9[2 * e], sel4, mask4), pair4(w8[2 * e + 1], w9[2 * e + 1], sel4, mask4)};
                         mma(acc[mt], A, b0[gr], b1[gr]);
                     }
                 }
@@ -883,8 +892,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         const int gr = mt * GPT / KS;
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            sm_acc[warp][2 * tq + j][16 * mt + g] = acc[mt][j] + extra[gr][j];
-            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = acc[mt][j + 2] + extra[gr][j];
+            sm_acc[warp][2 * tq + j][16 * mt + g] = fmaf(acc[mt][j], vf, extra[gr][j]);
+            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = fmaf(acc[mt][j + 2], vf, extra[gr][j]);
         }
     }
     __syncthreads();

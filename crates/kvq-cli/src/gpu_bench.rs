@@ -307,13 +307,18 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
         bail!("gpu-model needs at least 2 tokens");
     }
     let shape = |m: &Llama, batch: usize| m.cache_shape(batch);
-    let mut t = Table::new(&["cache", "PPL (CPU)", "PPL (GPU)", "rel. diff", "KL vs fp32 (CPU)", "KL vs fp32 (GPU)", "3 s.f.", "attn err, same K/V", "s"]);
-    // The small model's quantized loss is ill-conditioned: on the CPU alone, noise of 1e-7
-    // on its K/V moves kivi-4's PPL by 6e-4 and 1e-6 by 1.5e-3 (a group's f16 min or scale
-    // flips, and every code of the group with it), so its PPLs cannot agree to 3 digits
-    // across two machines whose matmuls differ in the last bits. There the check is the
-    // attention itself: every call's GPU output against a CPU cache fed the same K/V.
-    let gate_ppl = a.model.is_some();
+    let mut t = Table::new(&["cache", "PPL (CPU)", "PPL (GPU)", "rel. diff", "KL vs fp32 (CPU)", "KL vs fp32 (GPU)", "verdict", "attn err, same K/V", "s"]);
+    let mut noise_t = Table::new(&["cache", "K/V noise", "seed", "PPL (CPU)", "rel. diff vs no noise"]);
+    // A quantized cache's PPL is ill-conditioned: a value at a rounding boundary, or a
+    // group's f16 min or scale, flips when only the last bits of its input change, and
+    // the next layers carry the flip on. Two machines' matmuls differ in those bits, so
+    // "equal to 3 digits" can fail for either machine against itself. Each preset's CPU
+    // run is therefore repeated with relative K/V noise of one ulp (1e-7) and a few (1e-6);
+    // the GPU's PPL must equal the CPU's to 3 significant digits, or differ by no more
+    // than twice the most the CPU moved under that noise. The kernel's own correctness is
+    // gated separately and tightly: every attention call against a CPU cache fed the
+    // same K/V.
+    let noises: [(f32, u64); 6] = [(1e-7, 1), (1e-7, 2), (1e-6, 1), (1e-6, 2), (1e-6, 3), (1e-6, 4)];
     let mut failures = Vec::new();
     let three = |x: f64| format!("{:.2e}", x);
     for name in a.caches {
@@ -324,7 +329,17 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
         let reference = CacheConfig::new(Scheme::Full(FullPrecision::F32));
         let mut cpu_ref = cpu_m.new_cache(&reference, 1, None)?;
         let mut cpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(cpu_m.new_cache(&cfg, 1, None)?))];
+        for &(sigma, seed) in &noises {
+            let inner: Box<dyn KvCache> = Box::new(cpu_m.new_cache(&cfg, 1, None)?);
+            cpu_caches.push((cfg.label(), Box::new(kvq::eval::NoisyKv::new(inner, sigma, seed)?)));
+        }
         let (cpu_fp32, cpu_rows) = evaluate(&cpu_m, &ids, ("fp32", &mut cpu_ref), &mut cpu_caches, a.chunk, |_, _| {})?;
+        let mut band = 0f64;
+        for (&(sigma, seed), r) in noises.iter().zip(&cpu_rows[1..]) {
+            let rel = (r.ppl / cpu_rows[0].ppl - 1.0).abs();
+            band = band.max(rel);
+            noise_t.row(vec![cfg.label(), format!("{sigma:.0e}"), seed.to_string(), format!("{:.5}", r.ppl), format!("{rel:.1e}")]);
+        }
         // Both kernels: tensor cores (the default) and the CUDA-core kernel (f32 throughout).
         for (kernel, kname) in [(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] {
             let mut gpu_ref = gpu_m.new_cache(&reference, 1, None)?;
@@ -340,32 +355,31 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
                 if !same {
                     failures.push(format!("fp32: PPL {:.5} on the CPU, {:.5} on the GPU", c.ppl, g.ppl));
                 }
-                t.row(vec!["fp32 (both in host memory)".into(), format!("{:.5}", c.ppl), format!("{:.5}", g.ppl), format!("{:.1e}", (g.ppl / c.ppl - 1.0).abs()), "0".into(), "0".into(), if same { "equal".into() } else { "DIFFER".into() }, "–".into(), format!("{:.1}", g.seconds)]);
+                t.row(vec!["fp32 (both in host memory)".into(), format!("{:.5}", c.ppl), format!("{:.5}", g.ppl), format!("{:.1e}", (g.ppl / c.ppl - 1.0).abs()), "0".into(), "0".into(), if same { "equal (3 s.f.)".into() } else { "DIFFER".into() }, "–".into(), format!("{:.1}", g.seconds)]);
             }
             let (c, g) = (&cpu_rows[0], &gpu_rows[0]);
             let rel = (g.ppl / c.ppl - 1.0).abs();
-            let same = three(c.ppl) == three(g.ppl);
             let label = format!("{}{kname}", cfg.label());
-            if !same && gate_ppl {
-                failures.push(format!("{label}: PPL {:.5} on the CPU, {:.5} on the GPU", c.ppl, g.ppl));
-            }
+            let verdict = if three(c.ppl) == three(g.ppl) {
+                "equal (3 s.f.)".to_string()
+            } else if rel <= 2.0 * band {
+                format!("within CPU noise (≤ 2 × {band:.1e})")
+            } else {
+                failures.push(format!("{label}: PPL {:.5} on the CPU, {:.5} on the GPU (rel. {rel:.1e}; the CPU under K/V noise moved ≤ {band:.1e})", c.ppl, g.ppl));
+                "DIFFER".to_string()
+            };
             if err.get() > MAX_REL_ERROR {
                 failures.push(format!("{label}: an attention call's output is {:.2e} from the CPU cache's on the same K/V", err.get()));
             }
-            let verdict = match (same, gate_ppl) {
-                (true, _) => "equal",
-                (false, true) => "DIFFER",
-                (false, false) => "differ (ill-conditioned)",
-            };
-            t.row(vec![label, format!("{:.5}", c.ppl), format!("{:.5}", g.ppl), format!("{rel:.1e}"), format!("{:.5}", c.kl), format!("{:.5}", g.kl), verdict.into(), format!("{:.1e}", err.get()), format!("{:.1}", g.seconds)]);
+            t.row(vec![label, format!("{:.5}", c.ppl), format!("{:.5}", g.ppl), format!("{rel:.1e}"), format!("{:.5}", c.kl), format!("{:.5}", g.kl), verdict, format!("{:.1e}", err.get()), format!("{:.1}", g.seconds)]);
         }
     }
     let mut out = format!("- GPU: {}\n- model: {name}; scored in chunks of {} tokens (past-only, as `kvq ppl`)\n\n", cuda::describe(&dev)?, a.chunk);
     out.push_str(&t.markdown());
     out.push_str(&format!(
-        "\n`attn err, same K/V`: the largest max |GPU − CPU| / max |CPU| over every attention call of the GPU run, where a CPU cache of the same preset was fed the very K/V the GPU cache got (must be ≤ {MAX_REL_ERROR:e}). {}\n",
-        if gate_ppl { "PPLs must agree to 3 significant digits." } else { "The small model's quantized PPL is ill-conditioned (CPU alone: K/V noise of 1e-7 moves kivi-4's PPL by 6e-4), so its PPLs are shown, not gated." }
+        "\n`attn err, same K/V`: the largest max |GPU − CPU| / max |CPU| over every attention call of the GPU run, where a CPU cache of the same preset was fed the very K/V the GPU cache got (must be ≤ {MAX_REL_ERROR:e}). `verdict`: the PPLs equal to 3 significant digits, or within twice the most the CPU's own PPL moved when its K/V got relative noise of 1e-7 or 1e-6 (below); anything else fails the run.\n\nThe CPU against itself (K/V × (1 + σ·u), u uniform in [-1, 1), `kvq::eval::NoisyKv`; also `kvq ppl --kv-noise σ`):\n\n"
     ));
+    out.push_str(&noise_t.markdown());
 
     // Greedy decoding on the GPU: `batch` equal-length prompts (the GPU cache has no left padding yet).
     let prompt_len = (ids.len() / 2).max(1);

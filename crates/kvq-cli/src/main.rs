@@ -147,6 +147,10 @@ struct PplCli {
     /// KVQuant calibrates on at most this many tokens of the calibration text.
     #[arg(long, default_value_t = run_cmd::CALIBRATION_TOKENS)]
     calibration_tokens: usize,
+    /// Also score each cache fed K/V times (1 + SIGMA·u), u uniform in [-1, 1): how far
+    /// its PPL moves when only the last bits of its input change (try 1e-6).
+    #[arg(long)]
+    kv_noise: Option<f32>,
     #[arg(long)]
     json: bool,
 }
@@ -483,6 +487,7 @@ fn run() -> Result<()> {
             json: p.json,
             context: p.context,
             dump_ids: p.dump_ids.clone(),
+            kv_noise: p.kv_noise,
         })?,
         Command::Tour { model, out, quick } => tour::run(&out, model.path()?.as_deref(), model.weights.parse()?, quick)?,
         Command::Capture { model, text, tokens, layers, out } => {

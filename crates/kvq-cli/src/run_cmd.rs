@@ -268,6 +268,8 @@ pub struct PplArgs {
     pub json: bool,
     pub context: Option<usize>,
     pub dump_ids: Option<PathBuf>,
+    /// Also score each cache with this much relative noise on its K/V (`kvq::eval::NoisyKv`).
+    pub kv_noise: Option<f32>,
 }
 
 pub fn run_ppl(a: PplArgs) -> Result<()> {
@@ -278,6 +280,11 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
         CacheConfig::from_spec(name, &a.overrides)?;
     }
     CacheConfig::from_spec(&a.reference, &Overrides::default())?;
+    if let Some(s) = a.kv_noise {
+        if !(s.is_finite() && (0.0..0.5).contains(&s)) {
+            bail!("--kv-noise must be in [0, 0.5), got {s}");
+        }
+    }
     let calib_text = calibration_text(a.calibration.as_deref(), a.calibration_tokens)?;
     let (model, tok, _) = load_model_on(a.model.as_deref(), a.weights, &a.device.open()?)?;
     let mut ids = tok.encode(&text)?;
@@ -299,6 +306,10 @@ pub fn run_ppl(a: PplArgs) -> Result<()> {
     for name in &a.caches {
         let (cfg, c) = build_cache(&model, &tok, name, &a.overrides, 1, (&calib_text, a.calibration_tokens))?;
         caches.push((cfg.label(), c));
+        if let Some(sigma) = a.kv_noise {
+            let (_, c) = build_cache(&model, &tok, name, &a.overrides, 1, (&calib_text, a.calibration_tokens))?;
+            caches.push((format!("{}, K/V noise {sigma:e}", cfg.label()), Box::new(kvq::eval::NoisyKv::new(c, sigma, 1)?)));
+        }
     }
     let mode = if a.chunk == 1 { "token by token (as in decoding)".to_string() } else { format!("in chunks of {} tokens (each chunk attends to the cache as a prefill would)", a.chunk) };
     eprintln!("{} tokens of {}, streamed {mode}; reference cache {}", ids.len(), a.text.display(), ref_cfg.label());

@@ -172,3 +172,114 @@ fn score(acc: &mut Acc, lp: &[Vec<f32>], ref_lp: &[Vec<f32>], targets: &[u32]) {
 fn argmax(xs: &[f32]) -> usize {
     xs.iter().enumerate().fold(0, |b, (i, &x)| if x > xs[b] { i } else { b })
 }
+
+/// A cache fed K/V with relative noise of size `sigma`: each value is multiplied by
+/// `1 + sigma·u`, `u` uniform in [-1, 1) from a seeded generator. With `sigma` a few f32
+/// ulps (1e-7 .. 1e-6) it asks how far a cache's perplexity moves when only the last bits
+/// of its inputs change, which is all two machines' matmuls differ by. A full-precision
+/// cache barely moves; a 2-bit cache can move in the third digit, because a value at a
+/// rounding boundary (or a group's min or scale) flips and the next layers carry it on.
+pub struct NoisyKv {
+    inner: Box<dyn KvCache>,
+    sigma: f32,
+    rng: crate::rng::SplitMix64,
+}
+
+impl NoisyKv {
+    pub fn new(inner: Box<dyn KvCache>, sigma: f32, seed: u64) -> Result<Self> {
+        if !(sigma.is_finite() && (0.0..0.5).contains(&sigma)) {
+            return Err(KvqError::InvalidParam(format!("K/V noise must be in [0, 0.5), got {sigma}")));
+        }
+        Ok(NoisyKv { inner, sigma, rng: crate::rng::SplitMix64::new(seed) })
+    }
+
+    fn noised(&mut self, xs: &[f32]) -> Vec<f32> {
+        xs.iter().map(|&x| x * (1.0 + self.rng.uniform(self.sigma))).collect()
+    }
+}
+
+impl KvCache for NoisyKv {
+    fn config(&self) -> &crate::cache::CacheConfig {
+        self.inner.config()
+    }
+    fn shape(&self) -> crate::cache::CacheShape {
+        self.inner.shape()
+    }
+    fn wants_pre_rope_keys(&self) -> bool {
+        self.inner.wants_pre_rope_keys()
+    }
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+    fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
+        self.inner.set_padding(row_start)
+    }
+    fn padding(&self) -> &[usize] {
+        self.inner.padding()
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
+        let (k, v) = (self.noised(k), self.noised(v));
+        self.inner.append(layer, &k, &v, tokens)
+    }
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()> {
+        self.inner.attend(layer, q, q_heads, tokens, out)
+    }
+    fn materialize(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.inner.materialize(layer)
+    }
+    fn bytes(&self) -> crate::size::Bytes {
+        self.inner.bytes()
+    }
+    fn info(&self) -> crate::cache::CacheInfo {
+        self.inner.info()
+    }
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        self.inner.select_rows(rows)
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{CacheConfig, FullPrecision, Scheme};
+    use crate::model::{Llama, LlamaConfig};
+    use candle_core::Device;
+
+    fn fp32(m: &Llama) -> Box<dyn KvCache> {
+        Box::new(m.new_cache(&CacheConfig::new(Scheme::Full(FullPrecision::F32)), 1, None).unwrap())
+    }
+
+    #[test]
+    fn noisy_kv_perturbs_by_at_most_sigma_and_zero_noise_changes_nothing() {
+        let m = Llama::random(LlamaConfig::tiny(), 1, &Device::Cpu).unwrap();
+        let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 200) as u32).collect();
+        let mut plain = fp32(&m);
+        let mut quiet = NoisyKv::new(fp32(&m), 0.0, 1).unwrap();
+        let mut loud = NoisyKv::new(fp32(&m), 1e-3, 1).unwrap();
+        m.forward(&ids, 1, plain.as_mut(), false).unwrap();
+        m.forward(&ids, 1, &mut quiet, false).unwrap();
+        m.forward(&ids, 1, &mut loud, false).unwrap();
+        // Layer 0's K/V come from the embeddings alone: the noise is all that differs.
+        let (k0, v0) = plain.materialize(0).unwrap();
+        let (kq, vq) = quiet.materialize(0).unwrap();
+        assert_eq!((&k0, &v0), (&kq, &vq));
+        let (kl, vl) = loud.materialize(0).unwrap();
+        let mut moved = 0;
+        for (a, b) in k0.iter().chain(&v0).zip(kl.iter().chain(&vl)) {
+            assert!((a - b).abs() <= 1.0001e-3 * a.abs(), "{a} vs {b}");
+            moved += (a != b) as usize;
+        }
+        assert!(moved > k0.len(), "noise left most values unchanged ({moved} moved)");
+    }
+
+    #[test]
+    fn noisy_kv_rejects_bad_sigma() {
+        let m = Llama::random(LlamaConfig::tiny(), 1, &Device::Cpu).unwrap();
+        for s in [f32::NAN, -1e-6, 0.5, f32::INFINITY] {
+            assert!(matches!(NoisyKv::new(fp32(&m), s, 0), Err(KvqError::InvalidParam(_))), "{s}");
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! only where a GPU is lent. This test replays the kernel's arithmetic for each of a
 //! warp's 32 lanes on the bytes the CPU cache packs: the bit tricks that turn packed
 //! codes into f16 MMA operands, the fragment layouts of `mma.m16n8k16` and `movmatrix`
-//! (as the PTX ISA defines them), the shuffles, the bias terms, the online softmax and
+//! (as the PTX ISA defines them), the shuffles, the subnormal scale factors, the online softmax and
 //! the merge of the warps. Its output must match the CPU cache's attention. It is a
 //! model, not the kernel: a change to one must be made to the other.
 
@@ -26,10 +26,6 @@ fn lanes<T>(f: impl FnMut(usize) -> T) -> Lanes<T> {
 fn byte_perm(x: u32, y: u32, s: u32) -> u32 {
     let bytes = ((y as u64) << 32) | x as u64;
     (0..4).fold(0, |r, i| r | ((((bytes >> (8 * ((s >> (4 * i)) & 7))) & 0xff) as u32) << (8 * i)))
-}
-/// `__funnelshift_r(lo, hi, sh)`: the low word of hi:lo shifted right by sh mod 32.
-fn funnelshift_r(lo: u32, hi: u32, sh: u32) -> u32 {
-    ((((hi as u64) << 32) | lo as u64) >> (sh & 31)) as u32
 }
 /// `__floats2half2_rn`: round to nearest even, `lo` in the low half.
 fn h2(lo: f32, hi: f32) -> u32 {
@@ -78,12 +74,12 @@ fn shfl_xor(v: &Lanes<f32>, mask: usize) -> Lanes<f32> {
 }
 
 // ---- the kernel's helpers
-fn pair2(u: u32, v: u32, rot: u32) -> (u32, u32) {
-    let (x, y) = (funnelshift_r(u, u, rot), funnelshift_r(v, v, rot));
-    ((byte_perm(x, y, 0x5410) & 0x0300_0300) | 0x3C00_3C00, (byte_perm(x, y, 0x7632) & 0x0300_0300) | 0x3C00_3C00)
+// Codes become f16 subnormals: code c at bit `pos` of a half is c·2^(pos − 24).
+fn pair2(u: u32, v: u32, sel: u32, mask: u32) -> (u32, u32) {
+    (byte_perm(u, v, sel) & mask, byte_perm(u, v, sel + 0x0202) & mask)
 }
-fn pair4(u: u32, v: u32, sel: u32, sh: u32) -> u32 {
-    ((byte_perm(u, v, sel) >> sh) & 0x03C0_03C0) | 0x3C00_3C00
+fn pair4(u: u32, v: u32, sel: u32, mask: u32) -> u32 {
+    byte_perm(u, v, sel) & mask
 }
 
 /// What the kernel sees of one stream: the CPU cache's packed bytes.
@@ -144,9 +140,14 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     let mut l: Lanes<[f32; 2]> = [[0.0; 2]; 32];
     let mut acc: Vec<Lanes<[f32; 4]>> = vec![[[0.0; 4]; 32]; ks_n];
     let mut extra: Vec<Lanes<[f32; 2]>> = vec![[[0.0; 2]; 32]; gpt];
-    let rot = |l: usize| ((2 * (l / 4) as i32 - 8) & 31) as u32;
-    let sel = |l: usize| ((l / 4) >> 1) as u32 * 0x11 + (4 + ((l / 4) >> 1)) as u32 * 0x1100;
-    let sh = |l: usize| 2 + 4 * ((l / 4) & 1) as u32;
+    // Per lane (g = l / 4): byte selectors, masks, and the factor back from subnormals.
+    let sel2 = |l: usize| ((l / 4) >> 2) as u32 | ((4 + ((l / 4) >> 2)) as u32) << 8;
+    let mask2 = |l: usize| (3u32 << (2 * ((l / 4) & 3))) * 0x0001_0001;
+    let sel4 = |l: usize| ((l / 4) >> 1) as u32 | ((4 + ((l / 4) >> 1)) as u32) << 8;
+    let mask4 = |l: usize| (15u32 << (4 * ((l / 4) & 1))) * 0x0001_0001;
+    let pos = |l: usize, bits: usize| if bits == 2 { 2 * ((l / 4) & 3) } else { 4 * ((l / 4) & 1) } as i32;
+    let kf = |l: usize| 2f32.powi(24 - pos(l, kb)) / uk;
+    let vf = |l: usize| 2f32.powi(24 - pos(l, vb)) / uv;
     for &tile in tiles {
         let (kc, kp, vc, vp) = st.stage(tile);
         // Scores.
@@ -165,16 +166,17 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                 let (f01, f89) = (unh2(h01), unh2(h89));
                 (bh0[ln], bh1[ln]) = (h01, h89);
                 (bl0[ln], bl1[ln]) = (h2(x0 - f01.0, x1 - f01.1), h2(x8 - f89.0, x9 - f89.1));
-                base[ln] += qa.0 * p0.0 + qa.1 * p1.0 + qb.0 * p8.0 + qb.1 * p9.0 - ((x0 + x1) + (x8 + x9));
+                base[ln] += qa.0 * p0.0 + qa.1 * p1.0 + qb.0 * p8.0 + qb.1 * p9.0;
                 if kb == 2 {
                     let w = |c: usize, i: usize| word(&kc, c * 8 + 4 * i);
-                    (a0[ln][0], a0[ln][1]) = pair2(w(c0, 0), w(c0 + 1, 0), rot(ln));
-                    (a0[ln][2], a0[ln][3]) = pair2(w(c0 + 8, 0), w(c0 + 9, 0), rot(ln));
-                    (a1[ln][0], a1[ln][1]) = pair2(w(c0, 1), w(c0 + 1, 1), rot(ln));
-                    (a1[ln][2], a1[ln][3]) = pair2(w(c0 + 8, 1), w(c0 + 9, 1), rot(ln));
+                    let p = |u: u32, v: u32| pair2(u, v, sel2(ln), mask2(ln));
+                    (a0[ln][0], a0[ln][1]) = p(w(c0, 0), w(c0 + 1, 0));
+                    (a0[ln][2], a0[ln][3]) = p(w(c0 + 8, 0), w(c0 + 9, 0));
+                    (a1[ln][0], a1[ln][1]) = p(w(c0, 1), w(c0 + 1, 1));
+                    (a1[ln][2], a1[ln][3]) = p(w(c0 + 8, 1), w(c0 + 9, 1));
                 } else {
                     let w = |c: usize, i: usize| word(&kc, c * 16 + 4 * i);
-                    let p = |u: u32, v: u32| pair4(u, v, sel(ln), sh(ln));
+                    let p = |u: u32, v: u32| pair4(u, v, sel4(ln), mask4(ln));
                     a0[ln] = [p(w(c0, 0), w(c0 + 1, 0)), p(w(c0, 1), w(c0 + 1, 1)), p(w(c0 + 8, 0), w(c0 + 9, 0)), p(w(c0 + 8, 1), w(c0 + 9, 1))];
                     a1[ln] = [p(w(c0, 2), w(c0 + 1, 2)), p(w(c0, 3), w(c0 + 1, 3)), p(w(c0 + 8, 2), w(c0 + 9, 2)), p(w(c0 + 8, 3), w(c0 + 9, 3))];
                 }
@@ -195,8 +197,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
         for j in 0..2 {
             for ln in 0..32 {
                 for mt in 0..2 {
-                    sc[mt][ln][j] += bq[ln][j];
-                    sc[mt][ln][j + 2] += bq[ln][j];
+                    sc[mt][ln][j] = sc[mt][ln][j].mul_add(kf(ln), bq[ln][j]);
+                    sc[mt][ln][j + 2] = sc[mt][ln][j + 2].mul_add(kf(ln), bq[ln][j]);
                 }
             }
             let mut mx: Lanes<f32> = lanes(|ln| sc[0][ln][j].max(sc[0][ln][j + 2]).max(sc[1][ln][j].max(sc[1][ln][j + 2])));
@@ -241,9 +243,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                     let s = &sc[ks][ln];
                     r0[ln] = h2(s[0] * pa.1 * uv, s[1] * pa.1 * uv);
                     r1[ln] = h2(s[2] * pb.1 * uv, s[3] * pb.1 * uv);
-                    let (f0, f1) = (unh2(r0[ln]), unh2(r1[ln]));
-                    extra[gr][ln][0] += s[0] * pa.0 + s[2] * pb.0 - (f0.0 + f1.0);
-                    extra[gr][ln][1] += s[1] * pa.0 + s[3] * pb.0 - (f0.1 + f1.1);
+                    extra[gr][ln][0] += s[0] * pa.0 + s[2] * pb.0;
+                    extra[gr][ln][1] += s[1] * pa.0 + s[3] * pb.0;
                 }
                 b0s.push(transpose8x8(&r0));
                 b1s.push(transpose8x8(&r1));
@@ -255,8 +256,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                         let mt = 4 * w4 + e;
                         let gr = mt * gpt / ks_n;
                         let a: Lanes<[u32; 4]> = lanes(|ln| {
-                            let (x0, x1) = pair2(row(ln, 0, e), row(ln, 1, e), rot(ln));
-                            let (x2, x3) = pair2(row(ln, 8, e), row(ln, 9, e), rot(ln));
+                            let (x0, x1) = pair2(row(ln, 0, e), row(ln, 1, e), sel2(ln), mask2(ln));
+                            let (x2, x3) = pair2(row(ln, 8, e), row(ln, 9, e), sel2(ln), mask2(ln));
                             [x0, x1, x2, x3]
                         });
                         mma(&mut acc[mt], &a, &b0s[gr], &b1s[gr]);
@@ -266,7 +267,7 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                         let mt = 2 * w4 + e;
                         let gr = mt * gpt / ks_n;
                         let a: Lanes<[u32; 4]> = lanes(|ln| {
-                            let p = |u: u32, v: u32| pair4(u, v, sel(ln), sh(ln));
+                            let p = |u: u32, v: u32| pair4(u, v, sel4(ln), mask4(ln));
                             [
                                 p(row(ln, 0, 2 * e), row(ln, 1, 2 * e)),
                                 p(row(ln, 0, 2 * e + 1), row(ln, 1, 2 * e + 1)),
@@ -307,8 +308,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             }
             for mt in 0..ks_n {
                 let e = extra[mt * gpt / ks_n][ln][j];
-                ws.out[2 * tq + j][16 * mt + g] = acc[mt][ln][j] + e;
-                ws.out[2 * tq + j][16 * mt + g + 8] = acc[mt][ln][j + 2] + e;
+                ws.out[2 * tq + j][16 * mt + g] = acc[mt][ln][j].mul_add(vf(ln), e);
+                ws.out[2 * tq + j][16 * mt + g + 8] = acc[mt][ln][j + 2].mul_add(vf(ln), e);
             }
         }
     }
