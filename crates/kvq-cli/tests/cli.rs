@@ -133,6 +133,8 @@ fn generate_and_ppl_reject_bad_input_before_loading_anything() {
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--caches", "kivi-2:group=x"], "whole number"),
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--calibration-tokens", "0"], "--calibration-tokens must be at least 1"),
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--device", "tpu"], "unknown device \"tpu\" (known: cpu, cuda)"),
+        (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--kv-noise", "0.7"], "--kv-noise must be in [0, 0.5), got 0.7"),
+        (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--kv-noise", "NaN"], "--kv-noise must be in [0, 0.5)"),
         (vec!["generate", "--model", m, "--prompt", "hi", "--device", "tpu"], "unknown device"),
         // The default build has no GPU code: a clear error before any model is read.
         #[cfg(not(feature = "cuda"))]
