@@ -147,7 +147,10 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
 }
 
 // Fast paths for the common groups: the group's f16 values are loaded once, 16 bytes at
-// a time, kept in registers, and the codes are stored as whole words. Same arithmetic.
+// a time, and kept in registers *as f16 pairs* (half the registers of f32: more threads
+// per SM, more loads in flight; the kernels wait on memory). min/max of f16 are exact,
+// and each value is widened to f32 only to be coded, so the arithmetic, and every byte,
+// is the generic path's. The codes are stored as whole words.
 template <int BITS, int GROUP>
 __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int ring_len, int D, long t0, long t1,
                                         int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
@@ -164,24 +167,21 @@ __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int rin
     const int s = r / n;
     const int slot = (int)((unsigned)t % (unsigned)ring_len);
     const uint4* src = (const uint4*)(ring + ((long)s * ring_len + slot) * D + g * GROUP);
-    float x[GROUP];
+    __half2 x[GROUP / 2];
 #pragma unroll
     for (int k = 0; k < GROUP / 8; k++) {
         const uint4 u = src[k];
         const __half2* h = (const __half2*)&u;
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const float2 f = __half22float2(h[e]);
-            x[8 * k + 2 * e] = f.x;
-            x[8 * k + 2 * e + 1] = f.y;
-        }
+        for (int e = 0; e < 4; e++) x[4 * k + e] = h[e];
     }
-    float lo = x[0], hi = x[0];
+    __half2 lo2 = x[0], hi2 = x[0];
 #pragma unroll
-    for (int j = 1; j < GROUP; j++) {
-        lo = fminf(lo, x[j]);
-        hi = fmaxf(hi, x[j]);
+    for (int j = 1; j < GROUP / 2; j++) {
+        lo2 = __hmin2(lo2, x[j]);
+        hi2 = __hmax2(hi2, x[j]);
     }
+    const float lo = fminf(__low2float(lo2), __high2float(lo2)), hi = fmaxf(__low2float(hi2), __high2float(hi2));
     const float qmax = (float)((1 << BITS) - 1);
     const __half2 a = fit_affine(lo, hi, qmax);
     const float mn = __low2float(a), inv = inv_scale(__high2float(a));
@@ -191,7 +191,11 @@ __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int rin
     for (int k = 0; k < WORDS; k++) {
         uint32_t b = 0;
 #pragma unroll
-        for (int e = 0; e < PER_WORD; e++) b |= quant_code(x[k * PER_WORD + e], mn, inv, qmax) << (BITS * e);
+        for (int e = 0; e < PER_WORD; e += 2) {
+            const float2 f = __half22float2(x[(k * PER_WORD + e) / 2]);
+            b |= quant_code(f.x, mn, inv, qmax) << (BITS * e);
+            b |= quant_code(f.y, mn, inv, qmax) << (BITS * (e + 1));
+        }
         w[k] = b;
     }
     uint32_t* out = (uint32_t*)(codes + ((long)s * cap + t) * (D * BITS / 8) + g * GROUP * BITS / 8);
@@ -219,25 +223,24 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
     // The block's first ring slot, once; then step and wrap (a 64-bit % per token was
     // most of this kernel's time).
     int slot = (int)((blk * G) % ring_len);
-    float x0[G], x1[G];
+    __half2 x[G];  // token j: channels c (low) and c + 1 (high)
 #pragma unroll
     for (int j = 0; j < G; j++) {
-        const float2 f = __half22float2(*(const __half2*)(base + (long)slot * D));
-        x0[j] = f.x;
-        x1[j] = f.y;
+        x[j] = *(const __half2*)(base + (long)slot * D);
         slot = slot + 1 == ring_len ? 0 : slot + 1;
+    }
+    __half2 lo2 = x[0], hi2 = x[0];
+#pragma unroll
+    for (int j = 1; j < G; j++) {
+        lo2 = __hmin2(lo2, x[j]);
+        hi2 = __hmax2(hi2, x[j]);
     }
     const float qmax = (float)((1 << BITS) - 1);
     const long at = ((long)s * (cap / G) + blk) * D + c;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const float* x = h == 0 ? x0 : x1;
-        float lo = x[0], hi = x[0];
-#pragma unroll
-        for (int j = 1; j < G; j++) {
-            lo = fminf(lo, x[j]);
-            hi = fmaxf(hi, x[j]);
-        }
+        const float lo = h == 0 ? __low2float(lo2) : __high2float(lo2);
+        const float hi = h == 0 ? __low2float(hi2) : __high2float(hi2);
         const __half2 a = fit_affine(lo, hi, qmax);
         const float mn = __low2float(a), inv = inv_scale(__high2float(a));
         constexpr int WORDS = G * BITS / 32, PER_WORD = 32 / BITS;
@@ -246,7 +249,10 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
         for (int k = 0; k < WORDS; k++) {
             uint32_t b = 0;
 #pragma unroll
-            for (int e = 0; e < PER_WORD; e++) b |= quant_code(x[k * PER_WORD + e], mn, inv, qmax) << (BITS * e);
+            for (int e = 0; e < PER_WORD; e++) {
+                const __half v = h == 0 ? __low2half(x[k * PER_WORD + e]) : __high2half(x[k * PER_WORD + e]);
+                b |= quant_code(__half2float(v), mn, inv, qmax) << (BITS * e);
+            }
             out[k] = b;
         }
         params[at + h] = a;
@@ -902,7 +908,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 }  // namespace tc
 
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 5)                              \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
         tc::decode_attn<D, KB, VB, GPT>(a);                                                  \
     }
