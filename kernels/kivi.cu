@@ -597,15 +597,14 @@ ATTN_REPS(128, 4, 2)
 //   scores  S[t][q] = Σ_c code_k[t][c] · x[c][q] + Σ_c q·min_k,  x = q · scale_k
 //   output  O[c][q] = Σ_t code_v[t][c] · p[t][q] · scale_v[t] + Σ_t p[t][q] · min_v[t]
 // The MMA's 16 rows are tokens (scores) and channels (output); its 8 columns are 8 of
-// the query heads that share a KV head (block z takes heads 8z .. 8z + 7). A code enters as the exact f16 1 + code/2^bits:
-// its bits dropped into the top of an f16 mantissa by a rotate or shift, a byte permute
-// and a mask per two codes. The 1 comes back out with the bias terms, which the thread
-// sums in f32. x = U·q·scale is split into f16 hi + lo (two MMAs: keys keep f32-like
-// precision); U·p·scale_v is one f16, its rounding undone in the bias. The score
-// fragments become the value product's operand through movmatrix (an 8×8 transpose).
+// the query heads that share a KV head (block z takes heads 8z .. 8z + 7). A code enters
+// as an exact f16 subnormal, code·2^(pos−24) (see pair2/pair4), and each lane scales its
+// rows of the results back by 2^(24−pos). x = q·scale is split into f16 hi + lo (two
+// MMAs: keys keep f32-like precision); p·scale_v is one f16. The score fragments become
+// the value product's operand through movmatrix (an 8×8 transpose).
 // Each warp streams its tiles through shared memory with cp.async, STAGES deep.
 // crates/kvq/tests/tc_model.rs replays this kernel lane by lane on the CPU cache's bytes
-// (CI has no GPU): change one, change the other. There the f16 rounding of U·p·scale_v
+// (CI has no GPU): change one, change the other. There the f16 rounding of p·scale_v
 // is the only error left (5e-5 … 3e-4 of the output's largest value; with a hi + lo
 // split like the keys' it falls to 4e-6, at 16 more MMAs a tile).
 namespace tc {
@@ -671,7 +670,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int CB = 4 * KB;        // bytes of one channel's codes in a tile
     constexpr int VROW = D * VB / 8;  // bytes of one value row
-    constexpr float UK = (float)(1 << KB), UV = (float)(1 << VB);
     static_assert(2 * WARPS * NQ * 4 + WARPS * NQ * D * 4 <= WARPS * T::STAGES * T::BYTES, "merge area");
     __shared__ __align__(16) unsigned char sm[WARPS * T::STAGES * T::BYTES];
     __shared__ __align__(16) float sq[NQ][D + 8];  // padded: the 8 row groups hit distinct banks
@@ -721,9 +719,9 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const uint32_t sel4 = (uint32_t)(g >> 1) | (uint32_t)(4 + (g >> 1)) << 8;
     const uint32_t mask4 = (15u << (4 * (g & 1))) * 0x00010001u;
     const int pos2 = 2 * (g & 3), pos4 = 4 * (g & 1);
-    // 2^(24 − pos) / U, built from its exponent bits (exact).
-    const float kf = __int_as_float((127 + 24 - (KB == 2 ? pos2 : pos4)) << 23) / UK;
-    const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23) / UV;
+    // 2^(24 − pos), built from its exponent bits.
+    const float kf = __int_as_float((127 + 24 - (KB == 2 ? pos2 : pos4)) << 23);
+    const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23);
 
 #pragma unroll
     for (int i = 0; i < T::STAGES - 1; i++) {
@@ -750,7 +748,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             const float2 qa = *(const float2*)&sq[g][c0], qb = *(const float2*)&sq[g][c0 + 8];
             const float2 p0 = __half22float2(kp[c0]), p1 = __half22float2(kp[c0 + 1]);
             const float2 p8 = __half22float2(kp[c0 + 8]), p9 = __half22float2(kp[c0 + 9]);
-            const float x0 = qa.x * p0.y * UK, x1 = qa.y * p1.y * UK, x8 = qb.x * p8.y * UK, x9 = qb.y * p9.y * UK;
+            const float x0 = qa.x * p0.y, x1 = qa.y * p1.y, x8 = qb.x * p8.y, x9 = qb.y * p9.y;
             const __half2 h01 = __floats2half2_rn(x0, x1), h89 = __floats2half2_rn(x8, x9);
             const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
             const uint32_t l01 = bits(__floats2half2_rn(x0 - f01.x, x1 - f01.y));
@@ -832,8 +830,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
             for (int gr = 0; gr < GPT; gr++) {
                 const float2 pa = __half22float2(vp[ta * GPT + gr]), pb = __half22float2(vp[(ta + 8) * GPT + gr]);
-                const __half2 r0 = __floats2half2_rn(sc[ks][0] * pa.y * UV, sc[ks][1] * pa.y * UV);
-                const __half2 r1 = __floats2half2_rn(sc[ks][2] * pb.y * UV, sc[ks][3] * pb.y * UV);
+                const __half2 r0 = __floats2half2_rn(sc[ks][0] * pa.y, sc[ks][1] * pa.y);
+                const __half2 r1 = __floats2half2_rn(sc[ks][2] * pb.y, sc[ks][3] * pb.y);
                 extra[gr][0] += sc[ks][0] * pa.x + sc[ks][2] * pb.x;
                 extra[gr][1] += sc[ks][1] * pa.x + sc[ks][3] * pb.x;
                 b0[gr] = transpose8x8(bits(r0));  // k = tokens 2tq, 2tq + 1; column = query g
@@ -908,7 +906,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 }  // namespace tc
 
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 5)                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
         tc::decode_attn<D, KB, VB, GPT>(a);                                                  \
     }

@@ -134,7 +134,6 @@ struct WarpState {
 fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     let (d, kb, vb, gpt) = (st.d, st.kb, st.vb, st.gpt);
     let ks_n = d / 16;
-    let (uk, uv) = ((1u32 << kb) as f32, (1u32 << vb) as f32);
     let vrow = d * vb / 8;
     let mut m: Lanes<[f32; 2]> = [[f32::NEG_INFINITY; 2]; 32];
     let mut l: Lanes<[f32; 2]> = [[0.0; 2]; 32];
@@ -146,8 +145,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     let sel4 = |l: usize| ((l / 4) >> 1) as u32 | ((4 + ((l / 4) >> 1)) as u32) << 8;
     let mask4 = |l: usize| (15u32 << (4 * ((l / 4) & 1))) * 0x0001_0001;
     let pos = |l: usize, bits: usize| if bits == 2 { 2 * ((l / 4) & 3) } else { 4 * ((l / 4) & 1) } as i32;
-    let kf = |l: usize| 2f32.powi(24 - pos(l, kb)) / uk;
-    let vf = |l: usize| 2f32.powi(24 - pos(l, vb)) / uv;
+    let kf = |l: usize| 2f32.powi(24 - pos(l, kb));
+    let vf = |l: usize| 2f32.powi(24 - pos(l, vb));
     for &tile in tiles {
         let (kc, kp, vc, vp) = st.stage(tile);
         // Scores.
@@ -161,7 +160,7 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                 let c0 = 16 * ks + 2 * tq;
                 let (qa, qb) = ((sq[g][c0], sq[g][c0 + 1]), (sq[g][c0 + 8], sq[g][c0 + 9]));
                 let (p0, p1, p8, p9) = (kp[c0], kp[c0 + 1], kp[c0 + 8], kp[c0 + 9]);
-                let (x0, x1, x8, x9) = (qa.0 * p0.1 * uk, qa.1 * p1.1 * uk, qb.0 * p8.1 * uk, qb.1 * p9.1 * uk);
+                let (x0, x1, x8, x9) = (qa.0 * p0.1, qa.1 * p1.1, qb.0 * p8.1, qb.1 * p9.1);
                 let (h01, h89) = (h2(x0, x1), h2(x8, x9));
                 let (f01, f89) = (unh2(h01), unh2(h89));
                 (bh0[ln], bh1[ln]) = (h01, h89);
@@ -241,8 +240,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                     let ta = 16 * ks + ln / 4;
                     let (pa, pb) = (vp[ta * gpt + gr], vp[(ta + 8) * gpt + gr]);
                     let s = &sc[ks][ln];
-                    r0[ln] = h2(s[0] * pa.1 * uv, s[1] * pa.1 * uv);
-                    r1[ln] = h2(s[2] * pb.1 * uv, s[3] * pb.1 * uv);
+                    r0[ln] = h2(s[0] * pa.1, s[1] * pa.1);
+                    r1[ln] = h2(s[2] * pb.1, s[3] * pb.1);
                     extra[gr][ln][0] += s[0] * pa.0 + s[2] * pb.0;
                     extra[gr][ln][1] += s[1] * pa.0 + s[3] * pb.0;
                 }
