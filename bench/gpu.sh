@@ -53,7 +53,7 @@ build)
   ls -la .gpu/kvq.gz
   ;;
 run)
-  OUT=${2:?usage: bench/gpu.sh run OUTDIR [all|attn|model]}
+  OUT=${2:?usage: bench/gpu.sh run OUTDIR [all|attn|model|e2e]}
   PART=${3:-all}
   # What a call carried, or what an earlier call on this machine stashed.
   carried() { if [[ -f .gpu/$1 ]]; then echo .gpu/$1; elif [[ -f $STASH/$1 ]]; then echo $STASH/$1; fi; }
@@ -116,7 +116,7 @@ for r in rows[2:]:
     echo "ncu: not on this machine" >"$OUT/ncu.log"
   fi
   fi
-  if [[ $PART != attn ]]; then
+  if [[ $PART == all || $PART == model ]]; then
   # The model on the GPU (KIVI caches packed there) vs the CPU: kvq's small model always
   # (no file to carry); the real GGUF too when $KVQ_MODEL names one on this machine.
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
@@ -130,6 +130,14 @@ for r in rows[2:]:
   "$KVQ" bench gpu-model --out "$OUT/gpu-model.md" || echo "gpu-model (small model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
   if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
     "$KVQ" bench gpu-model --model "$KVQ_MODEL" --tokens 1024 --batch 16 --out "$OUT/gpu-model-real.md" || echo "gpu-model (real model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
+  fi
+  fi
+  if [[ $PART == all || $PART == e2e ]]; then
+  # End to end: the largest batch in a 40 GiB KV budget at 8k tokens, decode tokens/s
+  # (small model at 1k tokens first: no file needed).
+  "$KVQ" bench gpu-e2e --context 1024 --budget 256MiB --steps 8 --out "$OUT/gpu-e2e-small.md" || echo "gpu-e2e (small model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
+  if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
+    "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --out "$OUT/gpu-e2e.md" || echo "gpu-e2e (real model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
   fi
   fi
   ;;

@@ -474,3 +474,164 @@ impl KvCache for Shadowed {
         self.gpu.reset();
     }
 }
+
+/// What `kvq bench gpu-e2e` measures.
+pub struct GpuE2eArgs<'a> {
+    /// A GGUF; `None`: the small deterministic model.
+    pub model: Option<&'a std::path::Path>,
+    pub weights: kvq::gguf::WeightFormat,
+    pub context: usize,
+    pub budget: u128,
+    pub caches: &'a [String],
+    pub steps: usize,
+    /// Cap on the batch (0: the budget's batch).
+    pub max_batch: usize,
+}
+
+/// End to end on the GPU: for each cache, the largest batch whose cache fits `budget`
+/// bytes at `context` tokens (kvq's GPU layouts, as `kvq size --gpu-budget`), the cache
+/// filled to `context` tokens of random K/V through its own append path, then greedy
+/// decode steps of the whole model at that batch, q/k/v on the GPU throughout (the
+/// model's device path). Checked in the same run: each cache's device path against a
+/// validated host path at batch 2 (KIVI: a CPU cache of the same preset fed the same K/V
+/// call by call; fp16: kvq's CPU fp16 cache), logits within bounds.
+pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
+    use kvq::model::{Llama, LlamaConfig};
+    use kvq::tensor_cache::TensorCache;
+    let gpu = Device::new_cuda(0)?;
+    let dev = cuda::cuda_device(&gpu)?;
+    let (m, name) = match a.model {
+        Some(p) => {
+            let (g, _, info) = kvq::gguf::load(p, a.weights, &gpu)?;
+            (g, format!("{} ({:?} weights)", info.name, a.weights))
+        }
+        None => (Llama::random(LlamaConfig::tiny(), 1, &gpu)?, "kvq's small deterministic model (LlamaConfig::tiny)".into()),
+    };
+    let c = m.config.clone();
+    if a.context + a.steps + 8 > c.max_seq_len {
+        bail!("a context of {} plus {} steps exceeds the model's {} tokens", a.context, a.steps, c.max_seq_len);
+    }
+    let geometry = kvq::ModelGeometry::new("model", c.layers, c.q_heads, c.kv_heads, c.head_dim)?;
+    let capacity = a.context + a.steps + 8;
+    let fp16 = CacheConfig::new(Scheme::Full(FullPrecision::F16));
+    let mut failures = Vec::new();
+
+    // 1. The checks: batch 2, a 96-token prompt in chunks of 32, then 8 greedy steps.
+    let mut checks = Table::new(&["cache", "device path vs", "max rel. error of the logits", "bound", "attn err vs CPU, same K/V"]);
+    let ids: Vec<u32> = (0..2 * 104).map(|i| ((i * 7919 + 13) % c.vocab_size) as u32).collect();
+    let run = |cache: &mut dyn KvCache| -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        for part in 0..3 {
+            let chunk: Vec<u32> = (0..2).flat_map(|b| ids[b * 104 + 32 * part..b * 104 + 32 * part + 32].to_vec()).collect();
+            logits.extend(m.forward(&chunk, 2, cache, false)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        for s in 96..104 {
+            let step: Vec<u32> = (0..2).map(|b| ids[b * 104 + s]).collect();
+            logits.extend(m.forward(&step, 2, cache, false)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(logits)
+    };
+    for spec in a.caches {
+        let cfg = if spec == "fp16" { fp16.clone() } else { CacheConfig::from_spec(spec, &kvq::cache::Overrides::default())? };
+        let (err, bound, attn) = if spec == "fp16" {
+            let mut host = m.new_cache(&fp16, 2, None)?;
+            let mut devc = TensorCache::new(&fp16, m.cache_shape(2), 128, &gpu)?;
+            (rel_error(&run(&mut devc)?, &run(&mut host)?), FP16_REL_ERROR, "–".to_string())
+        } else {
+            let e = std::sync::Arc::new(MaxErr::default());
+            let mut host = Shadowed { gpu: kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?, cpu: m.new_cache(&cfg, 2, None)?, max_err: e.clone() };
+            let mut devc = kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?;
+            let want = run(&mut host)?;
+            if e.get() > MAX_REL_ERROR {
+                failures.push(format!("{spec}: the host path's attention is {:.2e} from the CPU cache's", e.get()));
+            }
+            (rel_error(&run(&mut devc)?, &want), MAX_REL_ERROR, format!("{:.1e}", e.get()))
+        };
+        if err > bound {
+            failures.push(format!("{spec}: the device path's logits are {err:.2e} from the host path's"));
+        }
+        let against = if spec == "fp16" { "the GPU model with kvq's CPU fp16 cache (host path)" } else { "the same GPU cache through the host path" };
+        checks.row(vec![cfg.label(), against.into(), format!("{err:.1e}"), format!("{bound:e}"), attn]);
+    }
+
+    // 2. Throughput at the budget's batch.
+    let mut t = Table::new(&["cache", "bytes a sequence", "batch", "× fp16 batch", "cache GiB", "fill s", "ms a step", "decode tok/s", "× fp16 tok/s"]);
+    let mut fp16_row: Option<(usize, f64)> = None;
+    for spec in a.caches {
+        let cfg = if spec == "fp16" { fp16.clone() } else { CacheConfig::from_spec(spec, &kvq::cache::Overrides::default())? };
+        let per = kvq::size::gpu_sequence_bytes(&geometry, &cfg, capacity).with_context(|| format!("{spec} has no GPU layout"))?;
+        let mut batch = (a.budget / per) as usize;
+        if a.max_batch > 0 {
+            batch = batch.min(a.max_batch);
+        }
+        if batch == 0 {
+            bail!("{spec}: not one sequence of {capacity} tokens fits the budget");
+        }
+        let shape = m.cache_shape(batch);
+        let mut cache: Box<dyn KvCache> = if spec == "fp16" { Box::new(TensorCache::new(&cfg, shape, capacity, &gpu)?) } else { Box::new(kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, shape, capacity)?) };
+        // Fill: random K/V through the cache's own append, in chunks of up to 1024 tokens
+        // (the values do not change the time a step takes; their count does).
+        let t0 = std::time::Instant::now();
+        let chunk = a.context.min(1024);
+        let noise = Tensor::randn(0f32, 1f32, (batch, c.kv_heads, chunk, c.head_dim), &gpu)?;
+        {
+            let dk = cache.on_device().context("the cache has no device path")?;
+            for layer in 0..c.layers {
+                let mut done = 0;
+                while done < a.context {
+                    let n = chunk.min(a.context - done);
+                    let part = if n == chunk { noise.clone() } else { noise.narrow(2, 0, n)?.contiguous()? };
+                    dk.append_tensors(layer, &part, &part)?;
+                    done += n;
+                }
+            }
+        }
+        drop(noise);
+        gpu.synchronize()?;
+        let fill_s = t0.elapsed().as_secs_f64();
+        // Decode: greedy, argmax on the GPU; two warm-up steps, then `steps` timed.
+        let mut next: Vec<u32> = (0..batch).map(|b| ((b * 7919 + 1) % c.vocab_size) as u32).collect();
+        let mut step = |next: &mut Vec<u32>| -> Result<()> {
+            let logits = m.forward(next, batch, cache.as_mut(), false)?;
+            *next = logits.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            Ok(())
+        };
+        for _ in 0..2 {
+            step(&mut next)?;
+        }
+        let t1 = std::time::Instant::now();
+        for _ in 0..a.steps {
+            step(&mut next)?;
+        }
+        let secs = t1.elapsed().as_secs_f64();
+        let tok_s = (batch * a.steps) as f64 / secs;
+        let gib = (per as f64 * batch as f64) / (1u64 << 30) as f64;
+        let (xb, xt) = match fp16_row {
+            Some((b, s)) => (format!("{:.2}", batch as f64 / b as f64), format!("{:.2}", tok_s / s)),
+            None => ("–".into(), "–".into()),
+        };
+        if spec == "fp16" {
+            fp16_row = Some((batch, tok_s));
+        }
+        t.row(vec![cfg.label(), kvq::size::with_commas(per), batch.to_string(), xb, format!("{gib:.1}"), format!("{fill_s:.1}"), format!("{:.1}", 1e3 * secs / a.steps as f64), format!("{tok_s:.0}"), xt]);
+        drop(cache);
+        gpu.synchronize()?;
+    }
+    let mut out = format!(
+        "- GPU: {}\n- model: {name}; context {} tokens; KV budget {} ({} bytes); {} timed decode steps after 2 warm-up steps\n\n",
+        cuda::describe(&dev)?,
+        a.context,
+        kvq::size::human(a.budget),
+        kvq::size::with_commas(a.budget),
+        a.steps
+    );
+    out.push_str("Checks (batch 2: a 96-token prompt in chunks of 32, then 8 greedy steps; logits compared over all of them):\n\n");
+    out.push_str(&checks.markdown());
+    out.push_str("\nThroughput at the largest batch whose cache fits the budget (bytes a sequence: kvq's GPU layout for context + steps tokens; fp16: K/V as f16 tensors, attention as f16 matmuls around an f32 softmax, as candle's Llama does; KIVI: kvq's packed layout and kernels). q/k/v stay on the GPU; each step's sampled ids cross to the host:\n\n");
+    out.push_str(&t.markdown());
+    if !failures.is_empty() {
+        print!("{out}");
+        bail!("gpu-e2e checks failed:\n  {}", failures.join("\n  "));
+    }
+    Ok(out)
+}

@@ -356,6 +356,31 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// End to end on the GPU (needs `--features cuda`): for fp16 and each KIVI cache, the
+    /// largest batch whose cache fits a memory budget at a context length, the cache
+    /// filled to that length, then decode tokens/s of the whole model at that batch.
+    GpuE2e {
+        /// A GGUF file (default: kvq's small deterministic model, no file needed).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "f32")]
+        weights: String,
+        #[arg(long, default_value_t = 8192)]
+        context: usize,
+        /// GPU memory for the caches: "40GiB", "512 MB", bytes.
+        #[arg(long, default_value = "40GiB")]
+        budget: String,
+        #[arg(long, value_delimiter = ',', default_value = "fp16,kivi-2,kivi-4")]
+        caches: Vec<String>,
+        /// Timed decode steps (after two warm-up steps).
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        /// Cap on the batch (default: none, the budget decides).
+        #[arg(long, default_value_t = 0)]
+        max_batch: usize,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Decode latency per token with and without a cache, on the small decoder.
     Decode {
         #[arg(long, value_delimiter = ',', default_value = "64,128,256,512,1024,2048")]
@@ -538,6 +563,19 @@ fn run() -> Result<()> {
             let args = gpu_bench::GpuModelArgs { model: model.as_deref(), weights: weights.parse()?, tokens, chunk, caches: &caches, batch, new_tokens };
             let body = gpu_bench::model(&args)?;
             write_result(&out, "The model on the GPU vs the CPU", &body)?;
+        }
+        #[cfg(feature = "cuda")]
+        Command::Bench(BenchCmd::GpuE2e { model, weights, context, budget, caches, steps, max_batch, out }) => {
+            if context == 0 || steps == 0 {
+                anyhow::bail!("gpu-e2e needs --context ≥ 1 and --steps ≥ 1");
+            }
+            let args = gpu_bench::GpuE2eArgs { model: model.as_deref(), weights: weights.parse()?, context, budget: kvq::size::parse_bytes(&budget)?, caches: &caches, steps, max_batch };
+            let body = gpu_bench::e2e(&args)?;
+            write_result(&out, "End to end on the GPU: batch and decode throughput within a KV memory budget", &body)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Command::Bench(BenchCmd::GpuE2e { .. }) => {
+            anyhow::bail!("this kvq was built without the GPU: rebuild with `cargo build --release --features cuda` (bench/gpu.sh does)");
         }
         #[cfg(not(feature = "cuda"))]
         Command::Bench(BenchCmd::GpuModel { .. }) => {

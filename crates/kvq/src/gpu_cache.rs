@@ -9,20 +9,23 @@
 //! `past_only` (the KIVI presets' default) a chunk's queries see the tokens held before
 //! it from the store and the chunk's own K/V at full precision, causally.
 
-use crate::cache::{CacheConfig, CacheInfo, CacheShape, HeldTokens, KvCache, Scheme};
+use crate::cache::{CacheConfig, CacheInfo, CacheShape, DeviceKv, HeldTokens, KvCache, Scheme};
 use crate::cuda::{AttnKernel, KiviGpuLayer, gpu};
 use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::CudaDevice;
+use candle_core::{op::BackpropOp, CudaStorage, Storage, Tensor};
 
 pub struct KiviGpuCache {
     dev: CudaDevice,
     config: CacheConfig,
     shape: CacheShape,
     layers: Vec<KiviGpuLayer>,
-    /// Each layer's last append, on the GPU: what past-only attention reads as the chunk.
+    /// Each layer's last append, on the GPU: what past-only attention reads as the chunk
+    /// (from host slices, or as the model's tensors on the device path).
     fresh: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>, usize)>>,
+    fresh_tensors: Vec<Option<(Tensor, Tensor)>>,
     padding: Vec<usize>,
     kernel: AttnKernel,
 }
@@ -32,7 +35,7 @@ impl KiviGpuCache {
     pub fn new(dev: &CudaDevice, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Self> {
         let streams = shape.batch * shape.kv_heads;
         let layers = (0..shape.layers).map(|_| KiviGpuLayer::new(dev, config, streams, shape.head_dim, capacity)).collect::<Result<Vec<_>>>()?;
-        Ok(KiviGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch], kernel: AttnKernel::Auto })
+        Ok(KiviGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), fresh_tensors: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch], kernel: AttnKernel::Auto })
     }
 
     /// Which kernel reads the packed tiles (the default: tensor cores); `kvq bench
@@ -100,6 +103,7 @@ impl KvCache for KiviGpuCache {
         let vd = self.dev.clone_htod(v).map_err(gpu)?;
         self.layers[layer].append(&kd, &vd, tokens, 0, tokens)?;
         self.fresh[layer] = Some((kd, vd, tokens));
+        self.fresh_tensors[layer] = None;
         Ok(())
     }
 
@@ -170,6 +174,73 @@ impl KvCache for KiviGpuCache {
     fn reset(&mut self) {
         self.layers.iter_mut().for_each(KiviGpuLayer::reset);
         self.fresh.iter_mut().for_each(|f| *f = None);
+        self.fresh_tensors.iter_mut().for_each(|f| *f = None);
+    }
+
+    fn on_device(&mut self) -> Option<&mut dyn DeviceKv> {
+        Some(self)
+    }
+}
+
+/// Runs `f` on the buffer of an f32 tensor in GPU memory (a copy when the tensor is a
+/// view: the kernels read `[stream][token][dim]` from the buffer's start).
+fn with_cuda_f32<R>(t: &Tensor, f: impl FnOnce(&CudaSlice<f32>) -> Result<R>) -> Result<R> {
+    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(cs) => f(cs.as_cuda_slice::<f32>()?),
+        _ => Err(KvqError::Shape("the GPU cache takes tensors in GPU memory".into())),
+    }
+}
+
+impl DeviceKv for KiviGpuCache {
+    fn append_tensors(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim, .. } = self.shape;
+        let tokens = match k.dims() {
+            &[b, h, t, d] if b == batch && h == kv_heads && d == head_dim && t > 0 && v.dims() == k.dims() => t,
+            dims => return Err(KvqError::Shape(format!("keys and values must be [{batch}, {kv_heads}, tokens, {head_dim}], got {dims:?} and {:?}", v.dims()))),
+        };
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let lay = &mut self.layers[layer];
+        with_cuda_f32(&k, |kd| with_cuda_f32(&v, |vd| lay.append(kd, vd, tokens, 0, tokens)))?;
+        self.fresh[layer] = None;
+        self.fresh_tensors[layer] = Some((k, v));
+        Ok(())
+    }
+
+    fn attend_tensors(&mut self, layer: usize, q: &Tensor) -> Result<Tensor> {
+        self.layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
+        let (q_heads, tokens) = match q.dims() {
+            &[b, h, t, dd] if b == batch && dd == d && h > 0 && h % kv_heads == 0 && t > 0 => (h, t),
+            dims => return Err(KvqError::Shape(format!("queries must be [{batch}, a multiple of {kv_heads}, tokens, {d}], got {dims:?}"))),
+        };
+        let held = self.layers[layer].len();
+        if tokens > held {
+            return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {held} tokens")));
+        }
+        let mut od = self.dev.alloc_zeros::<f32>(batch * q_heads * tokens * d).map_err(gpu)?;
+        let (kernel, past_only) = (self.kernel, self.config.past_only);
+        let fresh = self.fresh_tensors[layer].clone();
+        let lay = &mut self.layers[layer];
+        with_cuda_f32(q, |qd| {
+            if past_only {
+                let Some((fk, fv)) = fresh.as_ref() else {
+                    return Err(KvqError::Shape("past-only attention reads the chunk just appended, and nothing was (as tensors)".into()));
+                };
+                if fk.dims()[2] != tokens {
+                    return Err(KvqError::Shape(format!("past-only attention of {tokens} queries, but the last append held {} tokens", fk.dims()[2])));
+                }
+                with_cuda_f32(fk, |fks| with_cuda_f32(fv, |fvs| lay.attend_chunk_with(qd, q_heads, tokens, fks, fvs, &mut od, kernel)))
+            } else if tokens == 1 {
+                lay.attend_with(qd, q_heads, &mut od, 0, kernel)
+            } else {
+                Err(KvqError::Unsupported("causal attention of several queries over the packed store (past-only off) is not on the GPU: use past-only (the default) or chunks of one token".into()))
+            }
+        })?;
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(od, self.dev.clone()));
+        Ok(Tensor::from_storage(storage, (batch, q_heads, tokens, d), BackpropOp::none(), false))
     }
 }
 

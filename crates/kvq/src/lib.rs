@@ -31,6 +31,8 @@ pub mod tokenizer;
 pub mod model;
 #[cfg(feature = "model")]
 pub mod qmatmul;
+#[cfg(feature = "model")]
+pub mod tensor_cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

@@ -239,22 +239,42 @@ impl Llama {
         let ids = Tensor::from_slice(tokens, batch * t, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.reshape((batch, t, c.hidden_size))?;
         let pre_rope = cache.wants_pre_rope_keys();
-        let mut attn = vec![0f32; batch * hq * t * d];
+        // A cache on the model's device takes q/k/v as tensors there: no host round trip
+        // (RoPE is done on the device too, with the same cos/sin values).
+        let on_device = !pre_rope && pad.iter().all(|&p| p == 0) && cache.on_device().is_some();
+        let rope_tables = if on_device {
+            let (cos, sin) = self.rope.tables(pos0, t);
+            let half = d / 2;
+            Some((Tensor::from_vec(cos, (t, half), &self.device)?, Tensor::from_vec(sin, (t, half), &self.device)?))
+        } else {
+            None
+        };
+        let mut attn = vec![0f32; if on_device { 0 } else { batch * hq * t * d }];
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, c.rms_eps as f32)?;
-            let mut q = heads_major(&blk.wq.forward(&h)?, batch, t, hq, d)?;
-            let mut k = heads_major(&blk.wk.forward(&h)?, batch, t, hkv, d)?;
-            let v = heads_major(&blk.wv.forward(&h)?, batch, t, hkv, d)?;
-            self.rotate(&mut q, hq, t, pos0, &pad);
-            if !pre_rope {
-                self.rotate(&mut k, hkv, t, pos0, &pad);
+            if let (Some((cos, sin)), Some(dev_cache)) = (&rope_tables, cache.on_device()) {
+                let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((batch, t, n, d))?.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)?) };
+                let q = self.rope_tensor(&heads(blk.wq.forward(&h)?, hq)?, cos, sin)?;
+                let k = self.rope_tensor(&heads(blk.wk.forward(&h)?, hkv)?, cos, sin)?;
+                let v = heads(blk.wv.forward(&h)?, hkv)?;
+                dev_cache.append_tensors(li, &k, &v)?;
+                let a = dev_cache.attend_tensors(li, &q)?.transpose(1, 2)?.reshape((batch, t, hq * d))?;
+                x = (x + blk.wo.forward(&a)?)?;
+            } else {
+                let mut q = heads_major(&blk.wq.forward(&h)?, batch, t, hq, d)?;
+                let mut k = heads_major(&blk.wk.forward(&h)?, batch, t, hkv, d)?;
+                let v = heads_major(&blk.wv.forward(&h)?, batch, t, hkv, d)?;
+                self.rotate(&mut q, hq, t, pos0, &pad);
+                if !pre_rope {
+                    self.rotate(&mut k, hkv, t, pos0, &pad);
+                }
+                cache.append(li, &k, &v, t)?;
+                cache.attend(li, &q, hq, t, &mut attn)?;
+                let a = Tensor::from_slice(&attn, (batch, hq, t, d), &self.device)?
+                    .transpose(1, 2)?
+                    .reshape((batch, t, hq * d))?;
+                x = (x + blk.wo.forward(&a)?)?;
             }
-            cache.append(li, &k, &v, t)?;
-            cache.attend(li, &q, hq, t, &mut attn)?;
-            let a = Tensor::from_slice(&attn, (batch, hq, t, d), &self.device)?
-                .transpose(1, 2)?
-                .reshape((batch, t, hq * d))?;
-            x = (x + blk.wo.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, c.rms_eps as f32)?;
             let gate = candle_nn::ops::silu(&blk.w_gate.forward(&h)?)?;
             let up = blk.w_up.forward(&h)?;
@@ -263,6 +283,14 @@ impl Llama {
         let x = if all_logits { x } else { x.narrow(1, t - 1, 1)?.contiguous()? };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// RoPE on a `[batch, heads, t, head_dim]` tensor with `[t, head_dim / 2]` tables.
+    fn rope_tensor(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.rope.style {
+            crate::rope::RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            crate::rope::RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin)?,
+        })
     }
 
     /// Whether the linear layers run on kvq's SIMD matmul (rather than candle's).

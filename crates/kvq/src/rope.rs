@@ -83,6 +83,26 @@ impl Rope {
         }
     }
 
+    /// cos and sin of positions `pos0 .. pos0 + t`, `[t][head_dim / 2]` each: the very
+    /// values `apply` rotates by (for a rotation done elsewhere, e.g. on a GPU).
+    pub fn tables(&self, pos0: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+        for pos in pos0..pos0 + t {
+            if pos < self.table_positions {
+                cos.extend_from_slice(&self.cos[pos * half..(pos + 1) * half]);
+                sin.extend_from_slice(&self.sin[pos * half..(pos + 1) * half]);
+            } else {
+                for &f in &self.inv_freq {
+                    let a = pos as f64 * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        (cos, sin)
+    }
+
     /// Rotates `rows` consecutive vectors, the first at position `pos0`.
     pub fn apply_rows(&self, xs: &mut [f32], pos0: usize) {
         for (i, row) in xs.chunks_exact_mut(self.head_dim).enumerate() {

@@ -126,8 +126,25 @@ pub trait KvCache: Send {
     /// Keeps sequences `rows` (in that order, repeats allowed): beam search, batches.
     fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
     fn reset(&mut self);
+    /// A cache whose K/V live on the model's device (a GPU) takes q/k/v there, as
+    /// tensors, with no trip through host memory. `None`: the model uses the slices above.
+    #[cfg(feature = "model")]
+    fn on_device(&mut self) -> Option<&mut dyn DeviceKv> {
+        None
+    }
 }
 // ANCHOR_END: kv_cache_trait
+
+/// The device side of a cache (see [`KvCache::on_device`]): the same append and
+/// attention as [`KvCache`], on f32 tensors of the model's device.
+#[cfg(feature = "model")]
+pub trait DeviceKv {
+    /// `k`, `v`: `[batch, kv_heads, tokens, head_dim]`, keys after RoPE.
+    fn append_tensors(&mut self, layer: usize, k: &candle_core::Tensor, v: &candle_core::Tensor) -> Result<()>;
+    /// `q`: `[batch, q_heads, tokens, head_dim]` (the newest positions), after RoPE;
+    /// returns the attention output, the same shape.
+    fn attend_tensors(&mut self, layer: usize, q: &candle_core::Tensor) -> Result<candle_core::Tensor>;
+}
 
 #[derive(Clone)]
 struct Stream {
