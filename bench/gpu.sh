@@ -74,7 +74,7 @@ run)
     KVQ=$(mktemp -d)/kvq; gunzip -c "$z" >"$KVQ"; chmod +x "$KVQ"
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-  if [[ $PART != model ]]; then
+  if [[ $PART == all || $PART == attn ]]; then
   small=(--shapes tiny64:2:9:3:64:700,tiny128:2:8:2:128:333 --caches kivi-2,kivi-4,kivi-2:group=64,kivi-4:k-bits=2 --iters 1)
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
     for tool in memcheck racecheck; do
