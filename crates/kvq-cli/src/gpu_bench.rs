@@ -392,7 +392,7 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
         let g = generate(&gpu_m, &mut cache, &prompts, &opts, |_, _| {})?;
         d.row(vec![cfg.label(), a.batch.to_string(), prompt_len.to_string(), a.new_tokens.to_string(), format!("{:.3}", g.steps.first().map_or(0.0, |s| s.latency_s)), format!("{:.0}", g.decode_tokens_per_s())]);
     }
-    out.push_str("\nDecoding on the GPU (weights' matmuls through candle, the cache through kvq's kernels; q/k/v and the attention output cross to the host each layer, as the `KvCache` trait passes host slices):\n\n");
+    out.push_str("\nDecoding on the GPU (weights' matmuls through candle, the cache through kvq's kernels; q/k/v stay on the GPU: the model's device path):\n\n");
     out.push_str(&d.markdown());
     if !failures.is_empty() {
         print!("{out}");

@@ -141,6 +141,10 @@ fn generate_and_ppl_reject_bad_input_before_loading_anything() {
         (vec!["ppl", "--model", m, "--text", "Cargo.toml", "--device", "cuda"], "--device cuda needs kvq built with the cuda feature"),
         #[cfg(not(feature = "cuda"))]
         (vec!["generate", "--model", m, "--prompt", "hi", "--device", "cuda"], "--device cuda needs kvq built with the cuda feature"),
+        #[cfg(not(feature = "cuda"))]
+        (vec!["bench", "gpu-e2e"], "built without the GPU"),
+        #[cfg(not(feature = "cuda"))]
+        (vec!["bench", "gpu-model"], "built without the GPU"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--tokens", "1"], "--tokens must be at least 2"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--caches", "kivi-9"], "unknown cache preset"),
         (vec!["bench", "layers", "--model", m, "--text", "Cargo.toml", "--calibration-tokens", "0"], "--calibration-tokens must be at least 1"),

@@ -2,9 +2,10 @@
 //! model runs with its K/V packed on the GPU (feature `cuda`).
 //!
 //! Each layer is a [`KiviGpuLayer`]: appends quantize and pack on the GPU, attention
-//! reads the packed codes there (tensor cores for the packed tiles). The trait passes
-//! keys, values and queries as host slices, so a step copies its new q/k/v up and the
-//! attention output down: a few kilobytes a layer for a decode step, while the cache
+//! reads the packed codes there (tensor cores for the packed tiles). The model hands it
+//! q/k/v as GPU tensors ([`DeviceKv`]: nothing crosses to the host); through the
+//! trait's host slices (`append`/`attend`, as wrappers like `kvq bench gpu-model`'s
+//! checker use) a step copies its new q/k/v up and the attention output down. The cache
 //! itself never leaves the GPU. Attention follows the CPU cache's rules: with
 //! `past_only` (the KIVI presets' default) a chunk's queries see the tokens held before
 //! it from the store and the chunk's own K/V at full precision, causally.
