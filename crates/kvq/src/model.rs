@@ -88,7 +88,16 @@ pub enum Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::Candle(m) => Ok(m.forward(x)?),
+            // candle multiplies a [b, t, in] input as b separate products (at t = 1, a batch
+            // of matrix-vector products, each reading all of W): one [b·t, in] product instead.
+            Linear::Candle(m) => match *x.dims() {
+                [b, t, n] => {
+                    let y = m.forward(&x.reshape((b * t, n))?)?;
+                    let out = y.dim(1)?;
+                    Ok(y.reshape((b, t, out))?)
+                }
+                _ => Ok(m.forward(x)?),
+            },
             Linear::Blocks(m) => m.forward(x),
         }
     }
