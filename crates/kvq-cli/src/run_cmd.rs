@@ -87,6 +87,11 @@ pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Override
             let cache = kvq::gpu_cache::KiviGpuCache::new(dev, &cfg, model.cache_shape(batch), model.config.max_seq_len)?;
             return Ok((cfg, Box::new(cache)));
         }
+        // fp16/fp32: K/V as tensors in GPU memory, attended with candle's matmuls.
+        if matches!(cfg.scheme, Scheme::Full(kvq::cache::FullPrecision::F16 | kvq::cache::FullPrecision::F32)) && !cfg.pre_rope && cfg.sink_tokens == 0 && !cfg.past_only {
+            let cache = kvq::tensor_cache::TensorCache::new(&cfg, model.cache_shape(batch), model.config.max_seq_len, &model.device)?;
+            return Ok((cfg, Box::new(cache)));
+        }
     }
     let cache = model.new_cache(&cfg, batch, calib)?;
     Ok((cfg, Box::new(cache)))
