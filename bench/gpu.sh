@@ -6,14 +6,15 @@
 #   bash bench/gpu.sh run OUTDIR   # on the GPU: compute-sanitizer memcheck + racecheck on small
 #                                  # problems, PyTorch SDPA (the peer), then `kvq bench attn`
 #                                  # with its checks, then `kvq bench gpu-model` (the model on
-#                                  # the GPU vs the CPU; the real GGUF too if $KVQ_MODEL names
-#                                  # one there); everything lands in OUTDIR
+#                                  # the GPU vs the CPU) and `kvq bench gpu-e2e` (batch and
+#                                  # tokens/s in a 40 GiB KV budget), each with the real GGUF
+#                                  # too if $KVQ_MODEL names one there; all lands in OUTDIR
 #
 # A device call carries at most 64 MiB, so the real model (98 MB) and the binary (18 MB)
 # travel in two calls to the same (warm) machine: here `bash bench/gpu.sh pack-model`
 # (→ .gpu/model.a, .gpu/model.b); there, call 1 carrying .gpu/kvq.gz, .gpu/COMMIT and
 # .gpu/model.b: `bash bench/gpu.sh stash && bash bench/gpu.sh run OUT attn`; call 2
-# carrying .gpu/model.a: `bash bench/gpu.sh run OUT model`. `stash` keeps what a call
+# carrying .gpu/model.a: `bash bench/gpu.sh run OUT model` (and `... run OUT e2e`). `stash` keeps what a call
 # carried in /tmp/kvq-gpu for the next; with everything on one machine, `run OUT` does both.
 #
 # The results table goes to OUTDIR/gpu-attn.md; copy it to bench/results/.
