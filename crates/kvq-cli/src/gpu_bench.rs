@@ -480,7 +480,8 @@ pub struct GpuE2eArgs<'a> {
     /// A GGUF; `None`: the small deterministic model.
     pub model: Option<&'a std::path::Path>,
     pub weights: kvq::gguf::WeightFormat,
-    pub context: usize,
+    /// `None`: the most the model's context leaves room for.
+    pub context: Option<usize>,
     pub budget: u128,
     pub caches: &'a [String],
     pub steps: usize,
@@ -508,11 +509,13 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
         None => (Llama::random(LlamaConfig::tiny(), 1, &gpu)?, "kvq's small deterministic model (LlamaConfig::tiny)".into()),
     };
     let c = m.config.clone();
-    if a.context + a.steps + 8 > c.max_seq_len {
-        bail!("a context of {} plus {} steps exceeds the model's {} tokens", a.context, a.steps, c.max_seq_len);
+    // Room for the timed steps, two warm-up steps and a spare group's worth.
+    let context = a.context.unwrap_or(c.max_seq_len.saturating_sub(a.steps + 8) / 32 * 32);
+    if context == 0 || context + a.steps + 8 > c.max_seq_len {
+        bail!("a context of {context} plus {} steps (and 8 spare) does not fit the model's {} tokens", a.steps, c.max_seq_len);
     }
     let geometry = kvq::ModelGeometry::new("model", c.layers, c.q_heads, c.kv_heads, c.head_dim)?;
-    let capacity = a.context + a.steps + 8;
+    let capacity = context + a.steps + 8;
     let fp16 = CacheConfig::new(Scheme::Full(FullPrecision::F16));
     let mut failures = Vec::new();
 
@@ -576,14 +579,14 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
         // Fill: random K/V through the cache's own append, in chunks of up to 1024 tokens
         // (the values do not change the time a step takes; their count does).
         let t0 = std::time::Instant::now();
-        let chunk = a.context.min(1024);
+        let chunk = context.min(1024);
         let noise = Tensor::randn(0f32, 1f32, (batch, c.kv_heads, chunk, c.head_dim), &gpu)?;
         {
             let dk = cache.on_device().context("the cache has no device path")?;
             for layer in 0..c.layers {
                 let mut done = 0;
-                while done < a.context {
-                    let n = chunk.min(a.context - done);
+                while done < context {
+                    let n = chunk.min(context - done);
                     let part = if n == chunk { noise.clone() } else { noise.narrow(2, 0, n)?.contiguous()? };
                     dk.append_tensors(layer, &part, &part)?;
                     done += n;
@@ -624,7 +627,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     let mut out = format!(
         "- GPU: {}\n- model: {name}; context {} tokens; KV budget {} ({} bytes); {} timed decode steps after 2 warm-up steps\n\n",
         cuda::describe(&dev)?,
-        a.context,
+        context,
         kvq::size::human(a.budget),
         kvq::size::with_commas(a.budget),
         a.steps

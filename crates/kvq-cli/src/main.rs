@@ -365,8 +365,10 @@ enum BenchCmd {
         model: Option<std::path::PathBuf>,
         #[arg(long, default_value = "f32")]
         weights: String,
-        #[arg(long, default_value_t = 8192)]
-        context: usize,
+        /// Tokens each sequence holds (default: as many as the model's context leaves room
+        /// for, with the steps, in whole groups of 32: 8,160 for SmolLM2).
+        #[arg(long)]
+        context: Option<usize>,
         /// GPU memory for the caches: "40GiB", "512 MB", bytes.
         #[arg(long, default_value = "40GiB")]
         budget: String,
@@ -566,7 +568,7 @@ fn run() -> Result<()> {
         }
         #[cfg(feature = "cuda")]
         Command::Bench(BenchCmd::GpuE2e { model, weights, context, budget, caches, steps, max_batch, out }) => {
-            if context == 0 || steps == 0 {
+            if context == Some(0) || steps == 0 {
                 anyhow::bail!("gpu-e2e needs --context ≥ 1 and --steps ≥ 1");
             }
             let args = gpu_bench::GpuE2eArgs { model: model.as_deref(), weights: weights.parse()?, context, budget: kvq::size::parse_bytes(&budget)?, caches: &caches, steps, max_batch };
