@@ -202,6 +202,8 @@ impl DeviceKv for KiviGpuCache {
             &[b, h, t, d] if b == batch && h == kv_heads && d == head_dim && t > 0 && v.dims() == k.dims() => t,
             dims => return Err(KvqError::Shape(format!("keys and values must be [{batch}, {kv_heads}, tokens, {head_dim}], got {dims:?} and {:?}", v.dims()))),
         };
+        crate::tensor_cache::check_values_on_device("keys", k)?;
+        crate::tensor_cache::check_values_on_device("values", v)?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let lay = &mut self.layers[layer];
         with_cuda_f32(&k, |kd| with_cuda_f32(&v, |vd| lay.append(kd, vd, tokens, 0, tokens)))?;

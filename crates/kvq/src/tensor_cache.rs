@@ -10,6 +10,18 @@ use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::{DType, Device, Tensor};
 
+/// [`check_values`](crate::error::check_values) for K/V on a device: one sum and one max of
+/// |x| there, a single read back; the offending value is located only when there is one.
+pub fn check_values_on_device(what: &'static str, t: &Tensor) -> Result<()> {
+    let t = t.to_dtype(DType::F32)?;
+    let stats = Tensor::stack(&[t.sum_all()?, t.abs()?.max_all()?], 0)?.to_vec1::<f32>()?;
+    // A NaN or ±Inf makes the sum non-finite (max over |x| may skip a NaN).
+    if !stats[0].is_finite() || stats[1] > crate::error::MAX_ABS_VALUE {
+        crate::error::check_values(what, &t.flatten_all()?.to_vec1::<f32>()?)?;
+    }
+    Ok(())
+}
+
 pub struct TensorCache {
     config: CacheConfig,
     shape: CacheShape,
@@ -65,6 +77,8 @@ impl DeviceKv for TensorCache {
         if v.dims() != k.dims() {
             return Err(KvqError::Shape(format!("values {:?} and keys {:?} differ in shape", v.dims(), k.dims())));
         }
+        check_values_on_device("keys", k)?;
+        check_values_on_device("values", v)?;
         let at = self.len[layer];
         if at + t > self.capacity {
             return Err(KvqError::ContextOverflow { len: at + t, max: self.capacity });

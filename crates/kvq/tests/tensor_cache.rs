@@ -91,4 +91,12 @@ fn the_tensor_cache_rejects_what_it_cannot_hold() {
     assert!(matches!(m.forward(&ids, 1, &mut c, false), Err(KvqError::ContextOverflow { .. })));
     assert_eq!(c.seq_len(), 0);
     assert!(matches!(c.attend(9, &[0.0; 64], 1, 1, &mut [0.0; 64]), Err(KvqError::InvalidParam(_))));
+    // Non-finite or out-of-range K/V: a typed error naming the value, nothing stored.
+    let n = 2 * 3 * 64;
+    let mut k = vec![0.5f32; n];
+    k[77] = f32::NAN;
+    assert!(matches!(c.append(0, &k, &vec![0.5; n], 3), Err(KvqError::NonFinite { index: 77, .. })));
+    k[77] = 1e6;
+    assert!(matches!(c.append(0, &vec![0.5; n], &k, 3), Err(KvqError::OutOfRange { index: 77, .. })));
+    assert_eq!(c.seq_len(), 0);
 }
