@@ -568,10 +568,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     let timed = |cfg: &CacheConfig, batch: usize, tokens: usize| -> Result<(f64, f64)> {
         let shape = m.cache_shape(batch);
         let cap = tokens + a.steps + 8;
-        let mut cache: Box<dyn KvCache> = match cfg.scheme {
-            Scheme::Full(_) => Box::new(TensorCache::new(cfg, shape, cap, &gpu)?),
-            _ => Box::new(kvq::gpu_cache::KiviGpuCache::new(&dev, cfg, shape, cap)?),
-        };
+        let mut cache = kvq::gpu_cache::gpu_cache_for(&gpu, cfg, shape, cap)?.with_context(|| format!("{} has no GPU cache", cfg.label()))?;
         let t0 = std::time::Instant::now();
         let chunk = tokens.min(1024);
         let noise = Tensor::randn(0f32, 1f32, (batch, c.kv_heads, chunk, c.head_dim), &gpu)?;

@@ -82,16 +82,8 @@ pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Override
         _ => None,
     };
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = &model.device {
-        if kvq::gpu_cache::runs_on_gpu(&cfg, model.config.head_dim) {
-            let cache = kvq::gpu_cache::KiviGpuCache::new(dev, &cfg, model.cache_shape(batch), model.config.max_seq_len)?;
-            return Ok((cfg, Box::new(cache)));
-        }
-        // fp16/fp32: K/V as tensors in GPU memory, attended with candle's matmuls.
-        if matches!(cfg.scheme, Scheme::Full(kvq::cache::FullPrecision::F16 | kvq::cache::FullPrecision::F32)) && !cfg.pre_rope && cfg.sink_tokens == 0 && !cfg.past_only {
-            let cache = kvq::tensor_cache::TensorCache::new(&cfg, model.cache_shape(batch), model.config.max_seq_len, &model.device)?;
-            return Ok((cfg, Box::new(cache)));
-        }
+    if let Some(cache) = kvq::gpu_cache::gpu_cache_for(&model.device, &cfg, model.cache_shape(batch), model.config.max_seq_len)? {
+        return Ok((cfg, cache));
     }
     let cache = model.new_cache(&cfg, batch, calib)?;
     Ok((cfg, Box::new(cache)))

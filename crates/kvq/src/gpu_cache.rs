@@ -79,13 +79,7 @@ impl KvCache for KiviGpuCache {
     }
 
     fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
-        if row_start.len() != self.shape.batch {
-            return Err(KvqError::Shape(format!("padding for {} rows, the cache has {}", row_start.len(), self.shape.batch)));
-        }
-        if row_start.iter().any(|&p| p != 0) {
-            return Err(KvqError::Unsupported("left padding (prompts of different lengths) is not in the GPU cache yet: give prompts of one length, or use the CPU".into()));
-        }
-        Ok(())
+        crate::cache::refuse_padding(row_start, self.shape.batch, "GPU cache")
     }
 
     fn padding(&self) -> &[usize] {
@@ -245,6 +239,22 @@ impl DeviceKv for KiviGpuCache {
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(od, self.dev.clone()));
         Ok(Tensor::from_storage(storage, (batch, q_heads, tokens, d), BackpropOp::none(), false))
     }
+}
+
+/// The cache a preset gets on a GPU: KIVI packed by kvq's kernels ([`KiviGpuCache`]),
+/// fp16/fp32 as tensors ([`TensorCache`](crate::tensor_cache::TensorCache)); `None` for
+/// presets that stay in host memory (per-token, KVQuant, and fp16/fp32 with a sink,
+/// pre-RoPE keys or past-only attention).
+pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Option<Box<dyn KvCache>>> {
+    let candle_core::Device::Cuda(dev) = device else { return Ok(None) };
+    if runs_on_gpu(config, shape.head_dim) {
+        return Ok(Some(Box::new(KiviGpuCache::new(dev, config, shape, capacity)?)));
+    }
+    let full = matches!(config.scheme, Scheme::Full(crate::cache::FullPrecision::F16 | crate::cache::FullPrecision::F32));
+    if full && !config.pre_rope && config.sink_tokens == 0 && !config.past_only {
+        return Ok(Some(Box::new(crate::tensor_cache::TensorCache::new(config, shape, capacity, device)?)));
+    }
+    Ok(None)
 }
 
 /// Whether a preset runs in [`KiviGpuCache`] (a KIVI scheme the kernels take).

@@ -135,13 +135,7 @@ impl KvCache for TensorCache {
         self.len.first().copied().unwrap_or(0)
     }
     fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
-        if row_start.len() != self.shape.batch {
-            return Err(KvqError::Shape(format!("padding for {} rows, the cache has {}", row_start.len(), self.shape.batch)));
-        }
-        if row_start.iter().any(|&p| p != 0) {
-            return Err(KvqError::Unsupported("left padding is not in the tensor cache: give prompts of one length".into()));
-        }
-        Ok(())
+        crate::cache::refuse_padding(row_start, self.shape.batch, "tensor cache")
     }
     fn padding(&self) -> &[usize] {
         &self.padding

@@ -531,6 +531,18 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// `a · b`, or a shape error when it does not fit in `usize`.
+/// `set_padding` for caches without left padding (the GPU caches): the right number of
+/// rows, all zero.
+pub fn refuse_padding(row_start: &[usize], batch: usize, cache: &str) -> Result<()> {
+    if row_start.len() != batch {
+        return Err(KvqError::Shape(format!("padding for {} rows, the cache has {batch}", row_start.len())));
+    }
+    if row_start.iter().any(|&p| p != 0) {
+        return Err(KvqError::Unsupported(format!("left padding (prompts of different lengths) is not in the {cache} yet: give prompts of one length, or use the CPU")));
+    }
+    Ok(())
+}
+
 fn checked_product(xs: &[usize], what: &str) -> Result<usize> {
     xs.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x)).ok_or_else(|| KvqError::Shape(format!("{what}: {xs:?} is too large")))
 }
