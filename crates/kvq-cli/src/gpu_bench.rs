@@ -98,7 +98,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
     let mut out = format!("- GPU: {}\n\nDevice-to-device copy: {copy:.0} GB/s (bytes read + written).\n\n", cuda::describe(&dev)?);
     let mut t = Table::new(&["shape", "B", "ctx", "variant", "MB read", "µs", "GB/s", "% copy", "× candle fp16", "× SDPA", "check"]);
     let mut rows = Vec::new();
-    let mut failures = Vec::new();
+    let mut failures = value_check_probes(&dev)?;
     for sh in shapes {
         let AttnShape { batch: b, q_heads: hq, kv_heads: hkv, head_dim: d, context: n, .. } = *sh;
         let s = b * hkv;
@@ -157,6 +157,18 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             failures.push(format!("{} candle fp16: error {fp16_err:.2e} vs the f32 reference", sh.name));
         }
         drop((kt, vt, qt));
+        // kvq's fused fp16 decode kernel (the end-to-end fp16 baseline), checked the same way.
+        if cuda::fp16_attention_supported(d, hq, hkv) {
+            let (kf, vf) = (cuda::to_f16(&dev, &kd, s, n, d)?, cuda::to_f16(&dev, &vd, s, n, d)?);
+            let shape = cuda::FullAttnShape { batch: b, q_heads: hq, kv_heads: hkv, head_dim: d, cap: n, n };
+            let mut od = dev.alloc_zeros::<f32>(b * hq * d)?;
+            let ms = cuda::time_ms(&dev, 3, iters, || cuda::fp16_decode_attention(&dev, &qd, &kf, &vf, shape, &mut od))?;
+            let err = rel_error(&pick_rows(&dev.clone_dtoh(&od)?, &check_rows, hq * d), &reference);
+            push("kvq fp16 (fused)", fp16_bytes, ms, None, Some(err), &mut t);
+            if err > FP16_REL_ERROR {
+                failures.push(format!("{} kvq fp16: error {err:.2e} vs the f32 reference", sh.name));
+            }
+        }
 
         for name in variants {
             let config = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
@@ -223,6 +235,28 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
         bail!("correctness checks failed:\n  {}", failures.join("\n  "));
     }
     Ok(out)
+}
+
+/// The GPU value check (full.cu's any_bad_*) against kvq::error::check_values on
+/// buffers with one bad value at a time (NaN, ±Inf, just over the limit) or none.
+fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec<String>> {
+    let limit = kvq::error::MAX_ABS_VALUE;
+    let mut failures = Vec::new();
+    let base: Vec<f32> = (0..100_003).map(|i| ((i * 37 % 1000) as f32 - 500.0) * 0.01).collect();
+    for (what, bad) in [("none", None), ("NaN", Some(f32::NAN)), ("+Inf", Some(f32::INFINITY)), ("-Inf", Some(f32::NEG_INFINITY)), ("over", Some(-limit * 1.001)), ("at the limit", Some(limit))] {
+        let mut x = base.clone();
+        if let Some(b) = bad {
+            x[77_777] = b;
+        }
+        let want = kvq::error::check_values("probe", &x).is_ok();
+        let got32 = cuda::values_in_range(dev, &dev.clone_htod(&x)?)?;
+        let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let got16 = cuda::values_in_range(dev, &dev.clone_htod(&h)?)?;
+        if got32 != want || got16 != want {
+            failures.push(format!("value check ({what}): GPU says f32 {got32}, f16 {got16}; the CPU rule says {want}"));
+        }
+    }
+    Ok(failures)
 }
 
 fn config_group(c: &CacheConfig) -> usize {
@@ -653,7 +687,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     );
     out.push_str("Checks (batch 2: a 96-token prompt in chunks of 32, then 8 greedy steps; logits compared over all of them):\n\n");
     out.push_str(&checks.markdown());
-    out.push_str("\nThroughput at the largest batch whose cache fits the budget (bytes a sequence: kvq's GPU layout for context + steps tokens; fp16: K/V as f16 tensors, attention as f16 matmuls around an f32 softmax, as candle's Llama does; KIVI: kvq's packed layout and kernels). q/k/v stay on the GPU; each step's sampled ids cross to the host. `of it the cache`: the step minus the same batch's step at 64 tokens (the model alone):\n\n");
+    out.push_str("\nThroughput at the largest batch whose cache fits the budget (bytes a sequence: kvq's GPU layout for context + steps tokens; fp16: K/V as f16 tensors, a decode step's attention through kvq's fused fp16 kernel (kernels/full.cu; `kvq bench attn` times it against SDPA); KIVI: kvq's packed layout and kernels). q/k/v stay on the GPU; each step's sampled ids cross to the host. `of it the cache`: the step minus the same batch's step at 64 tokens (the model alone):\n\n");
     out.push_str(&t.markdown());
     if !failures.is_empty() {
         print!("{out}");

@@ -21,8 +21,9 @@ use candle_core::cuda_backend::CudaDevice;
 use half::f16;
 use std::sync::{Arc, Mutex};
 
-/// kernels/kivi.cu, compiled by build.rs (machine code for sm_90 and PTX).
+/// kernels/kivi.cu and kernels/full.cu, compiled by build.rs (machine code for sm_90 and PTX).
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kivi.fatbin"));
+const FULL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/full.fatbin"));
 /// Warps per attention block (`WARPS` in kivi.cu).
 const WARPS: u32 = 4;
 /// Tokens per attention tile (a warp's 32 lanes).
@@ -55,30 +56,47 @@ pub fn describe(dev: &CudaDevice) -> Result<String> {
     Ok(format!("{name}, {:.0} GiB, sm_{ma}{mi}", mem as f64 / (1u64 << 30) as f64))
 }
 
-/// kvq's kernel module on `dev`'s context, loaded once per context.
+/// kvq's kernel module (kivi.cu) on `dev`'s context, loaded once per context.
 fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
-    static MODULES: Mutex<Vec<(usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
+    load_module(dev, FATBIN)
+}
+
+/// The full-precision kernels (full.cu): fp16 decode attention, the value check.
+fn full_module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
+    load_module(dev, FULL_FATBIN)
+}
+
+fn load_module(dev: &CudaDevice, fatbin: &'static [u8]) -> Result<Arc<CudaModule>> {
+    static MODULES: Mutex<Vec<(usize, usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
     let ctx = dev.cuda_stream().context().clone();
-    let key = Arc::as_ptr(&ctx) as usize;
+    let key = (Arc::as_ptr(&ctx) as usize, fatbin.as_ptr() as usize);
     let mut mods = MODULES.lock().map_err(|_| KvqError::Gpu("module cache poisoned".into()))?;
-    if let Some((_, m)) = mods.iter().find(|(k, _)| *k == key) {
+    if let Some((_, _, m)) = mods.iter().find(|(c, f, _)| (*c, *f) == key) {
         return Ok(m.clone());
     }
-    let m = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(gpu)?;
-    mods.push((key, m.clone()));
+    let m = ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(gpu)?;
+    mods.push((key.0, key.1, m.clone()));
     Ok(m)
 }
 
-/// Launches kernel `name` of kvq's module with `args`.
+/// Launches kernel `name` of kvq's module (`full:` first: of the full-precision module) with `args`.
 macro_rules! launch {
-    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let f = module(&$dev)?.load_function($name).map_err(gpu)?;
+    (@go $f:ident, $dev:expr, $cfg:expr, $($arg:expr),*) => {{
+        let f = $f;
         let stream = $dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         $( b.arg($arg); )*
-        // SAFETY: the arguments match the kernel's signature in kivi.cu, and every
+        // SAFETY: the arguments match the kernel's signature (kernels/*.cu), and every
         // index the kernel computes stays inside the buffers sized in `new`.
         unsafe { b.launch($cfg) }.map_err(gpu)?;
+    }};
+    (full: $dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = full_module(&$dev)?.load_function($name).map_err(gpu)?;
+        launch!(@go f, $dev, $cfg, $($arg),*)
+    }};
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = module(&$dev)?.load_function($name).map_err(gpu)?;
+        launch!(@go f, $dev, $cfg, $($arg),*)
     }};
 }
 
@@ -140,6 +158,12 @@ const TC_QUERIES: usize = 8;
 fn blocks_per_sm(dev: &CudaDevice, name: &str) -> Result<usize> {
     let f = module(dev)?.load_function(name).map_err(gpu)?;
     Ok(f.occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None).map_err(gpu)?.max(1) as usize)
+}
+
+/// The GPU's streaming multiprocessors.
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    let attr = candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    Ok(dev.cuda_stream().context().attribute(attr).map_err(gpu)? as usize)
 }
 
 /// A launch's thread count as the kernels index it: 32-bit.
@@ -219,11 +243,7 @@ impl KiviGpuLayer {
         let vtail = dev.alloc_zeros::<f16>(s * vring * d).map_err(gpu)?;
         let part_acc = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
         let part_ml = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
-        let sms = dev
-            .cuda_stream()
-            .context()
-            .attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(gpu)? as usize;
+        let sms = sm_count(dev)?;
         Ok(KiviGpuLayer {
             dev: dev.clone(),
             k_bits,
@@ -748,4 +768,88 @@ pub fn check_kivi(
         }
     }
     Ok(Check { streams_checked: rows.len() * kv_heads, packed_bytes_equal: mismatch.is_none(), mismatch, max_rel_error: if max_abs > 0.0 { max_err / max_abs } else { max_err } })
+}
+
+// ---------------------------------------------------------------- full precision (full.cu)
+
+/// Whether every value of `x` (f32 or f16 in device memory) is finite and within
+/// ±[`MAX_ABS_VALUE`](crate::error::MAX_ABS_VALUE), the rule of
+/// [`check_values`](crate::error::check_values): one pass over `x` and one flag read back.
+pub fn values_in_range<T: CheckedElement>(dev: &CudaDevice, x: &CudaSlice<T>) -> Result<bool> {
+    if x.len() == 0 {
+        return Ok(true);
+    }
+    let mut flag = dev.alloc_zeros::<i32>(1).map_err(gpu)?;
+    // A few blocks an SM stream through the whole buffer (grid-stride loop).
+    let blocks = x.len().div_ceil(256).min(8 * sm_count(dev)?);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (n, max_abs) = (x.len() as i64, crate::error::MAX_ABS_VALUE);
+    launch!(full: dev, T::CHECK_KERNEL, cfg, x, &n, &max_abs, &mut flag);
+    let flag = dev.cuda_stream().clone_dtoh(&flag).map_err(gpu)?;
+    Ok(flag[0] == 0)
+}
+
+/// The element types [`values_in_range`] reads.
+pub trait CheckedElement: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits {
+    const CHECK_KERNEL: &'static str;
+}
+impl CheckedElement for f32 {
+    const CHECK_KERNEL: &'static str = "any_bad_f32";
+}
+impl CheckedElement for f16 {
+    const CHECK_KERNEL: &'static str = "any_bad_f16";
+}
+
+/// The shape of a full-precision cache for [`fp16_decode_attention`]: `batch` sequences of
+/// `kv_heads` streams, each `cap` tokens of `head_dim` f16 values, the first `n` held.
+#[derive(Clone, Copy, Debug)]
+pub struct FullAttnShape {
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub cap: usize,
+    pub n: usize,
+}
+
+/// Whether [`fp16_decode_attention`] has a kernel for this head size and GQA ratio.
+pub fn fp16_attention_supported(head_dim: usize, q_heads: usize, kv_heads: usize) -> bool {
+    kv_heads > 0 && q_heads % kv_heads == 0 && (1..=8).contains(&(q_heads / kv_heads)) && matches!(head_dim, 64 | 128)
+}
+
+/// Decode attention over an fp16 cache (full.cu's fused kernel, the end-to-end baseline):
+/// one query token a sequence, `q` `[batch][q_heads][head_dim]` (f32), `k`/`v`
+/// `[batch·kv_heads][cap][head_dim]` (f16); writes `out` like `q`. Scores and softmax in
+/// f32, as kvq's CPU fp16 cache computes them.
+pub fn fp16_decode_attention(dev: &CudaDevice, q: &CudaSlice<f32>, k: &CudaSlice<f16>, v: &CudaSlice<f16>, shape: FullAttnShape, out: &mut CudaSlice<f32>) -> Result<()> {
+    let FullAttnShape { batch, q_heads, kv_heads, head_dim: d, cap, n } = shape;
+    if !fp16_attention_supported(d, q_heads, kv_heads) {
+        return Err(KvqError::Unsupported(format!("fp16 decode attention has kernels for head sizes 64 and 128 and 1 to 8 query heads a KV head, not {d} and {q_heads}/{kv_heads}")));
+    }
+    let streams = batch * kv_heads;
+    if n == 0 || n > cap || q.len() != batch * q_heads * d || out.len() != q.len() || k.len() < streams * cap * d || v.len() < streams * cap * d {
+        return Err(KvqError::Shape(format!(
+            "fp16 attention of {n} tokens (of {cap}) over {streams} streams × {d}: q {} and out {} floats (want {}), k {} and v {} halves (want {})",
+            q.len(),
+            out.len(),
+            batch * q_heads * d,
+            k.len(),
+            v.len(),
+            streams * cap * d
+        )));
+    }
+    let rep = q_heads / kv_heads;
+    let name = format!("fp16_decode_attn_d{d}_r{rep}");
+    let f = full_module(dev)?.load_function(&name).map_err(gpu)?;
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None).map_err(gpu)?.max(1) as usize;
+    let (splits, per) = plan_splits(n.div_ceil(TILE), streams, per_sm * sm_count(dev)?, WARPS as usize);
+    let mut part_acc = dev.alloc_zeros::<f32>(streams * splits * rep * d).map_err(gpu)?;
+    let mut part_ml = dev.alloc_zeros::<f32>(streams * splits * rep * 2).map_err(gpu)?;
+    let cfg = LaunchConfig { grid_dim: (streams as u32, splits as u32, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+    let (capl, ni, hk, sp, pi, sl) = (cap as i64, n as i32, kv_heads as i32, splits as i32, per as i32, std::f32::consts::LOG2_E / (d as f32).sqrt());
+    launch!(@go f, dev, cfg, q, k, v, &capl, &ni, &hk, &sp, &pi, &sl, &mut part_acc, &mut part_ml);
+    let cfg = LaunchConfig { grid_dim: ((streams * rep) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+    let (ri, di) = (rep as i32, d as i32);
+    launch!(dev, "combine_splits", cfg, &part_acc, &part_ml, out, &sp, &ri, &hk, &di);
+    Ok(())
 }

@@ -15,7 +15,7 @@ use crate::cuda::{AttnKernel, KiviGpuLayer, gpu};
 use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{op::BackpropOp, CudaStorage, Storage, Tensor};
 
 pub struct KiviGpuCache {
@@ -180,12 +180,34 @@ impl KvCache for KiviGpuCache {
 /// Runs `f` on the buffer of an f32 tensor in GPU memory (a copy when the tensor is a
 /// view: the kernels read `[stream][token][dim]` from the buffer's start).
 fn with_cuda_f32<R>(t: &Tensor, f: impl FnOnce(&CudaSlice<f32>) -> Result<R>) -> Result<R> {
+    with_cuda::<f32, R>(t, f)
+}
+
+/// `f` on the device buffer of `t` (a GPU tensor of `T`s; copied first unless it is
+/// contiguous from its buffer's start).
+pub(crate) fn with_cuda<T: CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaSlice<T>) -> Result<R>) -> Result<R> {
     let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
     let (storage, _) = t.storage_and_layout();
     match &*storage {
-        Storage::Cuda(cs) => f(cs.as_cuda_slice::<f32>()?),
+        Storage::Cuda(cs) => f(cs.as_cuda_slice::<T>()?),
         _ => Err(KvqError::Shape("the GPU cache takes tensors in GPU memory".into())),
     }
+}
+
+/// A GPU tensor of shape `dims` over `buf`.
+pub(crate) fn tensor_of<T: CudaDType>(buf: CudaSlice<T>, dev: &CudaDevice, dims: &[usize]) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
+    Tensor::from_storage(storage, dims, BackpropOp::none(), false)
+}
+
+/// [`check_values`](crate::error::check_values)'s rule on a GPU tensor in one pass:
+/// `Some(true)`/`Some(false)` for f32 and f16 tensors, `None` for other dtypes.
+pub(crate) fn tensor_values_in_range(dev: &CudaDevice, t: &Tensor) -> Result<Option<bool>> {
+    Ok(match t.dtype() {
+        candle_core::DType::F32 => Some(with_cuda::<f32, _>(t, |x| crate::cuda::values_in_range(dev, x))?),
+        candle_core::DType::F16 => Some(with_cuda::<half::f16, _>(t, |x| crate::cuda::values_in_range(dev, x))?),
+        _ => None,
+    })
 }
 
 impl DeviceKv for KiviGpuCache {
@@ -236,8 +258,7 @@ impl DeviceKv for KiviGpuCache {
                 Err(KvqError::Unsupported("causal attention of several queries over the packed store (past-only off) is not on the GPU: use past-only (the default) or chunks of one token".into()))
             }
         })?;
-        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(od, self.dev.clone()));
-        Ok(Tensor::from_storage(storage, (batch, q_heads, tokens, d), BackpropOp::none(), false))
+        Ok(tensor_of(od, &self.dev, &[batch, q_heads, tokens, d]))
     }
 }
 

@@ -1,8 +1,10 @@
 //! [`TensorCache`]: a full-precision cache whose K/V are candle tensors on the model's
 //! device. On a GPU it is the fp16 baseline the quantized caches are measured against:
-//! K and V in f16 device memory, attention as two f16 matmuls around an f32 softmax (as
-//! candle's own Llama attends), and the model hands it q/k/v as device tensors through
-//! [`DeviceKv`], with no trip through host memory. On the CPU it runs the same code, so
+//! K and V in f16 device memory; a decode step (one query a sequence) attends through
+//! kvq's fused fp16 kernel (kernels/full.cu: K/V read once, at memory speed, like
+//! flash-decoding), a chunk of several queries as two f16 matmuls around an f32 softmax
+//! (as candle's own Llama attends). The model hands it q/k/v as device tensors through
+//! [`DeviceKv`], with no trip through host memory. On the CPU the matmul path runs, so
 //! CI checks it against the CPU [`Cache`](crate::cache::Cache).
 
 use crate::cache::{CacheConfig, CacheInfo, CacheShape, DeviceKv, FullPrecision, HeldTokens, KvCache, Scheme};
@@ -10,9 +12,19 @@ use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::{DType, Device, Tensor};
 
-/// [`check_values`](crate::error::check_values) for K/V on a device: one sum and one max of
-/// |x| there, a single read back; the offending value is located only when there is one.
+/// [`check_values`](crate::error::check_values) for K/V on a device: on a GPU one pass of
+/// kvq's check kernel, elsewhere one sum and one max of |x|; a single read back, and the
+/// offending value is located only when there is one.
 pub fn check_values_on_device(what: &'static str, t: &Tensor) -> Result<()> {
+    // On a GPU: one pass of kvq's check kernel (candle's reductions run one block an output).
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = t.device() {
+        match crate::gpu_cache::tensor_values_in_range(dev, t)? {
+            Some(true) => return Ok(()),
+            Some(false) => return crate::error::check_values(what, &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => {}
+        }
+    }
     let t = t.to_dtype(DType::F32)?;
     let stats = Tensor::stack(&[t.sum_all()?, t.abs()?.max_all()?], 0)?.to_vec1::<f32>()?;
     // A NaN or ±Inf makes the sum non-finite (max over |x| may skip a NaN).
@@ -70,6 +82,29 @@ impl TensorCache {
     }
 }
 
+impl TensorCache {
+    /// One query token a sequence over an fp16 cache on a GPU: kvq's fused decode kernel
+    /// (kernels/full.cu) reads K/V once, as a serious fp16 baseline must; `None` where it
+    /// does not apply (other devices, dtypes, shapes, several queries).
+    #[cfg(feature = "cuda")]
+    fn fused_decode(&self, layer: usize, q: &Tensor) -> Result<Option<Tensor>> {
+        use crate::cuda::{fp16_attention_supported, fp16_decode_attention, FullAttnShape};
+        use crate::gpu_cache::{tensor_of, with_cuda};
+        let Device::Cuda(dev) = &self.device else { return Ok(None) };
+        let CacheShape { batch, kv_heads, head_dim, .. } = self.shape;
+        let q_heads = q.dims()[1];
+        if self.dtype != DType::F16 || q.dims()[2] != 1 || !fp16_attention_supported(head_dim, q_heads, kv_heads) {
+            return Ok(None);
+        }
+        let shape = FullAttnShape { batch, q_heads, kv_heads, head_dim, cap: self.capacity, n: self.len[layer] };
+        let mut out = dev.alloc_zeros::<f32>(batch * q_heads * head_dim).map_err(crate::cuda::gpu)?;
+        let (kc, vc) = &self.layers[layer];
+        let q = q.to_dtype(DType::F32)?;
+        with_cuda::<f32, _>(&q, |qd| with_cuda::<half::f16, _>(kc, |kd| with_cuda::<half::f16, _>(vc, |vd| fp16_decode_attention(dev, qd, kd, vd, shape, &mut out))))?;
+        Ok(Some(tensor_of(out, dev, &[batch, q_heads, 1, head_dim])))
+    }
+}
+
 impl DeviceKv for TensorCache {
     fn append_tensors(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         self.layer(layer)?;
@@ -103,6 +138,10 @@ impl DeviceKv for TensorCache {
             return Err(KvqError::Shape(format!("{t} queries but the layer holds only {n} tokens")));
         }
         let rep = q_heads / kv_heads;
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.fused_decode(layer, q)? {
+            return Ok(out);
+        }
         let (kc, vc) = &self.layers[layer];
         let (k, v) = (kc.narrow(2, 0, n)?, vc.narrow(2, 0, n)?);
         // Query heads h·rep + r read KV head h: [b, hkv, rep·t, d] against [b, hkv, n, d].
