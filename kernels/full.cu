@@ -72,33 +72,39 @@ __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict_
         for (int c = 0; c < C; c++) acc[r][c] = 0.f;
     }
     const int tile_end = min((split + 1) * per, (n + 31) / 32);
+    // The lane's key row of the warp's next tile is loaded a tile ahead (while the values
+    // of the current one stream in), so a warp keeps two tiles' reads in flight.
+    uint4 kr[D / 8];
+    auto load_keys = [&](int tile) {
+        const int j = tile * 32 + lane;
+        const uint4* row = reinterpret_cast<const uint4*>(ks + (long)j * D);
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) kr[i] = (tile < tile_end && j < n) ? __ldg(row + i) : make_uint4(0, 0, 0, 0);
+    };
+    load_keys(split * per + warp);
     for (int tile = split * per + warp; tile < tile_end; tile += WARPS) {
-        const int t0 = tile * 32, j = t0 + lane, count = min(32, n - t0);
+        const int t0 = tile * 32, count = min(32, n - t0);
         float sc[REP];
 #pragma unroll
         for (int r = 0; r < REP; r++) sc[r] = 0.f;
-        if (lane < count) {
-            const uint4* row = reinterpret_cast<const uint4*>(ks + (long)j * D);
-            uint4 kr[D / 8];
 #pragma unroll
-            for (int i = 0; i < D / 8; i++) kr[i] = __ldg(row + i);
+        for (int i = 0; i < D / 8; i++) {
+            const __half2* k2 = reinterpret_cast<const __half2*>(&kr[i]);
 #pragma unroll
-            for (int i = 0; i < D / 8; i++) {
-                const __half2* k2 = reinterpret_cast<const __half2*>(&kr[i]);
+            for (int e = 0; e < 4; e++) {
+                const float2 kf = __half22float2(k2[e]);
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float2 kf = __half22float2(k2[e]);
-#pragma unroll
-                    for (int r = 0; r < REP; r++) {
-                        const float2 qf = *reinterpret_cast<const float2*>(&sq[r][8 * i + 2 * e]);
-                        sc[r] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[r]));
-                    }
+                for (int r = 0; r < REP; r++) {
+                    const float2 qf = *reinterpret_cast<const float2*>(&sq[r][8 * i + 2 * e]);
+                    sc[r] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[r]));
                 }
             }
-        } else {
+        }
+        if (lane >= count) {
 #pragma unroll
             for (int r = 0; r < REP; r++) sc[r] = -INFINITY;
         }
+        load_keys(tile + WARPS);
 #pragma unroll
         for (int r = 0; r < REP; r++) {
             float mx = sc[r];
@@ -114,7 +120,7 @@ __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict_
         }
         __syncwarp();
         const __half* vt = vs + (long)t0 * D + lane * C;
-#pragma unroll 8
+#pragma unroll 16
         for (int jj = 0; jj < count; jj++) {
             float vf[C];
             if constexpr (C == 2) {
