@@ -46,7 +46,7 @@ extern "C" __global__ void any_bad_f16(const __half* x, long n, float max_abs, i
 // 16-byte loads, the queries broadcast from shared memory), the warp's running max moves,
 // then the lanes switch roles: lane c accumulates channels c·D/32.. of Σ p_j·v_j over the
 // tile's tokens (each value row read as one coalesced line, p_j broadcast from shared).
-template <int D, int REP>
+template <int D, int REP, bool AHEAD>
 __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v, long cap,
                           int n, int Hkv, int splits, int per, float scale_log2, float* __restrict__ part_acc,
                           float* __restrict__ part_ml) {
@@ -72,8 +72,10 @@ __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict_
         for (int c = 0; c < C; c++) acc[r][c] = 0.f;
     }
     const int tile_end = min((split + 1) * per, (n + 31) / 32);
-    // The lane's key row of the warp's next tile is loaded a tile ahead (while the values
-    // of the current one stream in), so a warp keeps two tiles' reads in flight.
+    // AHEAD: the lane's key row of the warp's next tile is loaded a tile ahead (while the
+    // values of the current one stream in), two tiles of reads in flight a warp. Measured
+    // on an H100 (bench/results/gpu-attn.md): 893 -> 771 us at D = 128, batch 16, 32k
+    // tokens; no gain at D = 64, where the extra registers cost blocks an SM.
     uint4 kr[D / 8];
     auto load_keys = [&](int tile) {
         const int j = tile * 32 + lane;
@@ -81,8 +83,9 @@ __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict_
 #pragma unroll
         for (int i = 0; i < D / 8; i++) kr[i] = (tile < tile_end && j < n) ? __ldg(row + i) : make_uint4(0, 0, 0, 0);
     };
-    load_keys(split * per + warp);
+    if constexpr (AHEAD) load_keys(split * per + warp);
     for (int tile = split * per + warp; tile < tile_end; tile += WARPS) {
+        if constexpr (!AHEAD) load_keys(tile);
         const int t0 = tile * 32, count = min(32, n - t0);
         float sc[REP];
 #pragma unroll
@@ -104,7 +107,7 @@ __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict_
 #pragma unroll
             for (int r = 0; r < REP; r++) sc[r] = -INFINITY;
         }
-        load_keys(tile + WARPS);
+        if constexpr (AHEAD) load_keys(tile + WARPS);
 #pragma unroll
         for (int r = 0; r < REP; r++) {
             float mx = sc[r];
@@ -175,7 +178,7 @@ __device__ void fp16_attn(const float* __restrict__ q, const __half* __restrict_
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
         fp16_decode_attn_d##D##_r##REP(const float* q, const __half* k, const __half* v, long cap, int n, int Hkv, \
                                        int splits, int per, float scale_log2, float* part_acc, float* part_ml) { \
-        fp16_attn<D, REP>(q, k, v, cap, n, Hkv, splits, per, scale_log2, part_acc, part_ml);                   \
+        fp16_attn<D, REP, D == 128>(q, k, v, cap, n, Hkv, splits, per, scale_log2, part_acc, part_ml);                   \
     }
 #define FP16_REPS(D) \
     FP16_ENTRY(D, 1) FP16_ENTRY(D, 2) FP16_ENTRY(D, 3) FP16_ENTRY(D, 4) FP16_ENTRY(D, 5) FP16_ENTRY(D, 6) FP16_ENTRY(D, 7) FP16_ENTRY(D, 8)
