@@ -94,7 +94,7 @@ run)
   if [[ -n $NCU && ${KVQ_NCU:-1} == 1 ]]; then
     # The first launches of the decode kernels (tensor cores, then the window's), and of the
     # quantize kernels (keys, values), on the goal's problem; then why warps waited.
-    for what in attn:decode_attn quant:quant_; do
+    for what in attn:kivi_decode_attn quant:quant_; do
       timeout 200 "$NCU" --kernel-name regex:"${what#*:}" --launch-count 2 --set full -o "$OUT/${what%%:*}-profile" \
         "$KVQ" bench attn --shapes llama3-8b:16:32:8:128:32768 --caches kivi-2 --iters 1 >>"$OUT/ncu.log" 2>&1 || echo "ncu ($what): failed (see ncu.log)"
       rep=$OUT/${what%%:*}-profile.ncu-rep
