@@ -76,7 +76,7 @@ run)
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
   if [[ $PART == all || $PART == attn ]]; then
-  small=(--shapes tiny64:2:9:3:64:700,tiny128:2:8:2:128:333 --caches kivi-2,kivi-4,kivi-2:group=64,kivi-4:k-bits=2 --iters 1)
+  small=(--shapes tiny64:2:9:3:64:700,tiny128:2:8:2:128:333 --caches kivi-2,kivi-4,kivi-2:group=64,kivi-4:k-bits=2,per-token-4,per-token-2,kvquant-4,kvquant-3,kvquant-2 --iters 1)
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
     for tool in memcheck racecheck; do
       if compute-sanitizer --tool "$tool" --error-exitcode 9 "$KVQ" bench attn "${small[@]}" >"$OUT/sanitizer-$tool.txt" 2>&1; then

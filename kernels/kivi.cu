@@ -19,27 +19,7 @@
 
 #define FULL_MASK 0xffffffffu
 
-// ---------------------------------------------------------------- f16 rounding
-__device__ __forceinline__ unsigned short f16_next_up_bits(unsigned short b) {
-    if ((b & 0x7fff) == 0) return 1;
-    return (b & 0x8000) == 0 ? (unsigned short)(b + 1) : (unsigned short)(b - 1);
-}
-__device__ __forceinline__ unsigned short f16_next_down_bits(unsigned short b) {
-    if ((b & 0x7fff) == 0) return 0x8001;
-    return (b & 0x8000) == 0 ? (unsigned short)(b - 1) : (unsigned short)(b + 1);
-}
-// Largest f16 ≤ x.
-__device__ __forceinline__ __half f16_floor(float x) {
-    __half h = __float2half_rn(x);
-    if (__half2float(h) > x) h = __ushort_as_half(f16_next_down_bits(__half_as_ushort(h)));
-    return h;
-}
-// Smallest f16 ≥ x.
-__device__ __forceinline__ __half f16_ceil(float x) {
-    __half h = __float2half_rn(x);
-    if (__half2float(h) < x) h = __ushort_as_half(f16_next_up_bits(__half_as_ushort(h)));
-    return h;
-}
+#include "f16_round.cuh"
 
 // Affine parameters covering [lo, hi] (kvq: Affine::fit).
 __device__ __forceinline__ __half2 fit_affine(float lo, float hi, float qmax) {

@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles `kernels/kivi.cu` and `kernels/full.cu` to fatbins with nvcc: machine
+//! With the `cuda` feature, compiles `kernels/{kivi,full,kvquant}.cu` to fatbins with nvcc: machine
 //! code for CUDA_COMPUTE_CAP (default 90: H100/H200) plus PTX for newer GPUs (found on PATH
 //! or through NVCC / CUDA_HOME). The default build needs no CUDA at all.
 use std::path::PathBuf;
@@ -11,9 +11,10 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-changed={}", PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../kernels/f16_round.cuh").display());
     let nvcc = std::env::var("NVCC").ok().or_else(|| std::env::var("CUDA_HOME").ok().map(|h| format!("{h}/bin/nvcc"))).unwrap_or_else(|| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    for name in ["kivi", "full"] {
+    for name in ["kivi", "full", "kvquant"] {
         let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join(format!("../../kernels/{name}.cu"));
         println!("cargo:rerun-if-changed={}", src.display());
         let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(format!("{name}.fatbin"));

@@ -172,6 +172,57 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
 
         for name in variants {
             let config = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
+            // Per-token and KVQuant: quantize kernels only (their caches attend on the CPU).
+            match config.scheme {
+                Scheme::PerToken { bits, group_size, residual_length } => {
+                    let tokens = if residual_length > 0 { n - n % residual_length } else { n };
+                    if tokens == 0 {
+                        continue;
+                    }
+                    let (kf, vf) = (cuda::to_f16(&dev, &kd, s, n, d)?, cuda::to_f16(&dev, &vd, s, n, d)?);
+                    let (kf, vf) = if tokens == n { (kf, vf) } else { (first_tokens(&dev, &kf, s, n, tokens, d)?, first_tokens(&dev, &vf, s, n, tokens, d)?) };
+                    let mut g = cuda::PerTokenGpu::new(&dev, s, tokens, d, bits, group_size)?;
+                    let mut moved = 0;
+                    let ms = cuda::time_ms(&dev, 2, iters, || {
+                        moved = g.quantize(&kf, &vf)?;
+                        Ok(())
+                    })?;
+                    let diff = cuda::check_per_token(&g, &config, &check_rows, hkv, &k, &v, n)?;
+                    if let Some(m) = &diff {
+                        failures.push(format!("{} {name}: {m}", sh.name));
+                    }
+                    push(&format!("{name} quantize+pack"), moved, ms, Some(diff.is_none()), None, &mut t);
+                    continue;
+                }
+                Scheme::KvQuant { bits, outlier_fraction } => {
+                    // A real calibration: KVQuant's fit on the first sequence's first 512 tokens.
+                    let ct = n.min(512);
+                    let take = |x: &[f32]| -> Vec<f32> { (0..hkv).flat_map(|h| x[h * n * d..(h * n + ct) * d].to_vec()).collect() };
+                    let (ck, cv) = (take(&k), take(&v));
+                    let cal = kvq::cache::KvQuantCalibration::fit(&[kvq::cache::LayerSamples { keys: &ck, values: &cv, tokens: ct }], hkv, d, bits as u32, outlier_fraction, false)?;
+                    let l = &cal.layers[0];
+                    let n_out = kvq::quant::outlier_count(outlier_fraction, d);
+                    let (center, scale) = (dev.clone_htod(&l.key_center)?, dev.clone_htod(&l.key_scale)?);
+                    for (what, x, xd, cb, norm) in [("keys", &k, &kd, &l.key_codebook, Some((&center, &scale))), ("values", &v, &vd, &l.value_codebook, None)] {
+                        let gcb = cuda::CudaCodebook::new(&dev, cb)?;
+                        let mut g = cuda::KvQuantGpu::new(&dev, s, n, d, bits, n_out)?;
+                        let mut moved = 0;
+                        let ms = cuda::time_ms(&dev, 2, iters, || {
+                            moved = g.quantize(xd, hkv, &gcb, norm)?;
+                            Ok(())
+                        })?;
+                        let streams: Vec<usize> = check_rows.iter().flat_map(|&b| (0..hkv).map(move |h| b * hkv + h)).collect();
+                        let host_norm = norm.map(|_| (&l.key_center[..], &l.key_scale[..]));
+                        let diff = cuda::check_kvquant(&g, x, &streams, hkv, cb, host_norm)?;
+                        if let Some(m) = &diff {
+                            failures.push(format!("{} {name} {what}: {m}", sh.name));
+                        }
+                        push(&format!("{name} quantize {what}"), moved, ms, Some(diff.is_none()), None, &mut t);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             let mut layer = KiviGpuLayer::new(&dev, &config, s, d, n)?;
             layer.append(&kd, &vd, n, 0, n)?;
             let mut od = dev.alloc_zeros::<f32>(b * hq * d)?;
@@ -257,6 +308,13 @@ fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
         }
     }
     Ok(failures)
+}
+
+/// The first `tokens` of each stream of `x` (`[stream][src][d]`), as a new buffer.
+fn first_tokens(dev: &candle_core::cuda_backend::CudaDevice, x: &candle_core::cuda_backend::cudarc::driver::CudaSlice<half::f16>, streams: usize, src: usize, tokens: usize, d: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<half::f16>> {
+    let host = dev.clone_dtoh(x)?;
+    let cut: Vec<half::f16> = (0..streams).flat_map(|s| host[s * src * d..(s * src + tokens) * d].to_vec()).collect();
+    Ok(dev.clone_htod(&cut)?)
 }
 
 fn config_group(c: &CacheConfig) -> usize {

@@ -315,12 +315,14 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// GPU decode attention over KIVI's packed cache vs fp16 (needs `--features cuda`).
+    /// GPU decode attention over KIVI's packed cache vs fp16, and the quantize kernels of
+    /// every quantized layout, each checked against the CPU (needs `--features cuda`).
     Attn {
         /// Problems as name:batch:q_heads:kv_heads:head_dim:context.
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b:16:32:8:128:32768,llama3-8b:1:32:8:128:32768,llama3-8b:16:32:8:128:8192,smollm2:64:9:3:64:8192,smollm2:8:9:3:64:8192")]
         shapes: Vec<String>,
-        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4")]
+        /// KIVI presets: attention and quantize+pack; per-token and KVQuant: quantize only.
+        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4,per-token-4,kvquant-4")]
         caches: Vec<String>,
         #[arg(long, default_value_t = 20)]
         iters: usize,

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 /// kernels/kivi.cu and kernels/full.cu, compiled by build.rs (machine code for sm_90 and PTX).
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kivi.fatbin"));
 const FULL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/full.fatbin"));
+const KVQUANT_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvquant.fatbin"));
 /// Warps per attention block (`WARPS` in kivi.cu).
 const WARPS: u32 = 4;
 /// Tokens per attention tile (a warp's 32 lanes).
@@ -66,6 +67,11 @@ fn full_module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
     load_module(dev, FULL_FATBIN)
 }
 
+/// KVQuant's quantize kernel (kvquant.cu).
+fn kvquant_module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
+    load_module(dev, KVQUANT_FATBIN)
+}
+
 fn load_module(dev: &CudaDevice, fatbin: &'static [u8]) -> Result<Arc<CudaModule>> {
     static MODULES: Mutex<Vec<(usize, usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
     let ctx = dev.cuda_stream().context().clone();
@@ -79,7 +85,7 @@ fn load_module(dev: &CudaDevice, fatbin: &'static [u8]) -> Result<Arc<CudaModule
     Ok(m)
 }
 
-/// Launches kernel `name` of kvq's module (`full:` first: of the full-precision module) with `args`.
+/// Launches kernel `name` of kvq's module (`full:` / `kvquant:` first: of that module) with `args`.
 macro_rules! launch {
     (@go $f:ident, $dev:expr, $cfg:expr, $($arg:expr),*) => {{
         let f = $f;
@@ -89,6 +95,10 @@ macro_rules! launch {
         // SAFETY: the arguments match the kernel's signature (kernels/*.cu), and every
         // index the kernel computes stays inside the buffers sized in `new`.
         unsafe { b.launch($cfg) }.map_err(gpu)?;
+    }};
+    (kvquant: $dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = kvquant_module(&$dev)?.load_function($name).map_err(gpu)?;
+        launch!(@go f, $dev, $cfg, $($arg),*)
     }};
     (full: $dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let f = full_module(&$dev)?.load_function($name).map_err(gpu)?;
@@ -852,4 +862,241 @@ pub fn fp16_decode_attention(dev: &CudaDevice, q: &CudaSlice<f32>, k: &CudaSlice
     let (ri, di) = (rep as i32, d as i32);
     launch!(dev, "combine_splits", cfg, &part_acc, &part_ml, out, &sp, &ri, &hk, &di);
     Ok(())
+}
+
+// ---------------------------------------------------------------- KVQuant and per-token quantize
+
+/// KVQuant's codes for `streams × tokens` vectors on the GPU (kernels/kvquant.cu), in the
+/// bytes of kvq's CPU store (`NuqStore`), stream after stream: packed codes, per-token
+/// f16 (centre, half-range) for values, and `n_out` sparse (u16 channel, f16 value)
+/// outliers a vector.
+pub struct KvQuantGpu {
+    dev: CudaDevice,
+    pub streams: usize,
+    pub tokens: usize,
+    pub head_dim: usize,
+    pub bits: u8,
+    pub n_out: usize,
+    codes: CudaSlice<u8>,
+    token_norm: CudaSlice<u32>,
+    out_index: CudaSlice<u16>,
+    out_value: CudaSlice<f16>,
+}
+
+impl KvQuantGpu {
+    /// Room for `streams × tokens` vectors of `head_dim` (a multiple of 32, at most 256).
+    pub fn new(dev: &CudaDevice, streams: usize, tokens: usize, head_dim: usize, bits: u8, n_out: usize) -> Result<Self> {
+        crate::quant::check_bits(bits as u32)?;
+        if head_dim == 0 || head_dim % 32 != 0 || head_dim > 256 || n_out > head_dim || streams == 0 || tokens == 0 {
+            return Err(KvqError::Unsupported(format!(
+                "the KVQuant kernel takes head sizes that are multiples of 32 up to 256 and at most one outlier a channel, not {head_dim} with {n_out} ({streams} streams of {tokens} tokens)"
+            )));
+        }
+        let rows = streams * tokens;
+        Ok(KvQuantGpu {
+            dev: dev.clone(),
+            streams,
+            tokens,
+            head_dim,
+            bits,
+            n_out,
+            codes: dev.alloc_zeros::<u8>(rows * packed_len(head_dim, bits)).map_err(gpu)?,
+            token_norm: dev.alloc_zeros::<u32>(rows).map_err(gpu)?,
+            out_index: dev.alloc_zeros::<u16>((rows * n_out).max(1)).map_err(gpu)?,
+            out_value: dev.alloc_zeros::<f16>((rows * n_out).max(1)).map_err(gpu)?,
+        })
+    }
+
+    /// Quantizes `x` (`[stream][tokens][head_dim]`, f32) with `codebook`: keys when
+    /// `key_norm` gives the calibrated (centre, scale), `[kv_heads][head_dim]` each;
+    /// values (per token) when it is `None`. Returns the bytes moved (read + written).
+    pub fn quantize(&mut self, x: &CudaSlice<f32>, kv_heads: usize, codebook: &CudaCodebook, key_norm: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>) -> Result<usize> {
+        let (rows, d) = (self.streams * self.tokens, self.head_dim);
+        if x.len() < rows * d || kv_heads == 0 || self.streams % kv_heads != 0 || codebook.bits != self.bits {
+            return Err(KvqError::Shape(format!("KVQuant quantize: {} floats for {rows} vectors of {d}, {kv_heads} KV heads, a {}-bit codebook for {}-bit codes", x.len(), codebook.bits, self.bits)));
+        }
+        if let Some((c, s)) = key_norm {
+            if c.len() < kv_heads * d || s.len() < kv_heads * d {
+                return Err(KvqError::Shape(format!("key centre and scale need {} values each", kv_heads * d)));
+            }
+        }
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(WARPS as usize) as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        let (rl, ti, di, hk, bi, no) = (rows as i64, self.tokens as i32, d as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
+        let null = 0u64;
+        match key_norm {
+            Some((c, s)) => launch!(kvquant: self.dev, "kvquant_quantize", cfg, x, &rl, &ti, &di, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            None => launch!(kvquant: self.dev, "kvquant_quantize", cfg, x, &rl, &ti, &di, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+        }
+        let written = rows * (packed_len(d, self.bits) + self.n_out * crate::quant::outliers::OUTLIER_BYTES) + if key_norm.is_none() { rows * 4 } else { 0 };
+        Ok(rows * d * 4 + written)
+    }
+
+    /// One stream's bytes, copied back: codes, (centre, half-range) words, outliers.
+    pub fn download_stream(&self, s: usize) -> Result<(Vec<u8>, Vec<u32>, Vec<u16>, Vec<u16>)> {
+        if s >= self.streams {
+            return Err(KvqError::InvalidParam(format!("stream {s} of {}", self.streams)));
+        }
+        let (t, pl, no) = (self.tokens, packed_len(self.head_dim, self.bits), self.n_out);
+        let st = self.dev.cuda_stream();
+        let codes = st.clone_dtoh(&self.codes.slice(s * t * pl..(s + 1) * t * pl)).map_err(gpu)?;
+        let norm = st.clone_dtoh(&self.token_norm.slice(s * t..(s + 1) * t)).map_err(gpu)?;
+        let (idx, val) = if no == 0 {
+            (Vec::new(), Vec::new())
+        } else {
+            let idx = st.clone_dtoh(&self.out_index.slice(s * t * no..(s + 1) * t * no)).map_err(gpu)?;
+            let val = st.clone_dtoh(&self.out_value.slice(s * t * no..(s + 1) * t * no)).map_err(gpu)?;
+            (idx, val.iter().map(|v| v.to_bits()).collect())
+        };
+        Ok((codes, norm, idx, val))
+    }
+}
+
+/// A codebook's bounds on the GPU (what [`KvQuantGpu::quantize`] counts codes against).
+pub struct CudaCodebook {
+    bits: u8,
+    bounds: CudaSlice<f32>,
+}
+
+impl CudaCodebook {
+    pub fn new(dev: &CudaDevice, codebook: &crate::quant::Codebook) -> Result<Self> {
+        Ok(CudaCodebook { bits: codebook.bits(), bounds: dev.clone_htod(codebook.bounds()).map_err(gpu)? })
+    }
+}
+
+/// Compares streams `streams` of a [`KvQuantGpu`] with kvq's CPU KVQuant store fed the
+/// same vectors (`x`: `[stream][tokens][head_dim]` host copy): `None` when every byte is
+/// equal, else where the first difference is.
+pub fn check_kvquant(g: &KvQuantGpu, x: &[f32], streams: &[usize], kv_heads: usize, codebook: &crate::quant::Codebook, key_norm: Option<(&[f32], &[f32])>) -> Result<Option<String>> {
+    use crate::cache::{NuqStore, TokenStore};
+    let (t, d) = (g.tokens, g.head_dim);
+    for &s in streams {
+        let h = s % kv_heads;
+        let mut cpu = match key_norm {
+            Some((c, sc)) => NuqStore::keys(d, codebook.clone(), c[h * d..(h + 1) * d].to_vec(), sc[h * d..(h + 1) * d].to_vec(), g.n_out),
+            None => NuqStore::values(d, codebook.clone(), g.n_out),
+        };
+        cpu.push(&x[s * t * d..(s + 1) * t * d]);
+        let (codes, norm, idx, val) = cpu.parts();
+        let norm: Vec<u32> = norm.iter().map(|(c, h)| c.to_bits() as u32 | (h.to_bits() as u32) << 16).collect();
+        let val: Vec<u16> = val.iter().map(|v| v.to_bits()).collect();
+        let (gc, gn, gi, gv) = g.download_stream(s)?;
+        let gn = if key_norm.is_some() { Vec::new() } else { gn };
+        let diffs = [
+            ("codes", first_difference(&gc, codes)),
+            ("centre/half-range", first_difference(&gn, &norm)),
+            ("outlier channels", first_difference(&gi, idx)),
+            ("outlier values", first_difference(&gv, &val)),
+        ];
+        if let Some((what, Some(j))) = diffs.iter().find(|(_, d)| d.is_some()) {
+            return Ok(Some(format!("stream {s}: {what} differ at element {j}")));
+        }
+    }
+    Ok(None)
+}
+
+/// The per-token layout (kvq's per-token caches: keys and values both per token, `group`
+/// channels a group, f16 (min, scale) each) quantized on the GPU with KIVI's value kernel.
+pub struct PerTokenGpu {
+    dev: CudaDevice,
+    pub streams: usize,
+    pub tokens: usize,
+    pub head_dim: usize,
+    pub bits: u8,
+    pub group: usize,
+    kcodes: CudaSlice<u8>,
+    kparams: CudaSlice<u32>,
+    vcodes: CudaSlice<u8>,
+    vparams: CudaSlice<u32>,
+}
+
+impl PerTokenGpu {
+    pub fn new(dev: &CudaDevice, streams: usize, tokens: usize, head_dim: usize, bits: u8, group: usize) -> Result<Self> {
+        if !matches!(bits, 2 | 4) || group == 0 || head_dim % group != 0 || (group * bits as usize) % 32 != 0 || streams == 0 || tokens == 0 {
+            return Err(KvqError::Unsupported(format!("per-token quantize on the GPU takes 2 or 4 bits and groups that divide the head ({head_dim}) into whole 32-bit words of codes, not {bits} bits in groups of {group}")));
+        }
+        let (rows, pl, gpt) = (streams * tokens, packed_len(head_dim, bits), head_dim / group);
+        threads_i32(rows * gpt)?;
+        Ok(PerTokenGpu {
+            dev: dev.clone(),
+            streams,
+            tokens,
+            head_dim,
+            bits,
+            group,
+            kcodes: dev.alloc_zeros::<u8>(rows * pl).map_err(gpu)?,
+            kparams: dev.alloc_zeros::<u32>(rows * gpt).map_err(gpu)?,
+            vcodes: dev.alloc_zeros::<u8>(rows * pl).map_err(gpu)?,
+            vparams: dev.alloc_zeros::<u32>(rows * gpt).map_err(gpu)?,
+        })
+    }
+
+    /// Quantizes every token of `keys` and `values` (`[stream][tokens][head_dim]`, f16, as
+    /// the CPU store's f16 tail holds them). Returns the bytes moved (read + written).
+    pub fn quantize(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>) -> Result<usize> {
+        let (s, t, d) = (self.streams, self.tokens, self.head_dim);
+        if keys.len() < s * t * d || values.len() < s * t * d {
+            return Err(KvqError::Shape(format!("per-token quantize of {s} × {t} × {d} halves, got {} and {}", keys.len(), values.len())));
+        }
+        let name = format!("quant_token_groups_b{}", self.bits);
+        let cfg = grid_1d(s * t * (d / self.group));
+        let (ring, di, gi, t0, t1, si, cap) = (t as i32, d as i32, self.group as i32, 0i64, t as i64, s as i32, t as i64);
+        launch!(self.dev, &name, cfg, keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+        launch!(self.dev, &name, cfg, values, &ring, &di, &gi, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
+        Ok(2 * s * t * (d * 2 + packed_len(d, self.bits) + d / self.group * 4))
+    }
+
+    pub fn download_stream(&self, s: usize) -> Result<StreamBytes> {
+        if s >= self.streams {
+            return Err(KvqError::InvalidParam(format!("stream {s} of {}", self.streams)));
+        }
+        let (t, pl, gpt) = (self.tokens, packed_len(self.head_dim, self.bits), self.head_dim / self.group);
+        let st = self.dev.cuda_stream();
+        let get8 = |b: &CudaSlice<u8>| st.clone_dtoh(&b.slice(s * t * pl..(s + 1) * t * pl)).map_err(gpu);
+        let get32 = |b: &CudaSlice<u32>| st.clone_dtoh(&b.slice(s * t * gpt..(s + 1) * t * gpt)).map_err(gpu);
+        Ok(StreamBytes { kcodes: get8(&self.kcodes)?, kparams: get32(&self.kparams)?, vcodes: get8(&self.vcodes)?, vparams: get32(&self.vparams)? })
+    }
+}
+
+/// Compares a [`PerTokenGpu`] with kvq's CPU per-token cache (`config`, past-only off)
+/// fed the same K/V (`[stream][tokens][head_dim]` host copies, f32; the CPU rounds them
+/// to f16 as the GPU input was) for the sequences in `rows`: `None` when every byte is equal.
+pub fn check_per_token(g: &PerTokenGpu, config: &CacheConfig, rows: &[usize], kv_heads: usize, k: &[f32], v: &[f32], src_tokens: usize) -> Result<Option<String>> {
+    let (t, d) = (g.tokens, g.head_dim);
+    let Scheme::PerToken { residual_length, .. } = config.scheme else {
+        return Err(KvqError::InvalidParam(format!("{} is not a per-token cache", config.label())));
+    };
+    if residual_length > 0 && t % residual_length != 0 {
+        return Err(KvqError::InvalidParam(format!("{t} tokens leave some in the CPU cache's residual of {residual_length}")));
+    }
+    let cfg = CacheConfig { past_only: false, ..config.clone() };
+    let mut cpu = Cache::new(&cfg, CacheShape { layers: 1, batch: rows.len(), kv_heads, head_dim: d }, None, None)?;
+    let (mut kr, mut vr) = (Vec::new(), Vec::new());
+    for &b in rows {
+        for h in 0..kv_heads {
+            let s = b * kv_heads + h;
+            kr.extend_from_slice(&k[s * src_tokens * d..(s * src_tokens + t) * d]);
+            vr.extend_from_slice(&v[s * src_tokens * d..(s * src_tokens + t) * d]);
+        }
+    }
+    cpu.append(0, &kr, &vr, t)?;
+    for (i, &b) in rows.iter().enumerate() {
+        for h in 0..kv_heads {
+            let s = b * kv_heads + h;
+            let gb = g.download_stream(s)?;
+            let (ck, cv) = cpu.packed_stream(0, i * kv_heads + h)?;
+            if (ck.quantized, cv.quantized) != (t, t) {
+                return Ok(Some(format!("the CPU cache quantized {}/{} of {t} tokens", ck.quantized, cv.quantized)));
+            }
+            let diffs = [
+                ("key codes", first_difference(&gb.kcodes, ck.codes)),
+                ("value codes", first_difference(&gb.vcodes, cv.codes)),
+                ("key params", first_difference(&gb.kparams, &param_words(ck.params))),
+                ("value params", first_difference(&gb.vparams, &param_words(cv.params))),
+            ];
+            if let Some((what, Some(j))) = diffs.iter().find(|(_, d)| d.is_some()) {
+                return Ok(Some(format!("stream {s}: {what} differ at element {j}")));
+            }
+        }
+    }
+    Ok(None)
 }

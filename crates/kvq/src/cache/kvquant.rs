@@ -212,6 +212,12 @@ impl NuqStore {
         Self::new(dim, codebook, None, n_out)
     }
 
+    /// What the store holds, as stored: packed codes, per-token (centre, half-range)
+    /// (values only), outlier channels and values (the GPU kernel's check reads them).
+    pub(crate) fn parts(&self) -> (&[u8], &[(f16, f16)], &[u16], &[f16]) {
+        (&self.codes, &self.token_norm, &self.out_index, &self.out_value)
+    }
+
     fn new(dim: usize, codebook: Codebook, channel_norm: Option<Arc<(Vec<f32>, Vec<f32>)>>, n_out: usize) -> Self {
         NuqStore {
             dim,

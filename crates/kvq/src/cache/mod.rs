@@ -18,11 +18,14 @@ use crate::quant::outliers::outlier_count;
 use crate::rope::Rope;
 use crate::size::Bytes;
 use half::{bf16, f16};
-use kvquant::{check_calibration, NuqStore};
+use kvquant::check_calibration;
+// (crate-wide: the GPU kernels' checks build these CPU stores as references)
+pub(crate) use kvquant::NuqStore;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 pub use store::PackedView;
-use store::{ChannelGroupStore, PlainStore, Residual, TokenGroupStore, TokenStore};
+use store::{ChannelGroupStore, PlainStore, Residual, TokenGroupStore};
+pub(crate) use store::TokenStore;
 
 /// The shape of a cache: layers, sequences in the batch, KV heads, head dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -121,6 +121,12 @@ impl Codebook {
         &self.levels
     }
 
+    /// The midpoints between adjacent levels, ascending: a value's code is how many lie
+    /// below it ([`Codebook::encode`]; the GPU kernel counts the same way).
+    pub fn bounds(&self) -> &[f32] {
+        &self.bounds
+    }
+
     // ANCHOR: encode
     /// Index of the nearest level.
     #[inline]
