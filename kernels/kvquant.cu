@@ -39,136 +39,140 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
                      __half2* __restrict__ token_norm, uint16_t* __restrict__ out_index,
                      __half* __restrict__ out_value) {
     __shared__ float s_bounds[255];
-    __shared__ float s_x[WARPS][MAX_D];
     __shared__ uint8_t s_code[WARPS][MAX_D];
     const int nb = (1 << bits) - 1;
     for (int i = threadIdx.x; i < nb; i += blockDim.x) s_bounds[i] = bounds[i];
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long r = (long)blockIdx.x * WARPS + warp;
-    if (r >= rows) return;  // whole warps, after the block's only barrier
     const int per = D / 32;
-    const int h = (int)(r / tokens) % kv_heads;
-    const float* xr = x + r * D;
-    float v[MAX_PER_LANE], norm[MAX_PER_LANE], score[MAX_PER_LANE];
-    bool out[MAX_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) {
-        out[i] = false;
-        if (i < per) {
-            v[i] = xr[lane + 32 * i];
-            s_x[warp][lane + 32 * i] = v[i];
-        }
-    }
-    __syncwarp();
-    if (center != nullptr) {
+    // Each warp takes vector after vector (whole warps leave together, after the
+    // block's only barrier).
+    for (long r = (long)blockIdx.x * WARPS + warp; r < rows; r += (long)gridDim.x * WARPS) {
+        const int h = (int)(r / tokens) % kv_heads;
+        const float* xr = x + r * D;
+        float v[MAX_PER_LANE], norm[MAX_PER_LANE], score[MAX_PER_LANE];
+        bool out[MAX_PER_LANE];
 #pragma unroll
         for (int i = 0; i < MAX_PER_LANE; i++) {
-            if (i < per) {
-                const int c = h * D + lane + 32 * i;
-                const float sc = scale[c];
-                norm[i] = sc > 0.f ? __fdiv_rn(__fsub_rn(v[i], center[c]), sc) : 0.f;
-                score[i] = fabsf(norm[i]);
-            }
+            out[i] = false;
+            if (i < per) v[i] = xr[lane + 32 * i];
         }
-    } else {
-        // The median: the element whose rank range [less, less + equal) holds D/2.
-        const int mid = D / 2;
-        bool found = false;
-        float med = 0.f;
+        if (center != nullptr) {
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++) {
-            if (i < per) {
-                const uint32_t key = total_key(v[i]);
-                int less = 0, equal = 0;
-                for (int j = 0; j < D; j++) {
-                    const uint32_t kj = total_key(s_x[warp][j]);
-                    less += kj < key;
-                    equal += kj == key;
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                if (i < per) {
+                    const int c = h * D + lane + 32 * i;
+                    const float sc = scale[c];
+                    norm[i] = sc > 0.f ? __fdiv_rn(__fsub_rn(v[i], center[c]), sc) : 0.f;
+                    score[i] = fabsf(norm[i]);
                 }
-                if (!found && less <= mid && mid < less + equal) found = true, med = v[i];
             }
-        }
-        // Every finder holds the same bits; take the first.
-        const unsigned who = __ballot_sync(FULL_MASK, found);
-        const float median = __shfl_sync(FULL_MASK, med, __ffs(who) - 1);
+        } else {
+            // The median, the element of rank D/2 in total order: a radix select over the
+            // order-preserving keys, most significant bit first (a warp-wide count a bit).
+            uint32_t key[MAX_PER_LANE];
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++)
-            if (i < per) score[i] = fabsf(__fsub_rn(v[i], median));
-    }
-    // The n_out largest scores, ties to the lower channel: n_out rounds of a warp argmax.
-    for (int k = 0; k < n_out; k++) {
-        float best = -1.f;
-        int at = 0x7fffffff;
+            for (int i = 0; i < MAX_PER_LANE; i++) key[i] = i < per ? total_key(v[i]) : 0u;
+            uint32_t prefix = 0, want = D / 2;
+            for (int bit = 31; bit >= 0; bit--) {
+                const uint32_t high = bit == 31 ? 0u : ~0u << (bit + 1);
+                uint32_t zeros = 0;
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++) {
-            if (i < per && !out[i] && score[i] > best) best = score[i], at = lane + 32 * i;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float b2 = __shfl_xor_sync(FULL_MASK, best, o);
-            const int a2 = __shfl_xor_sync(FULL_MASK, at, o);
-            if (b2 > best || (b2 == best && a2 < at)) best = b2, at = a2;
-        }
-        if ((at & 31) == lane) {
+                for (int i = 0; i < MAX_PER_LANE; i++)
+                    zeros += (i < per && (key[i] & high) == prefix && !((key[i] >> bit) & 1u));
+                zeros = __reduce_add_sync(FULL_MASK, zeros);
+                if (want >= zeros) want -= zeros, prefix |= 1u << bit;
+            }
+            const float median = __uint_as_float((prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix);
 #pragma unroll
             for (int i = 0; i < MAX_PER_LANE; i++)
-                if (lane + 32 * i == at) out[i] = true;
+                if (i < per) score[i] = fabsf(__fsub_rn(v[i], median));
         }
-    }
-    if (center == nullptr) {
-        // Values: centre and half-range of the vector without its outliers.
-        float lo = INFINITY, hi = -INFINITY;
+        // The n_out largest scores, ties to the lower channel: n_out rounds of a warp argmax.
+        for (int k = 0; k < n_out; k++) {
+            float best = -1.f;
+            int at = 0x7fffffff;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                if (i < per && !out[i] && score[i] > best) best = score[i], at = lane + 32 * i;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float b2 = __shfl_xor_sync(FULL_MASK, best, o);
+                const int a2 = __shfl_xor_sync(FULL_MASK, at, o);
+                if (b2 > best || (b2 == best && a2 < at)) best = b2, at = a2;
+            }
+            if ((at & 31) == lane) {
+#pragma unroll
+                for (int i = 0; i < MAX_PER_LANE; i++)
+                    if (lane + 32 * i == at) out[i] = true;
+            }
+        }
+        if (center == nullptr) {
+            // Values: centre and half-range of the vector without its outliers.
+            float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                if (i < per && !out[i]) lo = fminf(lo, v[i]), hi = fmaxf(hi, v[i]);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                lo = fminf(lo, __shfl_xor_sync(FULL_MASK, lo, o));
+                hi = fmaxf(hi, __shfl_xor_sync(FULL_MASK, hi, o));
+            }
+            if (lo > hi) lo = 0.f, hi = 0.f;
+            const __half ch = __float2half_rn(__fmul_rn(0.5f, __fadd_rn(lo, hi)));
+            const float c = __half2float(ch);
+            const __half hh = f16_ceil(fmaxf(fmaxf(__fsub_rn(hi, c), __fsub_rn(c, lo)), 0.f));
+            const float half = __half2float(hh);
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++)
+                if (i < per) norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
+            if (lane == 0) token_norm[r] = __halves2half2(ch, hh);
+        }
+        // Codes: the number of bounds below each normalized value.
 #pragma unroll
         for (int i = 0; i < MAX_PER_LANE; i++) {
-            if (i < per && !out[i]) lo = fminf(lo, v[i]), hi = fmaxf(hi, v[i]);
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            lo = fminf(lo, __shfl_xor_sync(FULL_MASK, lo, o));
-            hi = fmaxf(hi, __shfl_xor_sync(FULL_MASK, hi, o));
-        }
-        if (lo > hi) lo = 0.f, hi = 0.f;
-        const __half ch = __float2half_rn(__fmul_rn(0.5f, __fadd_rn(lo, hi)));
-        const float c = __half2float(ch);
-        const __half hh = f16_ceil(fmaxf(fmaxf(__fsub_rn(hi, c), __fsub_rn(c, lo)), 0.f));
-        const float half = __half2float(hh);
-#pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++)
-            if (i < per) norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
-        if (lane == 0) token_norm[r] = __halves2half2(ch, hh);
-    }
-    // Codes: the number of bounds below each normalized value.
-#pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) {
-        if (i < per) {
-            int code = 0;
-            for (int j = 0; j < nb; j++) code += s_bounds[j] < norm[i];
-            s_code[warp][lane + 32 * i] = (uint8_t)code;
-        }
-    }
-    __syncwarp();
-    const int plen = (D * bits + 7) / 8;
-    for (int byte = lane; byte < plen; byte += 32) {
-        uint32_t b = 0;
-        for (int p = 0; p < 8; p++) {
-            const int g = 8 * byte + p, i = g / bits;
-            if (i < D) b |= (uint32_t)((s_code[warp][i] >> (g % bits)) & 1) << p;
-        }
-        codes[r * plen + byte] = (uint8_t)b;
-    }
-    // Outliers in ascending channel order: chunk by chunk, lanes in order.
-    int pos = 0;
-#pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) {
-        if (i < per) {
-            const unsigned m = __ballot_sync(FULL_MASK, out[i]);
-            if (out[i]) {
-                const long k = r * n_out + pos + __popc(m & ((1u << lane) - 1));
-                out_index[k] = (uint16_t)(lane + 32 * i);
-                out_value[k] = __float2half_rn(v[i]);
+            if (i < per) {
+                // The number of bounds below: a binary search of the sorted bounds.
+                int lo = 0, hi = nb;
+                while (lo < hi) {
+                    const int m = (lo + hi) >> 1;
+                    if (s_bounds[m] < norm[i]) lo = m + 1;
+                    else hi = m;
+                }
+                s_code[warp][lane + 32 * i] = (uint8_t)lo;
             }
-            pos += __popc(m);
         }
+        __syncwarp();
+        const int plen = (D * bits + 7) / 8;
+        for (int byte = lane; byte < plen; byte += 32) {
+            uint32_t b = 0;
+            if (8 % bits == 0) {  // whole codes a byte
+                const int each = 8 / bits;
+                for (int e = 0; e < each; e++) b |= (uint32_t)s_code[warp][byte * each + e] << (bits * e);
+            } else {  // codes straddle bytes: bit by bit
+                for (int p = 0; p < 8; p++) {
+                    const int g = 8 * byte + p, i = g / bits;
+                    if (i < D) b |= (uint32_t)((s_code[warp][i] >> (g % bits)) & 1) << p;
+                }
+            }
+            codes[r * plen + byte] = (uint8_t)b;
+        }
+        // Outliers in ascending channel order: chunk by chunk, lanes in order.
+        int pos = 0;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) {
+            if (i < per) {
+                const unsigned m = __ballot_sync(FULL_MASK, out[i]);
+                if (out[i]) {
+                    const long k = r * n_out + pos + __popc(m & ((1u << lane) - 1));
+                    out_index[k] = (uint16_t)(lane + 32 * i);
+                    out_value[k] = __float2half_rn(v[i]);
+                }
+                pos += __popc(m);
+            }
+        }
+        __syncwarp();  // s_code is reused by the warp's next vector
     }
 }

@@ -920,7 +920,9 @@ impl KvQuantGpu {
                 return Err(KvqError::Shape(format!("key centre and scale need {} values each", kv_heads * d)));
             }
         }
-        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(WARPS as usize) as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        // Warps loop over vectors: a full GPU of them, not one a vector.
+        let blocks = rows.div_ceil(WARPS as usize).min(16 * sm_count(&self.dev)?);
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
         let (rl, ti, di, hk, bi, no) = (rows as i64, self.tokens as i32, d as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
         let null = 0u64;
         match key_norm {
