@@ -884,15 +884,18 @@ pub struct KvQuantGpu {
 }
 
 impl KvQuantGpu {
-    /// Room for `streams × tokens` vectors of `head_dim` (a multiple of 32, at most 256).
+    /// Room for `streams × tokens` vectors of `head_dim` (32, 64, 96, 128 or 256).
     pub fn new(dev: &CudaDevice, streams: usize, tokens: usize, head_dim: usize, bits: u8, n_out: usize) -> Result<Self> {
         crate::quant::check_bits(bits as u32)?;
-        if head_dim == 0 || head_dim % 32 != 0 || head_dim > 256 || n_out > head_dim || streams == 0 || tokens == 0 {
+        if !matches!(head_dim, 32 | 64 | 96 | 128 | 256) || n_out > head_dim || streams == 0 || tokens == 0 {
             return Err(KvqError::Unsupported(format!(
-                "the KVQuant kernel takes head sizes that are multiples of 32 up to 256 and at most one outlier a channel, not {head_dim} with {n_out} ({streams} streams of {tokens} tokens)"
+                "the KVQuant kernel takes head sizes 32, 64, 96, 128 and 256 and at most one outlier a channel, not {head_dim} with {n_out} ({streams} streams of {tokens} tokens)"
             )));
         }
         let rows = streams * tokens;
+        if rows > i32::MAX as usize {
+            return Err(KvqError::Unsupported(format!("{rows} vectors in one KVQuant launch: the kernel indexes them with 32 bits")));
+        }
         Ok(KvQuantGpu {
             dev: dev.clone(),
             streams,
@@ -923,11 +926,12 @@ impl KvQuantGpu {
         // Warps loop over vectors: a full GPU of them, not one a vector.
         let blocks = rows.div_ceil(WARPS as usize).min(16 * sm_count(&self.dev)?);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-        let (rl, ti, di, hk, bi, no) = (rows as i64, self.tokens as i32, d as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
+        let (rl, ti, hk, bi, no) = (rows as i32, self.tokens as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
+        let name = format!("kvquant_quantize_d{}", d / 32);
         let null = 0u64;
         match key_norm {
-            Some((c, s)) => launch!(kvquant: self.dev, "kvquant_quantize", cfg, x, &rl, &ti, &di, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
-            None => launch!(kvquant: self.dev, "kvquant_quantize", cfg, x, &rl, &ti, &di, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            Some((c, s)) => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            None => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
         }
         let written = rows * (packed_len(d, self.bits) + self.n_out * crate::quant::outliers::OUTLIER_BYTES) + if key_norm.is_none() { rows * 4 } else { 0 };
         Ok(rows * d * 4 + written)
