@@ -214,6 +214,7 @@ impl NuqStore {
 
     /// What the store holds, as stored: packed codes, per-token (centre, half-range)
     /// (values only), outlier channels and values (the GPU kernel's check reads them).
+    #[cfg(any(test, feature = "cuda"))]
     pub(crate) fn parts(&self) -> (&[u8], &[(f16, f16)], &[u16], &[f16]) {
         (&self.codes, &self.token_norm, &self.out_index, &self.out_value)
     }
@@ -365,3 +366,41 @@ pub(crate) fn check_calibration(c: &KvQuantCalibration, layers: usize, kv_heads:
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// The layout the GPU kernel (kernels/kvquant.cu) reproduces byte for byte: codes
+    /// packed a vector at a time, one (centre, half-range) a value vector, `n_out`
+    /// outliers a vector in ascending channel order, stored exactly as f16.
+    #[test]
+    fn stored_layout() {
+        let (d, n, n_out, bits) = (64, 37, 2, 3u32);
+        let mut rng = SplitMix64::new(5);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.next_f32() * 4.0 - 2.0).collect();
+        let cb = Codebook::uniform(-1.0, 1.0, bits).unwrap();
+        let center: Vec<f32> = (0..d).map(|c| 0.01 * c as f32).collect();
+        for keys in [true, false] {
+            let mut st = if keys { NuqStore::keys(d, cb.clone(), center.clone(), vec![1.5; d], n_out) } else { NuqStore::values(d, cb.clone(), n_out) };
+            st.push(&x);
+            let (codes, norm, idx, val) = st.parts();
+            assert_eq!(codes.len(), n * packed_len(d, bits as u8));
+            assert_eq!(norm.len(), if keys { 0 } else { n });
+            assert_eq!((idx.len(), val.len()), (n * n_out, n * n_out));
+            let mut back = vec![0f32; n * d];
+            st.read(0, n, &mut back, &mut Vec::new());
+            for t in 0..n {
+                let i = &idx[t * n_out..(t + 1) * n_out];
+                assert!(i.windows(2).all(|w| w[0] < w[1]) && i.iter().all(|&c| (c as usize) < d), "{i:?}");
+                for (k, &c) in i.iter().enumerate() {
+                    let want = f16::from_f32(x[t * d + c as usize]);
+                    assert_eq!(val[t * n_out + k], want);
+                    assert_eq!(back[t * d + c as usize], want.to_f32(), "an outlier reads back exactly");
+                }
+            }
+        }
+    }
+}
+
