@@ -837,7 +837,7 @@ pub fn fp16_decode_attention(dev: &CudaDevice, q: &CudaSlice<f32>, k: &CudaSlice
         return Err(KvqError::Unsupported(format!("fp16 decode attention has kernels for head sizes 64 and 128 and 1 to 8 query heads a KV head, not {d} and {q_heads}/{kv_heads}")));
     }
     let streams = batch * kv_heads;
-    if n == 0 || n > cap || q.len() != batch * q_heads * d || out.len() != q.len() || k.len() < streams * cap * d || v.len() < streams * cap * d {
+    if n == 0 || n > cap || n > i32::MAX as usize || q.len() != batch * q_heads * d || out.len() != q.len() || k.len() < streams * cap * d || v.len() < streams * cap * d {
         return Err(KvqError::Shape(format!(
             "fp16 attention of {n} tokens (of {cap}) over {streams} streams × {d}: q {} and out {} floats (want {}), k {} and v {} halves (want {})",
             q.len(),
