@@ -180,11 +180,10 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
                         continue;
                     }
                     let (kf, vf) = (cuda::to_f16(&dev, &kd, s, n, d)?, cuda::to_f16(&dev, &vd, s, n, d)?);
-                    let (kf, vf) = if tokens == n { (kf, vf) } else { (first_tokens(&dev, &kf, s, n, tokens, d)?, first_tokens(&dev, &vf, s, n, tokens, d)?) };
                     let mut g = cuda::PerTokenGpu::new(&dev, s, tokens, d, bits, group_size)?;
                     let mut moved = 0;
                     let ms = cuda::time_ms(&dev, 2, iters, || {
-                        moved = g.quantize(&kf, &vf)?;
+                        moved = g.quantize(&kf, &vf, n)?;
                         Ok(())
                     })?;
                     let diff = cuda::check_per_token(&g, &config, &check_rows, hkv, &k, &v, n)?;
@@ -308,13 +307,6 @@ fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
         }
     }
     Ok(failures)
-}
-
-/// The first `tokens` of each stream of `x` (`[stream][src][d]`), as a new buffer.
-fn first_tokens(dev: &candle_core::cuda_backend::CudaDevice, x: &candle_core::cuda_backend::cudarc::driver::CudaSlice<half::f16>, streams: usize, src: usize, tokens: usize, d: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<half::f16>> {
-    let host = dev.clone_dtoh(x)?;
-    let cut: Vec<half::f16> = (0..streams).flat_map(|s| host[s * src * d..(s * src + tokens) * d].to_vec()).collect();
-    Ok(dev.clone_htod(&cut)?)
 }
 
 fn config_group(c: &CacheConfig) -> usize {

@@ -164,9 +164,12 @@ pub enum AttnKernel {
 /// Query heads a tensor-core block serves (the MMA's 8 columns); more take more blocks.
 const TC_QUERIES: usize = 8;
 
-/// Blocks of `name` that fit one SM at once (registers, shared memory, warps).
+/// Blocks of kivi.cu's kernel `name` that fit one SM at once (registers, shared memory, warps).
 fn blocks_per_sm(dev: &CudaDevice, name: &str) -> Result<usize> {
-    let f = module(dev)?.load_function(name).map_err(gpu)?;
+    blocks_per_sm_of(&module(dev)?.load_function(name).map_err(gpu)?)
+}
+
+fn blocks_per_sm_of(f: &candle_core::cuda_backend::cudarc::driver::CudaFunction) -> Result<usize> {
     Ok(f.occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None).map_err(gpu)?.max(1) as usize)
 }
 
@@ -593,6 +596,21 @@ pub fn first_difference<T: PartialEq>(x: &[T], y: &[T]) -> Option<usize> {
     x.iter().zip(y).position(|(a, b)| a != b).or(if x.len() != y.len() { Some(x.len().min(y.len())) } else { None })
 }
 
+/// Where a GPU stream's packed bytes first differ from a CPU stream's (`None`: equal).
+fn stream_difference(g: &StreamBytes, ck: &crate::cache::PackedView, cv: &crate::cache::PackedView, s: usize) -> Option<String> {
+    for (what, x, y) in [("key codes", &g.kcodes[..], ck.codes), ("value codes", &g.vcodes[..], cv.codes)] {
+        if let Some(j) = first_difference(x, y) {
+            return Some(format!("{what} of stream {s} differ at byte {j} (of {} / {})", x.len(), y.len()));
+        }
+    }
+    for (what, x, y) in [("key params", &g.kparams, &param_words(ck.params)), ("value params", &g.vparams, &param_words(cv.params))] {
+        if let Some(j) = first_difference(x, y) {
+            return Some(format!("{what} of stream {s} differ at group {j}: GPU {:08x}, CPU {:08x}", x.get(j).copied().unwrap_or(0), y.get(j).copied().unwrap_or(0)));
+        }
+    }
+    None
+}
+
 fn param_words(params: &[crate::quant::Affine]) -> Vec<u32> {
     params.iter().map(|a| a.min.to_bits() as u32 | (a.scale.to_bits() as u32) << 16).collect()
 }
@@ -751,17 +769,8 @@ pub fn check_kivi(
             if (ck.quantized, cv.quantized) != (layer.nqk, layer.nqv) {
                 mismatch.get_or_insert(format!("quantized lengths: GPU {}/{}, CPU {}/{}", layer.nqk, layer.nqv, ck.quantized, cv.quantized));
             }
-            let kp = param_words(ck.params);
-            let vp = param_words(cv.params);
-            for (what, x, y) in [("key codes", &g.kcodes[..], ck.codes), ("value codes", &g.vcodes[..], cv.codes)] {
-                if let Some(j) = first_difference(x, y) {
-                    mismatch.get_or_insert(format!("{what} of stream {s} differ at byte {j} (of {} / {})", x.len(), y.len()));
-                }
-            }
-            for (what, x, y) in [("key params", &g.kparams, &kp), ("value params", &g.vparams, &vp)] {
-                if let Some(j) = first_difference(x, y) {
-                    mismatch.get_or_insert(format!("{what} of stream {s} differ at group {j}: GPU {:08x}, CPU {:08x}", x.get(j).copied().unwrap_or(0), y.get(j).copied().unwrap_or(0)));
-                }
+            if let Some(m) = stream_difference(&g, &ck, &cv, s) {
+                mismatch.get_or_insert(m);
             }
         }
     }
@@ -851,8 +860,7 @@ pub fn fp16_decode_attention(dev: &CudaDevice, q: &CudaSlice<f32>, k: &CudaSlice
     let rep = q_heads / kv_heads;
     let name = format!("fp16_decode_attn_d{d}_r{rep}");
     let f = full_module(dev)?.load_function(&name).map_err(gpu)?;
-    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None).map_err(gpu)?.max(1) as usize;
-    let (splits, per) = plan_splits(n.div_ceil(TILE), streams, per_sm * sm_count(dev)?, WARPS as usize);
+    let (splits, per) = plan_splits(n.div_ceil(TILE), streams, blocks_per_sm_of(&f)? * sm_count(dev)?, WARPS as usize);
     let mut part_acc = dev.alloc_zeros::<f32>(streams * splits * rep * d).map_err(gpu)?;
     let mut part_ml = dev.alloc_zeros::<f32>(streams * splits * rep * 2).map_err(gpu)?;
     let cfg = LaunchConfig { grid_dim: (streams as u32, splits as u32, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
@@ -1036,16 +1044,18 @@ impl PerTokenGpu {
         })
     }
 
-    /// Quantizes every token of `keys` and `values` (`[stream][tokens][head_dim]`, f16, as
-    /// the CPU store's f16 tail holds them). Returns the bytes moved (read + written).
-    pub fn quantize(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>) -> Result<usize> {
+    /// Quantizes the first `tokens` tokens of each stream of `keys` and `values`
+    /// (`[stream][src_tokens][head_dim]`, f16, as the CPU store's f16 tail holds them).
+    /// Returns the bytes moved (read + written).
+    pub fn quantize(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, src_tokens: usize) -> Result<usize> {
         let (s, t, d) = (self.streams, self.tokens, self.head_dim);
-        if keys.len() < s * t * d || values.len() < s * t * d {
-            return Err(KvqError::Shape(format!("per-token quantize of {s} × {t} × {d} halves, got {} and {}", keys.len(), values.len())));
+        if src_tokens < t || src_tokens > i32::MAX as usize || keys.len() < s * src_tokens * d || values.len() < s * src_tokens * d {
+            return Err(KvqError::Shape(format!("per-token quantize of {t} of {src_tokens} tokens × {s} streams × {d}: got {} and {} halves", keys.len(), values.len())));
         }
         let name = format!("quant_token_groups_b{}", self.bits);
         let cfg = grid_1d(s * t * (d / self.group));
-        let (ring, di, gi, t0, t1, si, cap) = (t as i32, d as i32, self.group as i32, 0i64, t as i64, s as i32, t as i64);
+        // The source as one long "ring" a stream (token i at slot i), read in place.
+        let (ring, di, gi, t0, t1, si, cap) = (src_tokens as i32, d as i32, self.group as i32, 0i64, t as i64, s as i32, t as i64);
         launch!(self.dev, &name, cfg, keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
         launch!(self.dev, &name, cfg, values, &ring, &di, &gi, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
         Ok(2 * s * t * (d * 2 + packed_len(d, self.bits) + d / self.group * 4))
@@ -1093,14 +1103,8 @@ pub fn check_per_token(g: &PerTokenGpu, config: &CacheConfig, rows: &[usize], kv
             if (ck.quantized, cv.quantized) != (t, t) {
                 return Ok(Some(format!("the CPU cache quantized {}/{} of {t} tokens", ck.quantized, cv.quantized)));
             }
-            let diffs = [
-                ("key codes", first_difference(&gb.kcodes, ck.codes)),
-                ("value codes", first_difference(&gb.vcodes, cv.codes)),
-                ("key params", first_difference(&gb.kparams, &param_words(ck.params))),
-                ("value params", first_difference(&gb.vparams, &param_words(cv.params))),
-            ];
-            if let Some((what, Some(j))) = diffs.iter().find(|(_, d)| d.is_some()) {
-                return Ok(Some(format!("stream {s}: {what} differ at element {j}")));
+            if let Some(m) = stream_difference(&gb, &ck, &cv, s) {
+                return Ok(Some(m));
             }
         }
     }

@@ -177,14 +177,8 @@ impl KvCache for KiviGpuCache {
     }
 }
 
-/// Runs `f` on the buffer of an f32 tensor in GPU memory (a copy when the tensor is a
+/// `f` on the device buffer of `t`, a GPU tensor of `T`s (a copy when the tensor is a
 /// view: the kernels read `[stream][token][dim]` from the buffer's start).
-fn with_cuda_f32<R>(t: &Tensor, f: impl FnOnce(&CudaSlice<f32>) -> Result<R>) -> Result<R> {
-    with_cuda::<f32, R>(t, f)
-}
-
-/// `f` on the device buffer of `t` (a GPU tensor of `T`s; copied first unless it is
-/// contiguous from its buffer's start).
 pub(crate) fn with_cuda<T: CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaSlice<T>) -> Result<R>) -> Result<R> {
     let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
     let (storage, _) = t.storage_and_layout();
@@ -222,7 +216,7 @@ impl DeviceKv for KiviGpuCache {
         crate::tensor_cache::check_values_on_device("values", v)?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let lay = &mut self.layers[layer];
-        with_cuda_f32(&k, |kd| with_cuda_f32(&v, |vd| lay.append(kd, vd, tokens, 0, tokens)))?;
+        with_cuda::<f32, _>(&k, |kd| with_cuda::<f32, _>(&v, |vd| lay.append(kd, vd, tokens, 0, tokens)))?;
         self.fresh[layer] = None;
         self.fresh_tensors[layer] = Some((k, v));
         Ok(())
@@ -243,7 +237,7 @@ impl DeviceKv for KiviGpuCache {
         let (kernel, past_only) = (self.kernel, self.config.past_only);
         let fresh = self.fresh_tensors[layer].clone();
         let lay = &mut self.layers[layer];
-        with_cuda_f32(q, |qd| {
+        with_cuda::<f32, _>(q, |qd| {
             if past_only {
                 let Some((fk, fv)) = fresh.as_ref() else {
                     return Err(KvqError::Shape("past-only attention reads the chunk just appended, and nothing was (as tensors)".into()));
@@ -251,7 +245,7 @@ impl DeviceKv for KiviGpuCache {
                 if fk.dims()[2] != tokens {
                     return Err(KvqError::Shape(format!("past-only attention of {tokens} queries, but the last append held {} tokens", fk.dims()[2])));
                 }
-                with_cuda_f32(fk, |fks| with_cuda_f32(fv, |fvs| lay.attend_chunk_with(qd, q_heads, tokens, fks, fvs, &mut od, kernel)))
+                with_cuda::<f32, _>(fk, |fks| with_cuda::<f32, _>(fv, |fvs| lay.attend_chunk_with(qd, q_heads, tokens, fks, fvs, &mut od, kernel)))
             } else if tokens == 1 {
                 lay.attend_with(qd, q_heads, &mut od, 0, kernel)
             } else {
