@@ -118,7 +118,7 @@ for r in rows[2:]:
   fi
   fi
   if [[ $PART == all || $PART == model ]]; then
-  # The model on the GPU (KIVI caches packed there) vs the CPU: kvq's small model always
+  # The model on the GPU (KIVI and per-token caches packed there) vs the CPU: kvq's small model always
   # (no file to carry); the real GGUF too when $KVQ_MODEL names one on this machine.
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
     if compute-sanitizer --tool memcheck --error-exitcode 9 "$KVQ" bench gpu-model --tokens 96 --chunk 16 --batch 2 --new-tokens 4 >"$OUT/sanitizer-model.txt" 2>&1; then
@@ -130,7 +130,8 @@ for r in rows[2:]:
   fi
   "$KVQ" bench gpu-model --out "$OUT/gpu-model.md" || echo "gpu-model (small model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
   if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
-    "$KVQ" bench gpu-model --model "$KVQ_MODEL" --tokens 1024 --batch 16 --out "$OUT/gpu-model-real.md" || echo "gpu-model (real model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
+    # (KVQ_MODEL_CACHES: a subset, to fit one device call)
+    "$KVQ" bench gpu-model --model "$KVQ_MODEL" --tokens 1024 --batch 16 ${KVQ_MODEL_CACHES:+--caches "$KVQ_MODEL_CACHES"} --out "$OUT/gpu-model-real.md" || echo "gpu-model (real model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
   fi
   fi
   if [[ $PART == all || $PART == e2e ]]; then
@@ -139,7 +140,7 @@ for r in rows[2:]:
   "$KVQ" bench gpu-e2e --context 1024 --budget 256MiB --steps 8 --out "$OUT/gpu-e2e-small.md" || echo "gpu-e2e (small model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
   if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
     # (the context: as much as SmolLM2's 8,192 tokens leave room for, 8,160)
-    "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches fp16,kivi-2,kivi-2:group=64,kivi-4 --out "$OUT/gpu-e2e.md" || echo "gpu-e2e (real model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
+    "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches fp16,kivi-2,kivi-2:group=64,kivi-4,per-token-4 --out "$OUT/gpu-e2e.md" || echo "gpu-e2e (real model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
   fi
   fi
   ;;

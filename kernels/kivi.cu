@@ -347,7 +347,10 @@ __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_
     }
 }
 
-template <int D, int KB, int VB, int REP>
+// TK: keys per token (the per-token cache: `G` is then the keys' channel group, and a
+// token's score is Σ_g min_g · Σ_{c∈g} q_c + Σ_g scale_g · Σ_{c∈g} q_c · code_c, a lane's
+// channels lying in one group); otherwise per channel in blocks of G tokens (KIVI).
+template <int D, int KB, int VB, int REP, bool TK>
 __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
     constexpr int C = D / 32;          // channels per lane
     constexpr int KW = 32 * KB / 32;   // u32 words of one channel's codes in a 32-token tile
@@ -364,6 +367,17 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
 #pragma unroll
         for (int i = 0; i < C; i++) qr[r][i] = ok ? qp[i] * a.scale_log2 : 0.f;
     }
+    // Per-token keys: the lane's share of Σ_{c∈g} q_c (what each key's min multiplies).
+    float qsum[REP];
+#pragma unroll
+    for (int r = 0; r < REP; r++) {
+        qsum[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < C; i++) qsum[r] += qr[r][i];
+    }
+    const int krow = D * KB / 8;          // per-token keys: bytes of one token's codes
+    const int kgpt = D / a.G;             // per-token keys: groups per token
+    const int kbit = c0 * KB;             // per-token keys: this lane's bit offset in a row
     float m[REP], l[REP], accm[REP], acc[REP][C];
 #pragma unroll
     for (int r = 0; r < REP; r++) {
@@ -392,7 +406,70 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
 #pragma unroll
             for (int j = 0; j < 32; j++) part[r][j] = 0.f;
         }
-        if (t0 + 32 <= a.nqk) {
+        if (TK && t0 + 32 <= a.nqk) {
+            // Packed per-token keys: every load of the tile first, then the scores.
+            const uint32_t* rows = (const uint32_t*)(a.kcodes + ((long)s * a.cap + t0) * krow) + kbit / 32;
+            const __half2* prs = a.kparams + ((long)s * a.cap + t0) * kgpt + c0 / a.G;
+            uint32_t w[32];
+            __half2 pr[32];
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                w[j] = __ldg(rows + j * (krow / 4));
+                pr[j] = prs[j * kgpt];
+            }
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                const float2 mp = __half22float2(pr[j]);
+                const uint32_t x = w[j] >> (kbit % 32);
+#pragma unroll
+                for (int r = 0; r < REP; r++) {
+                    float dot = 0.f;
+#pragma unroll
+                    for (int i = 0; i < C; i++) dot = fmaf(qr[r][i], code_to_float((x >> (i * KB)) & ((1u << KB) - 1)), dot);
+                    part[r][j] = fmaf(mp.y, dot, mp.x * qsum[r]);
+                }
+            }
+        } else if (TK) {
+            // Per-token keys across the window's edge and in it: eight tokens' loads in
+            // flight at a time, each from the packed rows or the ring.
+            const long p0 = t0 % a.kring;
+#pragma unroll
+            for (int j0 = 0; j0 < 32; j0 += 8) {
+                uint32_t w[8];
+                __half2 pr[8], kk[8][C / 2];
+#pragma unroll
+                for (int jj = 0; jj < 8; jj++) {
+                    const long t = t0 + j0 + jj;
+                    long pos = p0 + j0 + jj;
+                    pos = pos >= a.kring ? pos - a.kring : pos;
+                    const bool packed = t < a.nqk, live = !packed && t < a.n;
+                    const uint8_t* row = a.kcodes + ((long)s * a.cap + t) * krow;
+                    w[jj] = packed ? ((const uint32_t*)row)[kbit / 32] >> (kbit % 32) : 0u;
+                    pr[jj] = packed ? a.kparams[((long)s * a.cap + t) * kgpt + c0 / a.G] : __half2{};
+                    const __half2* kp = (const __half2*)(a.ktail + ((long)s * a.kring + pos) * D + c0);
+#pragma unroll
+                    for (int i = 0; i < C / 2; i++) kk[jj][i] = live ? kp[i] : __half2{};
+                }
+#pragma unroll
+                for (int jj = 0; jj < 8; jj++) {
+                    // A packed token's ring slot reads as 0, a window token's (min, scale) too.
+                    const float2 mp = __half22float2(pr[jj]);
+#pragma unroll
+                    for (int r = 0; r < REP; r++) {
+                        float dot = 0.f, full = 0.f;
+#pragma unroll
+                        for (int i = 0; i < C / 2; i++) {
+                            const float2 x = __half22float2(kk[jj][i]);
+                            dot = fmaf(qr[r][2 * i], code_to_float((w[jj] >> (2 * i * KB)) & ((1u << KB) - 1)), dot);
+                            dot = fmaf(qr[r][2 * i + 1], code_to_float((w[jj] >> ((2 * i + 1) * KB)) & ((1u << KB) - 1)), dot);
+                            full = fmaf(qr[r][2 * i], x.x, full);
+                            full = fmaf(qr[r][2 * i + 1], x.y, full);
+                        }
+                        part[r][j0 + jj] = fmaf(mp.y, dot, fmaf(mp.x, qsum[r], full));
+                    }
+                }
+            }
+        } else if (t0 + 32 <= a.nqk) {
             // Packed keys: the tile lies inside one block of G tokens.
             const long blk = t0 / a.G;
             const int jj0 = (int)(t0 % a.G);
@@ -559,9 +636,19 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
 #define ATTN_ENTRY(D, KB, VB, REP)                                                         \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
         kivi_decode_attn_d##D##_k##KB##_v##VB##_r##REP(const AttnArgs a) {                 \
-        kivi_decode_attn<D, KB, VB, REP>(a);                                               \
+        kivi_decode_attn<D, KB, VB, REP, false>(a);                                        \
+    }
+#define TOKEN_ATTN_ENTRY(D, B, REP)                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
+        token_decode_attn_d##D##_b##B##_r##REP(const AttnArgs a) {                         \
+        kivi_decode_attn<D, B, B, REP, true>(a);                                           \
     }
 #define ATTN_REPS(D, KB, VB) ATTN_ENTRY(D, KB, VB, 1) ATTN_ENTRY(D, KB, VB, 2) ATTN_ENTRY(D, KB, VB, 3) ATTN_ENTRY(D, KB, VB, 4)
+#define TOKEN_ATTN_REPS(D, B) TOKEN_ATTN_ENTRY(D, B, 1) TOKEN_ATTN_ENTRY(D, B, 2) TOKEN_ATTN_ENTRY(D, B, 3) TOKEN_ATTN_ENTRY(D, B, 4)
+TOKEN_ATTN_REPS(64, 2)
+TOKEN_ATTN_REPS(64, 4)
+TOKEN_ATTN_REPS(128, 2)
+TOKEN_ATTN_REPS(128, 4)
 ATTN_REPS(64, 2, 2)
 ATTN_REPS(64, 4, 4)
 ATTN_REPS(64, 2, 4)

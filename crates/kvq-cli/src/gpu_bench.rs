@@ -7,7 +7,7 @@ use crate::table::Table;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kvq::cache::{Cache, CacheConfig, CacheShape, FullPrecision, KvCache, Scheme};
-use kvq::cuda::{self, AttnKernel, KiviGpuLayer};
+use kvq::cuda::{self, AttnKernel, PackedGpuLayer};
 use serde::{Deserialize, Serialize};
 
 /// The bound on the attention output vs the CPU reference.
@@ -172,62 +172,40 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
 
         for name in variants {
             let config = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
-            // Per-token and KVQuant: quantize kernels only (their caches attend on the CPU).
-            match config.scheme {
-                Scheme::PerToken { bits, group_size, residual_length } => {
-                    let tokens = if residual_length > 0 { n - n % residual_length } else { n };
-                    if tokens == 0 {
-                        continue;
-                    }
-                    let (kf, vf) = (cuda::to_f16(&dev, &kd, s, n, d)?, cuda::to_f16(&dev, &vd, s, n, d)?);
-                    let mut g = cuda::PerTokenGpu::new(&dev, s, tokens, d, bits, group_size)?;
+            // KVQuant: quantize kernels only (its cache attends on the CPU).
+            if let Scheme::KvQuant { bits, outlier_fraction } = config.scheme {
+                // A real calibration: KVQuant's fit on the first sequence's first 512 tokens.
+                let ct = n.min(512);
+                let take = |x: &[f32]| -> Vec<f32> { (0..hkv).flat_map(|h| x[h * n * d..(h * n + ct) * d].to_vec()).collect() };
+                let (ck, cv) = (take(&k), take(&v));
+                let cal = kvq::cache::KvQuantCalibration::fit(&[kvq::cache::LayerSamples { keys: &ck, values: &cv, tokens: ct }], hkv, d, bits as u32, outlier_fraction, false)?;
+                let l = &cal.layers[0];
+                let n_out = kvq::quant::outlier_count(outlier_fraction, d);
+                let (center, scale) = (dev.clone_htod(&l.key_center)?, dev.clone_htod(&l.key_scale)?);
+                for (what, x, xd, cb, norm) in [("keys", &k, &kd, &l.key_codebook, Some((&center, &scale))), ("values", &v, &vd, &l.value_codebook, None)] {
+                    let gcb = cuda::CudaCodebook::new(&dev, cb)?;
+                    let mut g = cuda::KvQuantGpu::new(&dev, s, n, d, bits, n_out)?;
                     let mut moved = 0;
                     let ms = cuda::time_ms(&dev, 2, iters, || {
-                        moved = g.quantize(&kf, &vf, n)?;
+                        moved = g.quantize(xd, hkv, &gcb, norm)?;
                         Ok(())
                     })?;
-                    let diff = cuda::check_per_token(&g, &config, &check_rows, hkv, &k, &v, n)?;
+                    let streams: Vec<usize> = check_rows.iter().flat_map(|&b| (0..hkv).map(move |h| b * hkv + h)).collect();
+                    let host_norm = norm.map(|_| (&l.key_center[..], &l.key_scale[..]));
+                    let diff = cuda::check_kvquant(&g, x, &streams, hkv, cb, host_norm)?;
                     if let Some(m) = &diff {
-                        failures.push(format!("{} {name}: {m}", sh.name));
+                        failures.push(format!("{} {name} {what}: {m}", sh.name));
                     }
-                    push(&format!("{name} quantize+pack"), moved, ms, Some(diff.is_none()), None, &mut t);
-                    continue;
+                    push(&format!("{name} quantize {what}"), moved, ms, Some(diff.is_none()), None, &mut t);
                 }
-                Scheme::KvQuant { bits, outlier_fraction } => {
-                    // A real calibration: KVQuant's fit on the first sequence's first 512 tokens.
-                    let ct = n.min(512);
-                    let take = |x: &[f32]| -> Vec<f32> { (0..hkv).flat_map(|h| x[h * n * d..(h * n + ct) * d].to_vec()).collect() };
-                    let (ck, cv) = (take(&k), take(&v));
-                    let cal = kvq::cache::KvQuantCalibration::fit(&[kvq::cache::LayerSamples { keys: &ck, values: &cv, tokens: ct }], hkv, d, bits as u32, outlier_fraction, false)?;
-                    let l = &cal.layers[0];
-                    let n_out = kvq::quant::outlier_count(outlier_fraction, d);
-                    let (center, scale) = (dev.clone_htod(&l.key_center)?, dev.clone_htod(&l.key_scale)?);
-                    for (what, x, xd, cb, norm) in [("keys", &k, &kd, &l.key_codebook, Some((&center, &scale))), ("values", &v, &vd, &l.value_codebook, None)] {
-                        let gcb = cuda::CudaCodebook::new(&dev, cb)?;
-                        let mut g = cuda::KvQuantGpu::new(&dev, s, n, d, bits, n_out)?;
-                        let mut moved = 0;
-                        let ms = cuda::time_ms(&dev, 2, iters, || {
-                            moved = g.quantize(xd, hkv, &gcb, norm)?;
-                            Ok(())
-                        })?;
-                        let streams: Vec<usize> = check_rows.iter().flat_map(|&b| (0..hkv).map(move |h| b * hkv + h)).collect();
-                        let host_norm = norm.map(|_| (&l.key_center[..], &l.key_scale[..]));
-                        let diff = cuda::check_kvquant(&g, x, &streams, hkv, cb, host_norm)?;
-                        if let Some(m) = &diff {
-                            failures.push(format!("{} {name} {what}: {m}", sh.name));
-                        }
-                        push(&format!("{name} quantize {what}"), moved, ms, Some(diff.is_none()), None, &mut t);
-                    }
-                    continue;
-                }
-                _ => {}
+                continue;
             }
-            let mut layer = KiviGpuLayer::new(&dev, &config, s, d, n)?;
+            let mut layer = PackedGpuLayer::new(&dev, &config, s, d, n)?;
             layer.append(&kd, &vd, n, 0, n)?;
             let mut od = dev.alloc_zeros::<f32>(b * hq * d)?;
             let ms = cuda::time_ms(&dev, 3, iters, || layer.attend(&qd, hq, &mut od, 0))?;
             let got = dev.clone_dtoh(&od)?;
-            let c = cuda::check_kivi(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got)?;
+            let c = cuda::check_packed(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got)?;
             push(&format!("{name} attend"), layer.bytes_read(), ms, Some(c.packed_bytes_equal), Some(c.max_rel_error), &mut t);
             if let Some(m) = &c.mismatch {
                 failures.push(format!("{} {name}: {m}", sh.name));
@@ -235,15 +213,18 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             if c.max_rel_error > MAX_REL_ERROR {
                 failures.push(format!("{} {name}: attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c.max_rel_error));
             }
-            // The first kernel, all on CUDA cores: a second implementation checked the same way.
-            let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
-            let simt = AttnKernel::CudaCores { heads_per_block: 4 };
-            let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, simt))?;
-            let got2 = dev.clone_dtoh(&o2)?;
-            let c2 = cuda::check_kivi(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got2)?;
-            push(&format!("{name} attend, CUDA cores"), layer.bytes_read(), ms2, Some(c2.packed_bytes_equal), Some(c2.max_rel_error), &mut t);
-            if c2.max_rel_error > MAX_REL_ERROR {
-                failures.push(format!("{} {name} (CUDA cores): attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c2.max_rel_error));
+            // The first kernel, all on CUDA cores: a second implementation checked the same
+            // way (per-token keys have only that one).
+            if !layer.token_keys() {
+                let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
+                let simt = AttnKernel::CudaCores { heads_per_block: 4 };
+                let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, simt))?;
+                let got2 = dev.clone_dtoh(&o2)?;
+                let c2 = cuda::check_packed(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got2)?;
+                push(&format!("{name} attend, CUDA cores"), layer.bytes_read(), ms2, Some(c2.packed_bytes_equal), Some(c2.max_rel_error), &mut t);
+                if c2.max_rel_error > MAX_REL_ERROR {
+                    failures.push(format!("{} {name} (CUDA cores): attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c2.max_rel_error));
+                }
             }
 
             // Quantize + pack, bulk: every token of K and V in one launch each.
@@ -251,7 +232,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             if tokens > 0 {
                 let kf = cuda::to_f16(&dev, &kd, s, n, d)?;
                 let vf = cuda::to_f16(&dev, &vd, s, n, d)?;
-                let mut bulk = KiviGpuLayer::new(&dev, &config, s, d, n)?;
+                let mut bulk = PackedGpuLayer::new(&dev, &config, s, d, n)?;
                 let mut moved = 0;
                 let ms = cuda::time_ms(&dev, 2, iters, || {
                     moved = bulk.quantize_bulk(&kf, &vf, n, tokens)?;
@@ -408,7 +389,7 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
     for name in a.caches {
         let cfg = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
         if !kvq::gpu_cache::runs_on_gpu(&cfg, gpu_m.config.head_dim) {
-            bail!("{name}: only KIVI caches run on the GPU so far");
+            bail!("{name}: only KIVI and per-token caches run in kvq's packed GPU cache so far");
         }
         let reference = CacheConfig::new(Scheme::Full(FullPrecision::F32));
         let mut cpu_ref = cpu_m.new_cache(&reference, 1, None)?;
@@ -424,10 +405,12 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
             band = band.max(rel);
             noise_t.row(vec![cfg.label(), format!("{sigma:.0e}"), seed.to_string(), format!("{:.5}", r.ppl), format!("{rel:.1e}")]);
         }
-        // Both kernels: tensor cores (the default) and the CUDA-core kernel (f32 throughout).
-        for (kernel, kname) in [(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] {
+        // Both kernels: tensor cores (the default) and the CUDA-core kernel (f32 throughout);
+        // per-token keys have only the second.
+        let kernels: &[(AttnKernel, &str)] = if matches!(cfg.scheme, Scheme::PerToken { .. }) { &[(AttnKernel::Auto, "")] } else { &[(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] };
+        for &(kernel, kname) in kernels {
             let mut gpu_ref = gpu_m.new_cache(&reference, 1, None)?;
-            let gcache = kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, shape(&gpu_m, 1), gpu_m.config.max_seq_len)?.with_kernel(kernel);
+            let gcache = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, shape(&gpu_m, 1), gpu_m.config.max_seq_len)?.with_kernel(kernel);
             let err = std::sync::Arc::new(MaxErr::default());
             let shadowed = Shadowed { gpu: gcache, cpu: gpu_m.new_cache(&cfg, 1, None)?, max_err: err.clone() };
             let mut gpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(shadowed))];
@@ -472,7 +455,7 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
     let mut d = Table::new(&["cache", "batch", "prompt", "new tokens", "prefill s", "decode tok/s (all rows)"]);
     for name in a.caches {
         let cfg = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
-        let mut cache = kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, shape(&gpu_m, a.batch), gpu_m.config.max_seq_len)?;
+        let mut cache = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, shape(&gpu_m, a.batch), gpu_m.config.max_seq_len)?;
         let g = generate(&gpu_m, &mut cache, &prompts, &opts, |_, _| {})?;
         d.row(vec![cfg.label(), a.batch.to_string(), prompt_len.to_string(), a.new_tokens.to_string(), format!("{:.3}", g.steps.first().map_or(0.0, |s| s.latency_s)), format!("{:.0}", g.decode_tokens_per_s())]);
     }
@@ -504,7 +487,7 @@ impl MaxErr {
 /// check of the GPU cache inside the model that does not depend on the model's
 /// conditioning (both sides see the same K/V).
 struct Shadowed {
-    gpu: kvq::gpu_cache::KiviGpuCache,
+    gpu: kvq::gpu_cache::PackedGpuCache,
     cpu: Cache,
     max_err: std::sync::Arc<MaxErr>,
 }
@@ -626,8 +609,8 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
             (rel_error(&run(&mut devc)?, &run(&mut host)?), FP16_REL_ERROR, "–".to_string())
         } else {
             let e = std::sync::Arc::new(MaxErr::default());
-            let mut host = Shadowed { gpu: kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?, cpu: m.new_cache(&cfg, 2, None)?, max_err: e.clone() };
-            let mut devc = kvq::gpu_cache::KiviGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?;
+            let mut host = Shadowed { gpu: kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?, cpu: m.new_cache(&cfg, 2, None)?, max_err: e.clone() };
+            let mut devc = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?;
             let want = run(&mut host)?;
             if e.get() > MAX_REL_ERROR {
                 failures.push(format!("{spec}: the host path's attention is {:.2e} from the CPU cache's", e.get()));

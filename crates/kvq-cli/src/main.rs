@@ -336,8 +336,8 @@ enum BenchCmd {
         out: Option<std::path::PathBuf>,
     },
     /// The model on the GPU vs the CPU (needs `--features cuda`): the same ids scored
-    /// with each KIVI cache on both, perplexities compared to 3 significant digits;
-    /// then greedy decoding of a batch on the GPU.
+    /// with each packed cache (KIVI, per-token) on both, perplexities compared to 3
+    /// significant digits; then greedy decoding of a batch on the GPU.
     GpuModel {
         /// A GGUF file (default: kvq's small deterministic model, no file needed).
         #[arg(long)]
@@ -349,7 +349,7 @@ enum BenchCmd {
         tokens: usize,
         #[arg(long, default_value_t = 16)]
         chunk: usize,
-        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4")]
+        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4,per-token-4,per-token-2")]
         caches: Vec<String>,
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -358,7 +358,7 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// End to end on the GPU (needs `--features cuda`): for fp16 and each KIVI cache, the
+    /// End to end on the GPU (needs `--features cuda`): for fp16 and each packed cache, the
     /// largest batch whose cache fits a memory budget at a context length, the cache
     /// filled to that length, then decode tokens/s of the whole model at that batch.
     GpuE2e {

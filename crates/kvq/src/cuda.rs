@@ -1,20 +1,20 @@
 //! The GPU path (feature `cuda`): KIVI's packed cache in device memory, filled and
 //! read by the kernels of `kernels/kivi.cu`.
 //!
-//! [`KiviGpuLayer`] holds one layer of a KIVI cache for `streams` = batch × KV heads,
+//! [`PackedGpuLayer`] holds one layer of a KIVI cache for `streams` = batch × KV heads,
 //! with the same bytes, stream by stream, as the CPU cache (`cache::Cache` with a
 //! KIVI config): keys per channel in blocks of `group` tokens, values per token in
 //! groups of `min(group, head_dim)` channels, f16 (min, scale) per group, the newest
-//! tokens in f16 rings. Appending quantizes on the GPU; [`KiviGpuLayer::attend`] runs
+//! tokens in f16 rings. Appending quantizes on the GPU; [`PackedGpuLayer::attend`] runs
 //! decode attention straight from the packed codes, never expanding K/V to f16.
-//! [`check_kivi`] compares both against the CPU reference.
+//! [`check_packed`] compares both against the CPU reference.
 
 use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, Scheme};
 use crate::error::{KvqError, Result};
 use crate::gpu_plan::plan_splits;
 use crate::quant::packed_len;
 use crate::rng::SplitMix64;
-use crate::size::KiviGpuLayout;
+use crate::size::PackedGpuLayout;
 use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::CudaDevice;
@@ -187,14 +187,15 @@ fn threads_i32(n: usize) -> Result<usize> {
     Ok(n)
 }
 
-/// One layer of a KIVI cache on the GPU.
-pub struct KiviGpuLayer {
+/// One layer of a packed cache on the GPU: KIVI (keys per channel) or per-token (keys
+/// per token), laid out as [`PackedGpuLayout`] says.
+pub struct PackedGpuLayer {
     dev: CudaDevice,
+    layout: PackedGpuLayout,
     k_bits: u8,
     v_bits: u8,
     group: usize,
     value_group: usize,
-    residual: usize,
     streams: usize,
     head_dim: usize,
     capacity: usize,
@@ -215,41 +216,50 @@ pub struct KiviGpuLayer {
     sms: usize,
 }
 
-/// What the GPU kernels accept: 2- or 4-bit codes, key groups of a multiple of 32
-/// tokens, head dim 64 or 128.
-pub fn check_supported(config: &CacheConfig, head_dim: usize) -> Result<(u8, u8, usize, usize)> {
+/// What the packed GPU kernels accept: KIVI or per-token caches of 2- or 4-bit codes,
+/// head dim 64 or 128; KIVI key blocks of a multiple of 32 tokens; per-token groups of
+/// 32, 64 or 128 channels (a lane's channels in one group, whole 32-bit words of codes).
+pub fn check_supported(config: &CacheConfig, head_dim: usize) -> Result<PackedGpuLayout> {
     config.validate(head_dim)?;
-    let Scheme::Kivi { k_bits, v_bits, group_size, residual_length } = config.scheme else {
-        return Err(KvqError::Unsupported(format!("the GPU kernels run KIVI caches, not {}", config.label())));
+    let (k_bits, v_bits) = match config.scheme {
+        Scheme::Kivi { k_bits, v_bits, .. } => (k_bits, v_bits),
+        Scheme::PerToken { bits, .. } => (bits, bits),
+        _ => return Err(KvqError::Unsupported(format!("the packed GPU kernels run KIVI and per-token caches, not {}", config.label()))),
     };
     if ![2, 4].contains(&k_bits) || ![2, 4].contains(&v_bits) {
         return Err(KvqError::Unsupported(format!("the GPU kernels take 2- or 4-bit codes, not {k_bits}/{v_bits}")));
     }
-    if group_size % TILE != 0 {
-        return Err(KvqError::Unsupported(format!("the GPU kernels need a key group that is a multiple of {TILE} tokens, not {group_size}")));
+    match config.scheme {
+        Scheme::Kivi { group_size, .. } if group_size % TILE != 0 => {
+            return Err(KvqError::Unsupported(format!("the GPU kernels need a key group that is a multiple of {TILE} tokens, not {group_size}")));
+        }
+        Scheme::PerToken { group_size, .. } if ![32, 64, 128].contains(&group_size) => {
+            return Err(KvqError::Unsupported(format!("the GPU per-token kernels take groups of 32, 64 or 128 channels, not {group_size}")));
+        }
+        _ => {}
     }
     if head_dim != 64 && head_dim != 128 {
         return Err(KvqError::Unsupported(format!("the GPU kernels are built for head dim 64 and 128, not {head_dim}")));
     }
     if config.sink_tokens != 0 || config.pre_rope {
-        return Err(KvqError::Unsupported("the GPU KIVI cache has no sink and stores keys after RoPE".into()));
+        return Err(KvqError::Unsupported("the packed GPU cache has no sink and stores keys after RoPE".into()));
     }
-    Ok((k_bits, v_bits, group_size, residual_length))
+    PackedGpuLayout::of(config, head_dim, 1).ok_or_else(|| KvqError::Unsupported(format!("no GPU layout for {}", config.label())))
 }
 
-impl KiviGpuLayer {
+impl PackedGpuLayer {
     /// A layer for `streams` = batch × KV heads streams of up to `capacity` tokens.
     pub fn new(dev: &CudaDevice, config: &CacheConfig, streams: usize, head_dim: usize, capacity: usize) -> Result<Self> {
-        let (k_bits, v_bits, group, residual) = check_supported(config, head_dim)?;
+        check_supported(config, head_dim)?;
         if streams == 0 || capacity == 0 {
             return Err(KvqError::InvalidParam("a GPU cache needs at least one stream and one token of capacity".into()));
         }
         let d = head_dim;
-        let layout = crate::size::KiviGpuLayout::of(config, d, capacity).ok_or_else(|| KvqError::Unsupported("no GPU layout for this cache".into()))?;
-        let KiviGpuLayout { value_group, capacity, kring, vring, .. } = layout;
+        let layout = PackedGpuLayout::of(config, d, capacity).ok_or_else(|| KvqError::Unsupported("no GPU layout for this cache".into()))?;
+        let PackedGpuLayout { k_bits, v_bits, group, value_group, capacity, kring, vring, .. } = layout;
         let s = streams;
         let kcodes = dev.alloc_zeros::<u8>(s * capacity * packed_len(d, k_bits)).map_err(gpu)?;
-        let kparams = dev.alloc_zeros::<u32>(s * capacity / group * d).map_err(gpu)?;
+        let kparams = dev.alloc_zeros::<u32>(s * layout.key_params(capacity)).map_err(gpu)?;
         let ktail = dev.alloc_zeros::<f16>(s * kring * d).map_err(gpu)?;
         let vcodes = dev.alloc_zeros::<u8>(s * capacity * packed_len(d, v_bits)).map_err(gpu)?;
         let vparams = dev.alloc_zeros::<u32>(s * capacity * (d / value_group)).map_err(gpu)?;
@@ -257,13 +267,13 @@ impl KiviGpuLayer {
         let part_acc = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
         let part_ml = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
         let sms = sm_count(dev)?;
-        Ok(KiviGpuLayer {
+        Ok(PackedGpuLayer {
             dev: dev.clone(),
+            layout,
             k_bits,
             v_bits,
             group,
             value_group,
-            residual,
             streams,
             head_dim,
             capacity,
@@ -299,17 +309,12 @@ impl KiviGpuLayer {
 
     /// Device bytes this layer reserves (codes and params for `capacity` tokens, rings).
     pub fn allocated_bytes(&self) -> usize {
-        let layout = KiviGpuLayout {
-            k_bits: self.k_bits,
-            v_bits: self.v_bits,
-            head_dim: self.head_dim,
-            group: self.group,
-            value_group: self.value_group,
-            capacity: self.capacity,
-            kring: self.kring,
-            vring: self.vring,
-        };
-        self.streams * layout.stream_bytes()
+        self.streams * self.layout.stream_bytes()
+    }
+
+    /// Whether keys are stored per token (the per-token cache) rather than per channel (KIVI).
+    pub fn token_keys(&self) -> bool {
+        self.layout.token_keys
     }
 
     /// What the layer holds now, by kind (as the CPU cache counts it).
@@ -317,7 +322,7 @@ impl KiviGpuLayer {
         let (s, d) = (self.streams, self.head_dim);
         crate::size::Bytes {
             codes: s * (self.nqk * packed_len(d, self.k_bits) + self.nqv * packed_len(d, self.v_bits)),
-            params: s * 4 * (self.nqk / self.group * d + self.nqv * (d / self.value_group)),
+            params: s * 4 * (self.layout.key_params(self.nqk) + self.nqv * (d / self.value_group)),
             full: s * 2 * d * ((self.len - self.nqk) + (self.len - self.nqv)),
             ..Default::default()
         }
@@ -327,7 +332,7 @@ impl KiviGpuLayer {
     /// params of the quantized tokens, f16 rows of the rest.
     pub fn bytes_read(&self) -> usize {
         let d = self.head_dim;
-        let k = self.nqk * packed_len(d, self.k_bits) + self.nqk / self.group * d * 4 + (self.len - self.nqk) * d * 2;
+        let k = self.nqk * packed_len(d, self.k_bits) + self.layout.key_params(self.nqk) * 4 + (self.len - self.nqk) * d * 2;
         let v = self.nqv * (packed_len(d, self.v_bits) + d / self.value_group * 4) + (self.len - self.nqv) * d * 2;
         self.streams * (k + v)
     }
@@ -352,8 +357,8 @@ impl KiviGpuLayer {
         let dev = self.dev.clone();
         let mut done = 0;
         while done < tokens {
-            // At most one key group at a time: the rings hold residual + 2·group keys.
-            let c = (tokens - done).min(self.group);
+            // At most one chunk at a time: what the rings are sized for.
+            let c = (tokens - done).min(self.layout.chunk);
             let n = s * c * d;
             let (stride, t0, ci, di, si) = ((src_tokens * d) as i64, (src_t0 + done) as i32, c as i32, d as i32, s as i32);
             let (kr, vr, pos) = (self.kring as i32, self.vring as i32, self.len as i64);
@@ -366,16 +371,19 @@ impl KiviGpuLayer {
         Ok(())
     }
 
-    // The CPU stores' rules (store.rs): a key block once all its tokens are older than
-    // the window; a value as soon as it is.
+    // The CPU stores' rules (PackedGpuLayout::quantized_after).
     fn quantize_due(&mut self) -> Result<()> {
         let (s, d, g) = (self.streams, self.head_dim, self.group);
         let dev = self.dev.clone();
-        let mut nqk = self.nqk;
-        while self.len - nqk >= self.residual + g {
-            nqk += g;
-        }
-        if nqk > self.nqk {
+        let (nqk, nqv) = self.layout.quantized_after(self.len, self.nqk);
+        if nqk > self.nqk && self.layout.token_keys {
+            let (t0, t1) = (self.nqk as i64, nqk as i64);
+            let n = threads_i32(s * (nqk - self.nqk) * (d / g))?;
+            let name = format!("quant_token_groups_b{}", self.k_bits);
+            let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
+            launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+            self.nqk = nqk;
+        } else if nqk > self.nqk {
             let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
             let n = threads_i32(s * (nqk - self.nqk) / g * d / if g == 32 { 2 } else { 1 })?; // pairs of channels at g = 32
             let name = format!("quant_channel_blocks_b{}", self.k_bits);
@@ -383,7 +391,6 @@ impl KiviGpuLayer {
             launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
             self.nqk = nqk;
         }
-        let nqv = self.len.saturating_sub(self.residual);
         if nqv > self.nqv {
             let (t0, t1) = (self.nqv as i64, nqv as i64);
             let n = threads_i32(s * (nqv - self.nqv) * (d / self.value_group))?;
@@ -401,7 +408,7 @@ impl KiviGpuLayer {
         self.attend_with(q, q_heads, out, splits, AttnKernel::Auto)
     }
 
-    /// [`KiviGpuLayer::attend`] with a chosen kernel. The tensor-core kernel takes the
+    /// [`PackedGpuLayer::attend`] with a chosen kernel. The tensor-core kernel takes the
     /// tiles of 32 tokens whose keys and values are all packed and the CUDA-core kernel
     /// the rest (the window), each into its own splits; `combine_splits` merges them all.
     /// `splits` > 0 fixes the splits of the main part.
@@ -418,7 +425,7 @@ impl KiviGpuLayer {
         self.attend_chunk_with(q, q_heads, tokens, fresh_k, fresh_v, out, AttnKernel::Auto)
     }
 
-    /// [`KiviGpuLayer::attend_chunk`] with a chosen kernel for the past.
+    /// [`PackedGpuLayer::attend_chunk`] with a chosen kernel for the past.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_chunk_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, fresh_k: &CudaSlice<f32>, fresh_v: &CudaSlice<f32>, out: &mut CudaSlice<f32>, kernel: AttnKernel) -> Result<()> {
         let need = self.streams * tokens * self.head_dim;
@@ -456,6 +463,11 @@ impl KiviGpuLayer {
         }
         let rep = q_heads / kv_heads;
         let (tensor_cores, heads_per_block) = match kernel {
+            // Per-token keys have no tensor-core kernel (yet): CUDA cores, 4 heads a block.
+            AttnKernel::Auto if self.layout.token_keys => (false, 4),
+            AttnKernel::TensorCores if self.layout.token_keys => {
+                return Err(KvqError::Unsupported("the tensor-core kernel reads KIVI's per-channel keys; per-token keys attend on CUDA cores".into()));
+            }
             AttnKernel::Auto | AttnKernel::TensorCores => (true, 4),
             AttnKernel::CudaCores { heads_per_block: h } if !(1..=4).contains(&h) => {
                 return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {h}")));
@@ -472,7 +484,11 @@ impl KiviGpuLayer {
             (tiles.div_ceil(per), per)
         };
         let tc_name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group);
-        let cc_name = format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits);
+        let cc_name = if self.layout.token_keys {
+            format!("token_decode_attn_d{d}_b{}_r{rep_chunk}", self.k_bits)
+        } else {
+            format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits)
+        };
         let w = WARPS as usize;
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
@@ -566,12 +582,12 @@ impl KiviGpuLayer {
         let kb = packed_len(d, self.k_bits);
         let vb = packed_len(d, self.v_bits);
         let kc0 = stream * self.capacity * kb;
-        let kp0 = stream * self.capacity / self.group * d;
+        let kp0 = stream * self.layout.key_params(self.capacity);
         let vc0 = stream * self.capacity * vb;
         let vgpt = d / self.value_group;
         let vp0 = stream * self.capacity * vgpt;
         let kcodes = st.clone_dtoh(&self.kcodes.slice(kc0..kc0 + self.nqk * kb)).map_err(gpu)?;
-        let kparams = st.clone_dtoh(&self.kparams.slice(kp0..kp0 + self.nqk / self.group * d)).map_err(gpu)?;
+        let kparams = st.clone_dtoh(&self.kparams.slice(kp0..kp0 + self.layout.key_params(self.nqk))).map_err(gpu)?;
         let vcodes = st.clone_dtoh(&self.vcodes.slice(vc0..vc0 + self.nqv * vb)).map_err(gpu)?;
         let vparams = st.clone_dtoh(&self.vparams.slice(vp0..vp0 + self.nqv * vgpt)).map_err(gpu)?;
         Ok(StreamBytes { kcodes, kparams, vcodes, vparams })
@@ -682,31 +698,38 @@ pub fn to_f16(dev: &CudaDevice, src: &CudaSlice<f32>, streams: usize, tokens: us
     Ok(dst)
 }
 
-impl KiviGpuLayer {
+impl PackedGpuLayer {
     /// Quantizes the first `tokens` tokens of `keys`/`values` (f16, `[stream][src_tokens][D]`) into this
     /// layer's code buffers in one launch each: the bulk throughput of the quantize+pack
-    /// kernels (a benchmark; the cache's own path is [`KiviGpuLayer::append`]).
+    /// kernels (a benchmark; the cache's own path is [`PackedGpuLayer::append`]).
     /// Returns the bytes read and written.
     pub fn quantize_bulk(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, src_tokens: usize, tokens: usize) -> Result<usize> {
         let (s, d, g) = (self.streams, self.head_dim, self.group);
-        if tokens > self.capacity || tokens > src_tokens || tokens % g != 0 || keys.len() < s * src_tokens * d || values.len() < s * src_tokens * d {
-            return Err(KvqError::Shape(format!("bulk quantization of {tokens} tokens (a multiple of {g}, at most {})", self.capacity)));
+        let block = if self.layout.token_keys { 1 } else { g };
+        if tokens > self.capacity || tokens > src_tokens || src_tokens > i32::MAX as usize || tokens % block != 0 || keys.len() < s * src_tokens * d || values.len() < s * src_tokens * d {
+            return Err(KvqError::Shape(format!("bulk quantization of {tokens} tokens (a multiple of {block}, at most {})", self.capacity)));
         }
         let dev = self.dev.clone();
         // The source as one long "ring" per stream: token t of stream s at s·src_tokens + t.
         let (ring, di, gi, si, cap) = (src_tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
-        let (b0, b1) = (0i64, (tokens / g) as i64);
-        let name = format!("quant_channel_blocks_b{}", self.k_bits);
-        let threads = threads_i32(s * tokens / g * d / if g == 32 { 2 } else { 1 })?;
+        let (t0, t1) = (0i64, tokens as i64);
+        if self.layout.token_keys {
+            let name = format!("quant_token_groups_b{}", self.k_bits);
+            launch!(dev, &name, grid_1d(threads_i32(s * tokens * (d / g))?), keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+        } else {
+            let (b0, b1) = (0i64, (tokens / g) as i64);
+            let name = format!("quant_channel_blocks_b{}", self.k_bits);
+            let threads = threads_i32(s * tokens / g * d / if g == 32 { 2 } else { 1 })?;
+            launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+        }
         let vthreads = threads_i32(s * tokens * (d / self.value_group))?;
-        launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
-        let (t0, t1, gv) = (0i64, tokens as i64, self.value_group as i32);
+        let gv = self.value_group as i32;
         let name = format!("quant_token_groups_b{}", self.v_bits);
         launch!(dev, &name, grid_1d(vthreads), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
         // Every token is now held quantized (no window): what download_stream reads.
         (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
         let read = 2 * s * tokens * d * 2;
-        let written = s * tokens * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits)) + s * tokens / g * d * 4 + s * tokens * (d / self.value_group) * 4;
+        let written = s * tokens * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits)) + s * self.layout.key_params(tokens) * 4 + s * tokens * (d / self.value_group) * 4;
         Ok(read + written)
     }
 }
@@ -716,8 +739,8 @@ impl KiviGpuLayer {
 /// `k`/`v` are `[stream][tokens][D]` host copies of what was appended; `q` the queries
 /// (`[batch][q_heads][D]`) and `gpu_out` the GPU's attention output.
 #[allow(clippy::too_many_arguments)]
-pub fn check_kivi(
-    layer: &KiviGpuLayer,
+pub fn check_packed(
+    layer: &PackedGpuLayer,
     config: &CacheConfig,
     rows: &[usize],
     kv_heads: usize,
@@ -747,10 +770,10 @@ pub fn check_kivi(
     }
     // Append in the GPU's chunks, so the reference sees the same sequence of pushes
     // (the result does not depend on chunking; this keeps the comparison literal).
-    let group = layer.group;
+    let chunk = layer.layout.chunk;
     let mut t = 0;
     while t < n {
-        let c = (n - t).min(group);
+        let c = (n - t).min(chunk);
         let mut kc = Vec::with_capacity(rows.len() * kv_heads * c * d);
         let mut vc = Vec::with_capacity(kc.capacity());
         for s in 0..rows.len() * kv_heads {
@@ -1003,109 +1026,6 @@ pub fn check_kvquant(g: &KvQuantGpu, x: &[f32], streams: &[usize], kv_heads: usi
         ];
         if let Some((what, Some(j))) = diffs.iter().find(|(_, d)| d.is_some()) {
             return Ok(Some(format!("stream {s}: {what} differ at element {j}")));
-        }
-    }
-    Ok(None)
-}
-
-/// The per-token layout (kvq's per-token caches: keys and values both per token, `group`
-/// channels a group, f16 (min, scale) each) quantized on the GPU with KIVI's value kernel.
-pub struct PerTokenGpu {
-    dev: CudaDevice,
-    pub streams: usize,
-    pub tokens: usize,
-    pub head_dim: usize,
-    pub bits: u8,
-    pub group: usize,
-    kcodes: CudaSlice<u8>,
-    kparams: CudaSlice<u32>,
-    vcodes: CudaSlice<u8>,
-    vparams: CudaSlice<u32>,
-}
-
-impl PerTokenGpu {
-    pub fn new(dev: &CudaDevice, streams: usize, tokens: usize, head_dim: usize, bits: u8, group: usize) -> Result<Self> {
-        if !matches!(bits, 2 | 4) || group == 0 || head_dim % group != 0 || (group * bits as usize) % 32 != 0 || streams == 0 || tokens == 0 {
-            return Err(KvqError::Unsupported(format!("per-token quantize on the GPU takes 2 or 4 bits and groups that divide the head ({head_dim}) into whole 32-bit words of codes, not {bits} bits in groups of {group}")));
-        }
-        let (rows, pl, gpt) = (streams * tokens, packed_len(head_dim, bits), head_dim / group);
-        threads_i32(rows * gpt)?;
-        Ok(PerTokenGpu {
-            dev: dev.clone(),
-            streams,
-            tokens,
-            head_dim,
-            bits,
-            group,
-            kcodes: dev.alloc_zeros::<u8>(rows * pl).map_err(gpu)?,
-            kparams: dev.alloc_zeros::<u32>(rows * gpt).map_err(gpu)?,
-            vcodes: dev.alloc_zeros::<u8>(rows * pl).map_err(gpu)?,
-            vparams: dev.alloc_zeros::<u32>(rows * gpt).map_err(gpu)?,
-        })
-    }
-
-    /// Quantizes the first `tokens` tokens of each stream of `keys` and `values`
-    /// (`[stream][src_tokens][head_dim]`, f16, as the CPU store's f16 tail holds them).
-    /// Returns the bytes moved (read + written).
-    pub fn quantize(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, src_tokens: usize) -> Result<usize> {
-        let (s, t, d) = (self.streams, self.tokens, self.head_dim);
-        if src_tokens < t || src_tokens > i32::MAX as usize || keys.len() < s * src_tokens * d || values.len() < s * src_tokens * d {
-            return Err(KvqError::Shape(format!("per-token quantize of {t} of {src_tokens} tokens × {s} streams × {d}: got {} and {} halves", keys.len(), values.len())));
-        }
-        let name = format!("quant_token_groups_b{}", self.bits);
-        let cfg = grid_1d(s * t * (d / self.group));
-        // The source as one long "ring" a stream (token i at slot i), read in place.
-        let (ring, di, gi, t0, t1, si, cap) = (src_tokens as i32, d as i32, self.group as i32, 0i64, t as i64, s as i32, t as i64);
-        launch!(self.dev, &name, cfg, keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
-        launch!(self.dev, &name, cfg, values, &ring, &di, &gi, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
-        Ok(2 * s * t * (d * 2 + packed_len(d, self.bits) + d / self.group * 4))
-    }
-
-    pub fn download_stream(&self, s: usize) -> Result<StreamBytes> {
-        if s >= self.streams {
-            return Err(KvqError::InvalidParam(format!("stream {s} of {}", self.streams)));
-        }
-        let (t, pl, gpt) = (self.tokens, packed_len(self.head_dim, self.bits), self.head_dim / self.group);
-        let st = self.dev.cuda_stream();
-        let get8 = |b: &CudaSlice<u8>| st.clone_dtoh(&b.slice(s * t * pl..(s + 1) * t * pl)).map_err(gpu);
-        let get32 = |b: &CudaSlice<u32>| st.clone_dtoh(&b.slice(s * t * gpt..(s + 1) * t * gpt)).map_err(gpu);
-        Ok(StreamBytes { kcodes: get8(&self.kcodes)?, kparams: get32(&self.kparams)?, vcodes: get8(&self.vcodes)?, vparams: get32(&self.vparams)? })
-    }
-}
-
-/// Compares a [`PerTokenGpu`] with kvq's CPU per-token cache (`config`, past-only off)
-/// fed the same K/V (`[stream][tokens][head_dim]` host copies, f32; the CPU rounds them
-/// to f16 as the GPU input was) for the sequences in `rows`: `None` when every byte is equal.
-pub fn check_per_token(g: &PerTokenGpu, config: &CacheConfig, rows: &[usize], kv_heads: usize, k: &[f32], v: &[f32], src_tokens: usize) -> Result<Option<String>> {
-    let (t, d) = (g.tokens, g.head_dim);
-    let Scheme::PerToken { residual_length, .. } = config.scheme else {
-        return Err(KvqError::InvalidParam(format!("{} is not a per-token cache", config.label())));
-    };
-    if residual_length > 0 && t % residual_length != 0 {
-        return Err(KvqError::InvalidParam(format!("{t} tokens leave some in the CPU cache's residual of {residual_length}")));
-    }
-    let cfg = CacheConfig { past_only: false, ..config.clone() };
-    let mut cpu = Cache::new(&cfg, CacheShape { layers: 1, batch: rows.len(), kv_heads, head_dim: d }, None, None)?;
-    let (mut kr, mut vr) = (Vec::new(), Vec::new());
-    for &b in rows {
-        for h in 0..kv_heads {
-            let s = b * kv_heads + h;
-            kr.extend_from_slice(&k[s * src_tokens * d..(s * src_tokens + t) * d]);
-            vr.extend_from_slice(&v[s * src_tokens * d..(s * src_tokens + t) * d]);
-        }
-    }
-    cpu.append(0, &kr, &vr, t)?;
-    for (i, &b) in rows.iter().enumerate() {
-        for h in 0..kv_heads {
-            let s = b * kv_heads + h;
-            let gb = g.download_stream(s)?;
-            let (ck, cv) = cpu.packed_stream(0, i * kv_heads + h)?;
-            if (ck.quantized, cv.quantized) != (t, t) {
-                return Ok(Some(format!("the CPU cache quantized {}/{} of {t} tokens", ck.quantized, cv.quantized)));
-            }
-            if let Some(m) = stream_difference(&gb, &ck, &cv, s) {
-                return Ok(Some(m));
-            }
         }
     }
     Ok(None)

@@ -1,8 +1,9 @@
-//! [`KiviGpuCache`]: a KIVI cache in GPU memory behind kvq's [`KvCache`] trait, so the
-//! model runs with its K/V packed on the GPU (feature `cuda`).
+//! [`PackedGpuCache`]: a KIVI or per-token cache in GPU memory behind kvq's [`KvCache`]
+//! trait, so the model runs with its K/V packed on the GPU (feature `cuda`).
 //!
-//! Each layer is a [`KiviGpuLayer`]: appends quantize and pack on the GPU, attention
-//! reads the packed codes there (tensor cores for the packed tiles). The model hands it
+//! Each layer is a [`PackedGpuLayer`]: appends quantize and pack on the GPU, attention
+//! reads the packed codes there (KIVI's packed tiles on tensor cores, per-token keys on
+//! CUDA cores). The model hands it
 //! q/k/v as GPU tensors ([`DeviceKv`]: nothing crosses to the host); through the
 //! trait's host slices (`append`/`attend`, as wrappers like `kvq bench gpu-model`'s
 //! checker use) a step copies its new q/k/v up and the attention output down. The cache
@@ -11,18 +12,18 @@
 //! it from the store and the chunk's own K/V at full precision, causally.
 
 use crate::cache::{CacheConfig, CacheInfo, CacheShape, DeviceKv, HeldTokens, KvCache, Scheme};
-use crate::cuda::{AttnKernel, KiviGpuLayer, gpu};
+use crate::cuda::{AttnKernel, PackedGpuLayer, gpu};
 use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{op::BackpropOp, CudaStorage, Storage, Tensor};
 
-pub struct KiviGpuCache {
+pub struct PackedGpuCache {
     dev: CudaDevice,
     config: CacheConfig,
     shape: CacheShape,
-    layers: Vec<KiviGpuLayer>,
+    layers: Vec<PackedGpuLayer>,
     /// Each layer's last append, on the GPU: what past-only attention reads as the chunk
     /// (from host slices, or as the model's tensors on the device path).
     fresh: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>, usize)>>,
@@ -31,12 +32,12 @@ pub struct KiviGpuCache {
     kernel: AttnKernel,
 }
 
-impl KiviGpuCache {
+impl PackedGpuCache {
     /// A cache for `shape` holding up to `capacity` tokens a sequence.
     pub fn new(dev: &CudaDevice, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Self> {
         let streams = shape.batch * shape.kv_heads;
-        let layers = (0..shape.layers).map(|_| KiviGpuLayer::new(dev, config, streams, shape.head_dim, capacity)).collect::<Result<Vec<_>>>()?;
-        Ok(KiviGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), fresh_tensors: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch], kernel: AttnKernel::Auto })
+        let layers = (0..shape.layers).map(|_| PackedGpuLayer::new(dev, config, streams, shape.head_dim, capacity)).collect::<Result<Vec<_>>>()?;
+        Ok(PackedGpuCache { dev: dev.clone(), config: config.clone(), shape, fresh: (0..shape.layers).map(|_| None).collect(), fresh_tensors: (0..shape.layers).map(|_| None).collect(), layers, padding: vec![0; shape.batch], kernel: AttnKernel::Auto })
     }
 
     /// Which kernel reads the packed tiles (the default: tensor cores); `kvq bench
@@ -61,7 +62,7 @@ fn check_finite(what: &'static str, x: &[f32]) -> Result<()> {
     }
 }
 
-impl KvCache for KiviGpuCache {
+impl KvCache for PackedGpuCache {
     fn config(&self) -> &CacheConfig {
         &self.config
     }
@@ -75,7 +76,7 @@ impl KvCache for KiviGpuCache {
     }
 
     fn seq_len(&self) -> usize {
-        self.layers.first().map_or(0, KiviGpuLayer::len)
+        self.layers.first().map_or(0, PackedGpuLayer::len)
     }
 
     fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
@@ -153,7 +154,7 @@ impl KvCache for KiviGpuCache {
 
     fn info(&self) -> CacheInfo {
         let total = self.seq_len();
-        let (kq, q) = self.layers.first().map_or((0, 0), KiviGpuLayer::quantized);
+        let (kq, q) = self.layers.first().map_or((0, 0), PackedGpuLayer::quantized);
         let elements = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * total * self.shape.batch;
         let held = HeldTokens { total, quantized: q, key_quantized: kq, sink: 0 };
         CacheInfo::new(format!("{} (GPU)", self.config.label()), &self.config, self.shape, held, self.bytes(), elements)
@@ -167,7 +168,7 @@ impl KvCache for KiviGpuCache {
     }
 
     fn reset(&mut self) {
-        self.layers.iter_mut().for_each(KiviGpuLayer::reset);
+        self.layers.iter_mut().for_each(PackedGpuLayer::reset);
         self.fresh.iter_mut().for_each(|f| *f = None);
         self.fresh_tensors.iter_mut().for_each(|f| *f = None);
     }
@@ -204,7 +205,7 @@ pub(crate) fn tensor_values_in_range(dev: &CudaDevice, t: &Tensor) -> Result<Opt
     })
 }
 
-impl DeviceKv for KiviGpuCache {
+impl DeviceKv for PackedGpuCache {
     fn append_tensors(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         self.layer(layer)?;
         let CacheShape { batch, kv_heads, head_dim, .. } = self.shape;
@@ -256,14 +257,14 @@ impl DeviceKv for KiviGpuCache {
     }
 }
 
-/// The cache a preset gets on a GPU: KIVI packed by kvq's kernels ([`KiviGpuCache`]),
-/// fp16/fp32 as tensors ([`TensorCache`](crate::tensor_cache::TensorCache)); `None` for
-/// presets that stay in host memory (per-token, KVQuant, and fp16/fp32 with a sink,
+/// The cache a preset gets on a GPU: KIVI and per-token packed by kvq's kernels
+/// ([`PackedGpuCache`]), fp16/fp32 as tensors ([`TensorCache`](crate::tensor_cache::TensorCache));
+/// `None` for presets that stay in host memory (KVQuant, and fp16/fp32 with a sink,
 /// pre-RoPE keys or past-only attention).
 pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Option<Box<dyn KvCache>>> {
     let candle_core::Device::Cuda(dev) = device else { return Ok(None) };
     if runs_on_gpu(config, shape.head_dim) {
-        return Ok(Some(Box::new(KiviGpuCache::new(dev, config, shape, capacity)?)));
+        return Ok(Some(Box::new(PackedGpuCache::new(dev, config, shape, capacity)?)));
     }
     let full = matches!(config.scheme, Scheme::Full(crate::cache::FullPrecision::F16 | crate::cache::FullPrecision::F32));
     if full && !config.pre_rope && config.sink_tokens == 0 && !config.past_only {
@@ -272,7 +273,7 @@ pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: 
     Ok(None)
 }
 
-/// Whether a preset runs in [`KiviGpuCache`] (a KIVI scheme the kernels take).
+/// Whether a preset runs in [`PackedGpuCache`] (a KIVI or per-token scheme the kernels take).
 pub fn runs_on_gpu(config: &CacheConfig, head_dim: usize) -> bool {
-    matches!(config.scheme, Scheme::Kivi { .. }) && crate::cuda::check_supported(config, head_dim).is_ok()
+    crate::cuda::check_supported(config, head_dim).is_ok()
 }

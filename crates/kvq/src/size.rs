@@ -206,54 +206,104 @@ pub fn cache_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize, batch: usiz
     Ok(total * g.layers)
 }
 
-/// Formats a byte count as `13,107,200,000`.
-/// How kvq's GPU KIVI cache (`cuda::KiviGpuLayer`) lays out one stream (one KV head of
-/// one sequence) of one layer: codes and f16 (min, scale) params for `capacity` tokens,
-/// rounded up to a whole key group, and f16 rings for the tokens not yet quantized
-/// (the window plus the groups being filled: keys wait for a whole group).
+/// How kvq's GPU cache of packed codes (`cuda::PackedGpuLayer`) lays out one stream (one
+/// KV head of one sequence) of one layer: codes and f16 (min, scale) params for `capacity`
+/// tokens, and f16 rings for the tokens not yet quantized. KIVI: keys per channel in
+/// blocks of `group` tokens (capacity rounded up to a whole block; the key ring holds the
+/// window plus the blocks being filled), values per token. Per-token: keys and values
+/// per token in groups of `group` channels; the window is flushed whole (HF's
+/// `QuantizedCache` rule), so the rings hold it plus one chunk of appended tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KiviGpuLayout {
+pub struct PackedGpuLayout {
     pub k_bits: u8,
     pub v_bits: u8,
     pub head_dim: usize,
-    /// Tokens of a key block; values are grouped by `min(group, head_dim)` channels.
+    /// Keys per token (the per-token cache) rather than per channel (KIVI).
+    pub token_keys: bool,
+    /// KIVI: tokens of a key block. Per-token: channels of a key group.
     pub group: usize,
+    /// Channels of a value group.
     pub value_group: usize,
-    /// Tokens the code buffers hold (a multiple of `group`).
+    /// The residual window: KIVI slides it, the per-token cache flushes it when full.
+    pub residual: usize,
+    /// Tokens the code buffers hold (KIVI: a multiple of `group`).
     pub capacity: usize,
+    /// Tokens one append step takes at most (the rings are sized for it).
+    pub chunk: usize,
     /// Ring slots for f16 keys and values.
     pub kring: usize,
     pub vring: usize,
 }
 
-impl KiviGpuLayout {
-    /// The layout of a KIVI `config` (other schemes have no GPU layout: `None`).
+impl PackedGpuLayout {
+    /// The layout of a KIVI or per-token `config` (other schemes have no packed GPU
+    /// layout: `None`).
     pub fn of(config: &CacheConfig, head_dim: usize, capacity: usize) -> Option<Self> {
-        let Scheme::Kivi { k_bits, v_bits, group_size: g, residual_length: r } = config.scheme else { return None };
-        if g == 0 || head_dim == 0 {
+        if head_dim == 0 {
             return None;
         }
-        Some(KiviGpuLayout { k_bits, v_bits, head_dim, group: g, value_group: g.min(head_dim), capacity: capacity.div_ceil(g) * g, kring: r + 2 * g, vring: r + g })
+        match config.scheme {
+            Scheme::Kivi { k_bits, v_bits, group_size: g, residual_length: r } if g > 0 => Some(PackedGpuLayout {
+                k_bits,
+                v_bits,
+                head_dim,
+                token_keys: false,
+                group: g,
+                value_group: g.min(head_dim),
+                residual: r,
+                capacity: capacity.div_ceil(g) * g,
+                chunk: g,
+                kring: r + 2 * g,
+                vring: r + g,
+            }),
+            Scheme::PerToken { bits, group_size: g, residual_length: r } if g > 0 => {
+                let chunk = r.max(32);
+                Some(PackedGpuLayout { k_bits: bits, v_bits: bits, head_dim, token_keys: true, group: g, value_group: g, residual: r, capacity, chunk, kring: r + chunk, vring: r + chunk })
+            }
+            _ => None,
+        }
+    }
+
+    /// Key params (f16 min and scale, 4 bytes) for `quantized` tokens.
+    pub fn key_params(&self, quantized: usize) -> usize {
+        if self.token_keys {
+            quantized * (self.head_dim / self.group)
+        } else {
+            quantized / self.group * self.head_dim
+        }
+    }
+
+    /// Tokens quantized once `len` are held (the CPU stores' rules, store.rs): KIVI keys
+    /// a whole block once all of it is older than the window, values (and per-token
+    /// keys) as soon as they leave it, or, per-token, when the window is full.
+    pub fn quantized_after(&self, len: usize, keys_quantized: usize) -> (usize, usize) {
+        let r = self.residual;
+        if self.token_keys {
+            let q = if r == 0 { len } else { len - len % r };
+            return (q, q);
+        }
+        let mut nqk = keys_quantized;
+        while len - nqk >= r + self.group {
+            nqk += self.group;
+        }
+        (nqk, len.saturating_sub(r))
     }
 
     /// Bytes one stream reserves: codes, params and rings.
     pub fn stream_bytes(&self) -> usize {
         let (d, n) = (self.head_dim, self.capacity);
-        n * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits))
-            + n / self.group * d * 4
-            + n * (d / self.value_group) * 4
-            + (self.kring + self.vring) * d * 2
+        n * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits)) + self.key_params(n) * 4 + n * (d / self.value_group) * 4 + (self.kring + self.vring) * d * 2
     }
 }
 
 /// Bytes a whole sequence's cache takes on the GPU, over every layer and KV head:
-/// KIVI in kvq's GPU layout, full precision as plain K/V buffers. `None` for schemes
+/// KIVI and per-token in kvq's GPU layout, full precision as plain K/V buffers. `None` for schemes
 /// with no GPU cache.
 pub fn gpu_sequence_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize) -> Option<u128> {
     let streams = (g.layers * g.kv_heads) as u128;
     match cfg.scheme {
         Scheme::Full(p) => Some(full_precision_bytes(g, seq, 1, p)),
-        Scheme::Kivi { .. } => KiviGpuLayout::of(cfg, g.head_dim, seq).map(|l| streams * l.stream_bytes() as u128),
+        Scheme::Kivi { .. } | Scheme::PerToken { .. } => PackedGpuLayout::of(cfg, g.head_dim, seq).map(|l| streams * l.stream_bytes() as u128),
         _ => None,
     }
 }
@@ -281,6 +331,7 @@ pub fn parse_bytes(text: &str) -> Result<u128> {
     }
 }
 
+/// Formats a byte count as `13,107,200,000`.
 pub fn with_commas(n: u128) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);

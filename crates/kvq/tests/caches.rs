@@ -427,17 +427,49 @@ fn packed_stream_exposes_the_bytes_the_cache_counts() {
 
 #[test]
 fn the_gpu_layout_is_the_cpu_cache_bytes_plus_its_rings() {
-    // Two independent formulas: the GPU layer's (kvq::size::KiviGpuLayout, which
-    // cuda::KiviGpuLayer allocates by) and the CPU size math, with no window so that
+    // Two independent formulas: the GPU layer's (kvq::size::PackedGpuLayout, which
+    // cuda::PackedGpuLayer allocates by) and the CPU size math, with no window so that
     // every token is packed on the CPU side too.
-    for (spec, d, n) in [("kivi-2", 64, 8192), ("kivi-4:group=128", 128, 4096), ("kivi-2:group=64", 64, 1000), ("kivi-4:k-bits=2", 128, 96)] {
+    for (spec, d, n) in [("kivi-2", 64, 8192), ("kivi-4:group=128", 128, 4096), ("kivi-2:group=64", 64, 1000), ("kivi-4:k-bits=2", 128, 96), ("per-token-4", 64, 1000), ("per-token-2:group=32", 128, 777)] {
         let cfg = CacheConfig::from_spec(&format!("{spec}:residual=0"), &kvq::cache::Overrides::default()).unwrap();
-        let l = kvq::size::KiviGpuLayout::of(&cfg, d, n).unwrap();
-        assert!(l.capacity >= n && l.capacity % l.group == 0, "{spec}");
+        let l = kvq::size::PackedGpuLayout::of(&cfg, d, n).unwrap();
+        assert!(l.capacity >= n && (l.token_keys || l.capacity % l.group == 0), "{spec}");
         let g = ModelGeometry { name: "one stream".into(), layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
         let cpu = cache_bytes(&g, &cfg, l.capacity, 1).unwrap();
         assert_eq!(cpu.full, 0, "{spec}");
         assert_eq!(l.stream_bytes(), cpu.codes + cpu.params + (l.kring + l.vring) * d * 2, "{spec}");
     }
-    assert!(kvq::size::KiviGpuLayout::of(&CacheConfig::preset("kvquant-2").unwrap(), 64, 100).is_none());
+    assert!(kvq::size::PackedGpuLayout::of(&CacheConfig::preset("kvquant-2").unwrap(), 64, 100).is_none());
+}
+
+#[test]
+fn the_gpu_layout_quantizes_when_the_cpu_cache_does() {
+    // The GPU layer quantizes by PackedGpuLayout::quantized_after and appends at most
+    // `chunk` tokens a step (its rings are sized for that); the CPU stores have their own
+    // rules (store.rs). Fed the same appends, both must hold the same tokens quantized,
+    // and no more tokens may wait unquantized than the rings hold.
+    let mut rng = SplitMix64::new(3);
+    for spec in ["kivi-2", "kivi-4:group=64", "kivi-2:residual=0", "per-token-4", "per-token-2:residual=100", "per-token-4:residual=0:group=32"] {
+        let cfg = CacheConfig::from_spec(spec, &kvq::cache::Overrides::default()).unwrap();
+        let l = kvq::size::PackedGpuLayout::of(&cfg, D, 4096).unwrap();
+        let shape = CacheShape { layers: 1, batch: 1, kv_heads: 1, head_dim: D };
+        let mut cpu = Cache::new(&cfg, shape, None, None).unwrap();
+        let (mut len, mut nqk, mut nqv) = (0, 0, 0);
+        for step in [1, 7, l.chunk, 3, l.chunk, l.chunk, 100, 1, 1, 250, l.chunk, 64] {
+            let mut left = step;
+            while left > 0 {
+                let c = left.min(l.chunk);
+                let (k, v) = (random(&mut rng, c * D), random(&mut rng, c * D));
+                cpu.append(0, &k, &v, c).unwrap();
+                len += c;
+                left -= c;
+                // The append lands in the rings before anything is quantized.
+                assert!(len - nqk <= l.kring && len - nqv <= l.vring, "{spec}: {len} held, {nqk}/{nqv} quantized, rings {}/{}", l.kring, l.vring);
+                let (qk, qv) = l.quantized_after(len, nqk);
+                let info = cpu.info();
+                assert_eq!((qk, qv), (info.key_quantized_len, info.quantized_len), "{spec} at {len} tokens");
+                (nqk, nqv) = (qk, qv);
+            }
+        }
+    }
 }
