@@ -111,8 +111,8 @@ struct PplCli {
     #[command(flatten)]
     model: ModelArgs,
     /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
-    /// weights and matmuls on the GPU, KIVI caches packed on the GPU (kvq's kernels),
-    /// fp16/fp32 caches as tensors there; the other caches stay in host memory.
+    /// weights and matmuls on the GPU, KIVI and per-token caches packed on the GPU (kvq's
+    /// kernels), fp16/fp32 caches as tensors there; KVQuant caches stay in host memory.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The text file to score.
@@ -160,8 +160,8 @@ struct GenerateCli {
     #[command(flatten)]
     model: ModelArgs,
     /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
-    /// weights and matmuls on the GPU, KIVI caches packed on the GPU (kvq's kernels),
-    /// fp16/fp32 caches as tensors there; the other caches stay in host memory.
+    /// weights and matmuls on the GPU, KIVI and per-token caches packed on the GPU (kvq's
+    /// kernels), fp16/fp32 caches as tensors there; KVQuant caches stay in host memory.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The prompt.
