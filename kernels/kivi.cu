@@ -20,6 +20,7 @@
 #define FULL_MASK 0xffffffffu
 
 #include "f16_round.cuh"
+#include "warp.cuh"
 
 // Affine parameters covering [lo, hi] (kvq: Affine::fit).
 __device__ __forceinline__ __half2 fit_affine(float lo, float hi, float qmax) {
@@ -263,36 +264,6 @@ QUANT_ENTRY(4)
 // Writes, per (stream, split, query): the running max, sum and unnormalized output;
 // `combine_splits` merges them.
 constexpr int WARPS = 4;
-
-// Sum over lanes of v[0..32), lane j receives the total for index j: five halving
-// steps, each lane keeping the half of the indices its lane bit selects.
-template <int OFF, int N>
-__device__ __forceinline__ void reduce_scatter_step(float (&v)[N], int lane) {
-    const bool upper = lane & OFF;
-#pragma unroll
-    for (int i = 0; i < OFF; i++) {
-        const float send = upper ? v[i] : v[i + OFF];
-        const float keep = upper ? v[i + OFF] : v[i];
-        v[i] = keep + __shfl_xor_sync(FULL_MASK, send, OFF);
-    }
-    if constexpr (OFF > 1) reduce_scatter_step<OFF / 2>(v, lane);
-}
-template <int N>
-__device__ __forceinline__ float reduce_scatter32(float (&v)[N], int lane) {
-    reduce_scatter_step<16>(v, lane);
-    return v[0];
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
-    return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, o));
-    return x;
-}
 
 // Small unsigned integer → float exactly, in one OR and one FADD (no slow I2F).
 __device__ __forceinline__ float code_to_float(uint32_t c) {

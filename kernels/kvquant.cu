@@ -17,8 +17,8 @@
 #include <stdint.h>
 
 #include "f16_round.cuh"
+#include "warp.cuh"
 
-#define FULL_MASK 0xffffffffu
 constexpr int WARPS = 4;
 
 // Rust's f32::total_cmp as an unsigned key: negatives below positives, -0 below +0.
@@ -27,12 +27,14 @@ __device__ __forceinline__ uint32_t total_key(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// x: [rows = stream · tokens][D] f32. center/scale: [kv_heads][D] (keys) or null (values).
-// bounds: the codebook's 2^bits − 1 midpoints. Outputs for row r: codes[r][packed],
-// token_norm[r] (values: half2 (centre, half-range)), out_index/out_value[r][n_out].
+// x: [stream][src_tokens][D] f32, tokens src_t0 .. src_t0 + tokens of each (rows = stream · tokens). center/scale: [kv_heads][D] (keys) or null (values).
+// bounds: the codebook's 2^bits − 1 midpoints. Token j of stream s lands in row
+// s · dst_cap + dst_t0 + j of the outputs: codes[row][packed], token_norm[row] (values:
+// half2 (centre, half-range)), out_index/out_value[row][n_out].
 // PER: values a lane holds (D = 32·PER), so every per-lane loop has a fixed length.
 template <int PER>
-__device__ void kvquant_quantize(const float* __restrict__ x, int rows, int tokens, int kv_heads, int bits,
+__device__ void kvquant_quantize(const float* __restrict__ x, int rows, int tokens, int src_tokens, int src_t0,
+                     long dst_cap, int dst_t0, int kv_heads, int bits,
                      const float* __restrict__ center, const float* __restrict__ scale,
                      const float* __restrict__ bounds, int n_out, uint8_t* __restrict__ codes,
                      __half2* __restrict__ token_norm, uint16_t* __restrict__ out_index,
@@ -48,7 +50,8 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
     // block's only barrier); 32-bit index math (the host keeps rows below 2^31).
     for (int r = blockIdx.x * WARPS + warp; r < rows; r += gridDim.x * WARPS) {
         const int h = (r / tokens) % kv_heads;
-        const float* xr = x + (long)r * D;
+        const long dr = (long)(r / tokens) * dst_cap + dst_t0 + r % tokens;  // the output row
+        const float* xr = x + ((long)(r / tokens) * src_tokens + src_t0 + r % tokens) * D;
         float v[PER], norm[PER], score[PER];
         bool out[PER];
 #pragma unroll
@@ -125,7 +128,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
 #pragma unroll
             for (int i = 0; i < PER; i++)
                 norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
-            if (lane == 0) token_norm[r] = __halves2half2(ch, hh);
+            if (lane == 0) token_norm[dr] = __halves2half2(ch, hh);
         }
         // Codes: the number of bounds below each normalized value.
 #pragma unroll
@@ -152,7 +155,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
                     if (i < D) b |= (uint32_t)((s_code[warp][i] >> (g % bits)) & 1) << p;
                 }
             }
-            codes[(long)r * plen + byte] = (uint8_t)b;
+            codes[dr * plen + byte] = (uint8_t)b;
         }
         // Outliers in ascending channel order: chunk by chunk, lanes in order.
         int pos = 0;
@@ -160,7 +163,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
         for (int i = 0; i < PER; i++) {
             const unsigned m = __ballot_sync(FULL_MASK, out[i]);
             if (out[i]) {
-                const long k = (long)r * n_out + pos + __popc(m & ((1u << lane) - 1));
+                const long k = dr * n_out + pos + __popc(m & ((1u << lane) - 1));
                 out_index[k] = (uint16_t)(lane + 32 * i);
                 out_value[k] = __float2half_rn(v[i]);
             }
@@ -172,11 +175,13 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
 
 #define KVQ_ENTRY(PER)                                                                                   \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) kvquant_quantize_d##PER(                    \
-        const float* x, int rows, int tokens, int kv_heads, int bits, const float* center,              \
-        const float* scale, const float* bounds, int n_out, uint8_t* codes, __half2* token_norm,         \
-        uint16_t* out_index, __half* out_value) {                                                        \
-        kvquant_quantize<PER>(x, rows, tokens, kv_heads, bits, center, scale, bounds, n_out, codes,      \
-                              token_norm, out_index, out_value);                                         \
+        const float* x, int rows, int tokens, int src_tokens, int src_t0, long dst_cap, int dst_t0,     \
+        int kv_heads, int bits,                                                                          \
+        const float* center, const float* scale, const float* bounds, int n_out, uint8_t* codes,         \
+        __half2* token_norm, uint16_t* out_index, __half* out_value) {                                   \
+        kvquant_quantize<PER>(x, rows, tokens, src_tokens, src_t0, dst_cap, dst_t0, kv_heads, bits,      \
+                              center, scale, bounds,                                                     \
+                              n_out, codes, token_norm, out_index, out_value);                           \
     }
 // Kernels for head sizes 32, 64, 96, 128 and 256 (named by values a lane: d1 .. d8).
 KVQ_ENTRY(1)
@@ -184,3 +189,237 @@ KVQ_ENTRY(2)
 KVQ_ENTRY(3)
 KVQ_ENTRY(4)
 KVQ_ENTRY(8)
+
+// ---------------------------------------------------------------- attention
+// Attention over KVQuant's store, read where it lies (nothing dequantized to memory):
+// position t < sink from the f16 sink, else codes of row t − sink, each value
+// level[code] scaled (keys: centre[c] + scale[c]·level, values: centre_t + half_t·level),
+// outliers put back, keys rotated to position t (they are stored before RoPE, with the
+// model's cos/sin table). Causal over a chunk of T queries a sequence (`past_only` off, as
+// the KVQuant presets): query i of the chunk sees positions 0 .. n − T + i.
+// Grid: (stream, split, group of REP queries); 4 warps a block, a warp a tile of 32
+// positions at a time. A lane owns PP RoPE pairs (p = lane + 32k: channels (p, p + D/2)
+// for Hugging Face's rotate_half, (2p, 2p + 1) interleaved), so a key is rotated in the
+// lane that holds both halves; scores are summed over lanes by a reduce-scatter (lane j
+// ends with position j's), values accumulated per channel. Splits are merged by kivi.cu's
+// combine_splits. CUDA cores, f32 throughout: a reference-grade kernel, not a fast one.
+struct KvqAttnArgs {
+    const float* q;            // [stream][nq][D]: [batch][Hq][T][D], rotated
+    float* part_acc;           // [stream][split][nq][D]
+    float* part_ml;            // [stream][split][nq][2]
+    const __half* ksink;       // [stream][sink_cap][D] (keys before RoPE)
+    const __half* vsink;
+    const uint8_t* kcodes;     // [stream][cap][plen]
+    const uint8_t* vcodes;
+    const __half2* vnorm;      // [stream][cap] (centre, half-range)
+    const uint16_t* kout_idx;  // [stream][cap][n_out]
+    const __half* kout_val;
+    const uint16_t* vout_idx;
+    const __half* vout_val;
+    const float* kcenter;      // [Hkv][D]
+    const float* kscale;
+    const float* klevels;      // [2^bits]
+    const float* vlevels;
+    const float* cos;          // [positions][D/2]
+    const float* sin;
+    long cap;                  // rows the code buffers hold a stream
+    int sink_cap, sink;        // sink rows a stream, of them filled
+    int bits, n_out, Hkv, T, nq;
+    long n;                    // positions held, the chunk included
+    int tiles_per_split, splits;
+    float scale_log2;
+};
+
+// Code of channel c in a packed row (least significant bit first; codes may straddle bytes).
+__device__ __forceinline__ int code_at(const uint8_t* row, int c, int bits, int plen) {
+    const int bit = c * bits, byte = bit >> 3;
+    uint32_t w = row[byte];
+    if (byte + 1 < plen) w |= (uint32_t)row[byte + 1] << 8;
+    return (int)((w >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+template <int PP, int REP, bool HALF>
+__device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
+    constexpr int D = 64 * PP;
+    __shared__ float s_kl[256], s_vl[256];
+    const int nl = 1 << a.bits;
+    for (int i = threadIdx.x; i < nl; i += blockDim.x) s_kl[i] = a.klevels[i], s_vl[i] = a.vlevels[i];
+    __syncthreads();
+    const int s = blockIdx.x, split = blockIdx.y, r0 = blockIdx.z * REP;
+    const int h = s % a.Hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int plen = (D * a.bits + 7) / 8;
+    int ca[PP], cb[PP];
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        const int p = lane + 32 * k;
+        ca[k] = HALF ? p : 2 * p;
+        cb[k] = HALF ? p + D / 2 : 2 * p + 1;
+    }
+    float qa[REP][PP], qb[REP][PP], m[REP], l[REP], acca[REP][PP], accb[REP][PP];
+    long lim[REP];  // positions query r sees
+#pragma unroll
+    for (int r = 0; r < REP; r++) {
+        const bool ok = r0 + r < a.nq;
+        const float* qp = a.q + ((long)s * a.nq + r0 + r) * D;
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            qa[r][k] = ok ? qp[ca[k]] * a.scale_log2 : 0.f;
+            qb[r][k] = ok ? qp[cb[k]] * a.scale_log2 : 0.f;
+            acca[r][k] = 0.f;
+            accb[r][k] = 0.f;
+        }
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+        lim[r] = ok ? a.n - a.T + (r0 + r) % a.T + 1 : 0;
+    }
+    float kc_a[PP], kc_b[PP], ks_a[PP], ks_b[PP];
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        kc_a[k] = a.kcenter[h * D + ca[k]];
+        kc_b[k] = a.kcenter[h * D + cb[k]];
+        ks_a[k] = a.kscale[h * D + ca[k]];
+        ks_b[k] = a.kscale[h * D + cb[k]];
+    }
+    const long tiles = (a.n + 31) / 32;
+    const long tb = (long)split * a.tiles_per_split;
+    const long te = min(tiles, tb + a.tiles_per_split);
+    for (long tile = tb + warp; tile < te; tile += WARPS) {
+        const long t0 = tile * 32;
+        float part[REP][32];  // indexed by j: the loop must unroll fully to keep it in registers
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            const long t = t0 + j;
+            float xa[PP], xb[PP];
+            if (t < a.sink) {
+                const __half* row = a.ksink + ((long)s * a.sink_cap + t) * D;
+#pragma unroll
+                for (int k = 0; k < PP; k++) xa[k] = __half2float(row[ca[k]]), xb[k] = __half2float(row[cb[k]]);
+            } else if (t < a.n) {
+                const long i = (long)s * a.cap + (t - a.sink);
+                const uint8_t* row = a.kcodes + i * plen;
+#pragma unroll
+                for (int k = 0; k < PP; k++) {
+                    xa[k] = kc_a[k] + ks_a[k] * s_kl[code_at(row, ca[k], a.bits, plen)];
+                    xb[k] = kc_b[k] + ks_b[k] * s_kl[code_at(row, cb[k], a.bits, plen)];
+                }
+                for (int o = 0; o < a.n_out; o++) {
+                    const int c = a.kout_idx[i * a.n_out + o];
+                    const float x = __half2float(a.kout_val[i * a.n_out + o]);
+#pragma unroll
+                    for (int k = 0; k < PP; k++) {
+                        if (c == ca[k]) xa[k] = x;
+                        if (c == cb[k]) xb[k] = x;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < PP; k++) xa[k] = 0.f, xb[k] = 0.f;
+            }
+#pragma unroll
+            for (int r = 0; r < REP; r++) part[r][j] = 0.f;
+            if (t < a.n) {
+#pragma unroll
+                for (int k = 0; k < PP; k++) {
+                    const int p = lane + 32 * k;
+                    const float c = a.cos[t * (D / 2) + p], sn = a.sin[t * (D / 2) + p];
+                    const float ra = xa[k] * c - xb[k] * sn, rb = xa[k] * sn + xb[k] * c;
+#pragma unroll
+                    for (int r = 0; r < REP; r++) part[r][j] = fmaf(qa[r][k], ra, fmaf(qb[r][k], rb, part[r][j]));
+                }
+            }
+        }
+        const long t = t0 + lane;
+        float p[REP];
+#pragma unroll
+        for (int r = 0; r < REP; r++) {
+            float sc = reduce_scatter32(part[r], lane);
+            sc = t < lim[r] ? sc : -INFINITY;
+            const float mnew = fmaxf(m[r], warp_max(sc));
+            if (mnew == -INFINITY) {  // nothing visible yet for this query
+                p[r] = 0.f;
+                continue;
+            }
+            const float corr = exp2f(m[r] - mnew);
+            p[r] = t < lim[r] ? exp2f(sc - mnew) : 0.f;
+            l[r] = l[r] * corr + warp_sum(p[r]);
+#pragma unroll
+            for (int k = 0; k < PP; k++) acca[r][k] *= corr, accb[r][k] *= corr;
+            m[r] = mnew;
+        }
+#pragma unroll 4
+        for (int j = 0; j < 32; j++) {
+            const long tt = t0 + j;
+            if (tt >= a.n) break;
+            float xa[PP], xb[PP];
+            if (tt < a.sink) {
+                const __half* row = a.vsink + ((long)s * a.sink_cap + tt) * D;
+#pragma unroll
+                for (int k = 0; k < PP; k++) xa[k] = __half2float(row[ca[k]]), xb[k] = __half2float(row[cb[k]]);
+            } else {
+                const long i = (long)s * a.cap + (tt - a.sink);
+                const uint8_t* row = a.vcodes + i * plen;
+                const float2 cn = __half22float2(a.vnorm[i]);
+#pragma unroll
+                for (int k = 0; k < PP; k++) {
+                    xa[k] = cn.x + cn.y * s_vl[code_at(row, ca[k], a.bits, plen)];
+                    xb[k] = cn.x + cn.y * s_vl[code_at(row, cb[k], a.bits, plen)];
+                }
+                for (int o = 0; o < a.n_out; o++) {
+                    const int c = a.vout_idx[i * a.n_out + o];
+                    const float x = __half2float(a.vout_val[i * a.n_out + o]);
+#pragma unroll
+                    for (int k = 0; k < PP; k++) {
+                        if (c == ca[k]) xa[k] = x;
+                        if (c == cb[k]) xb[k] = x;
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < REP; r++) {
+                const float pv = __shfl_sync(FULL_MASK, p[r], j);
+#pragma unroll
+                for (int k = 0; k < PP; k++) acca[r][k] = fmaf(pv, xa[k], acca[r][k]), accb[r][k] = fmaf(pv, xb[k], accb[r][k]);
+            }
+        }
+    }
+    // Merge the warps' states, then write the split's partial result.
+    __shared__ float sm_m[WARPS][REP], sm_l[WARPS][REP], sm_acc[WARPS][REP][D];
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < REP; r++) sm_m[warp][r] = m[r], sm_l[warp][r] = l[r];
+    }
+#pragma unroll
+    for (int r = 0; r < REP; r++)
+#pragma unroll
+        for (int k = 0; k < PP; k++) sm_acc[warp][r][ca[k]] = acca[r][k], sm_acc[warp][r][cb[k]] = accb[r][k];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < REP * D; idx += WARPS * 32) {
+        const int r = idx / D, c = idx % D;
+        if (r0 + r >= a.nq) continue;
+        float M = -INFINITY;
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_m[w][r]);
+        float L = 0.f, A = 0.f;
+        for (int w = 0; w < WARPS; w++) {
+            if (sm_m[w][r] == -INFINITY) continue;
+            const float e = exp2f(sm_m[w][r] - M);
+            L += sm_l[w][r] * e;
+            A += sm_acc[w][r][c] * e;
+        }
+        const long o = ((long)s * a.splits + split) * a.nq + r0 + r;
+        a.part_acc[o * D + c] = A;
+        if (c == 0) a.part_ml[o * 2] = M, a.part_ml[o * 2 + 1] = L;
+    }
+}
+
+#define KVQ_ATTN(PP, REP, HALF, NAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) kvquant_attn_d##PP##_r##REP##_##NAME( \
+        const KvqAttnArgs a) {                                                                     \
+        kvquant_attn<PP, REP, HALF>(a);                                                            \
+    }
+#define KVQ_ATTN_REPS(PP, HALF, NAME) KVQ_ATTN(PP, 1, HALF, NAME) KVQ_ATTN(PP, 2, HALF, NAME) KVQ_ATTN(PP, 4, HALF, NAME)
+// Head sizes 64 and 128 (d1, d2: RoPE pairs a lane), both RoPE layouts.
+KVQ_ATTN_REPS(1, true, half)
+KVQ_ATTN_REPS(1, false, interleaved)
+KVQ_ATTN_REPS(2, true, half)
+KVQ_ATTN_REPS(2, false, interleaved)

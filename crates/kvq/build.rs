@@ -11,7 +11,9 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
-    println!("cargo:rerun-if-changed={}", PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../kernels/f16_round.cuh").display());
+    for header in ["f16_round.cuh", "warp.cuh"] {
+        println!("cargo:rerun-if-changed={}", PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../kernels").join(header).display());
+    }
     let nvcc = std::env::var("NVCC").ok().or_else(|| std::env::var("CUDA_HOME").ok().map(|h| format!("{h}/bin/nvcc"))).unwrap_or_else(|| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     for name in ["kivi", "full", "kvquant"] {

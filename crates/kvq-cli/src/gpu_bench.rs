@@ -198,6 +198,40 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
                     }
                     push(&format!("{name} quantize {what}"), moved, ms, Some(diff.is_none()), None, &mut t);
                 }
+                // Decode attention over KVQuant's store (keys taken as pre-RoPE keys, rotated as
+                // read; the first token in the f16 sink), against kvq's CPU cache of the same
+                // preset, calibration and RoPE fed the same K/V.
+                if d == 64 || d == 128 {
+                    let rope = std::sync::Arc::new(kvq::rope::Rope::new(10_000.0, d, kvq::rope::RopeStyle::Half, n));
+                    let table = std::sync::Arc::new(cuda::CudaRope::new(&dev, &rope, n)?);
+                    let mut layer = cuda::KvQuantGpuLayer::new(&dev, s, hkv, d, n, config.sink_tokens, n_out, l, table)?;
+                    layer.append(&kd, &vd, n)?;
+                    let mut od = dev.alloc_zeros::<f32>(b * hq * d)?;
+                    let ms = cuda::time_ms(&dev, 3, iters, || layer.attend(&qd, hq, 1, &mut od))?;
+                    let got = pick_rows(&dev.clone_dtoh(&od)?, &check_rows, hq * d);
+                    let cal = std::sync::Arc::new(cal.clone());
+                    let shape = CacheShape { layers: 1, batch: check_rows.len(), kv_heads: hkv, head_dim: d };
+                    let mut cpu = Cache::new(&config, shape, Some(rope), Some(cal))?;
+                    let (mut kr, mut vr) = (Vec::new(), Vec::new());
+                    for &row in &check_rows {
+                        kr.extend_from_slice(&k[row * hkv * n * d..(row + 1) * hkv * n * d]);
+                        vr.extend_from_slice(&v[row * hkv * n * d..(row + 1) * hkv * n * d]);
+                    }
+                    cpu.append(0, &kr, &vr, n)?;
+                    let qr = pick_rows(&q, &check_rows, hq * d);
+                    let mut want = vec![0f32; qr.len()];
+                    cpu.attend(0, &qr, hq, 1, &mut want)?;
+                    let err = rel_error(&got, &want);
+                    let (sink, stored) = layer.held();
+                    let plen = kvq::quant::packed_len(d, bits);
+                    // Codes, value (centre, half-range), outliers of K and V; the f16 sink; the
+                    // cos/sin table (shared by every stream: read once from memory).
+                    let bytes = s * stored * (2 * plen + 4 + 2 * n_out * 4) + s * sink * d * 2 * 2 + n * d / 2 * 8;
+                    push(&format!("{name} attend, CUDA cores"), bytes, ms, None, Some(err), &mut t);
+                    if err > MAX_REL_ERROR {
+                        failures.push(format!("{} {name}: attention error {err:.2e} > {MAX_REL_ERROR:e}", sh.name));
+                    }
+                }
                 continue;
             }
             let mut layer = PackedGpuLayer::new(&dev, &config, s, d, n)?;
@@ -386,16 +420,31 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
     let noises: [(f32, u64); 6] = [(1e-7, 1), (1e-7, 2), (1e-6, 1), (1e-6, 2), (1e-6, 3), (1e-6, 4)];
     let mut failures = Vec::new();
     let three = |x: f64| format!("{:.2e}", x);
+    // KVQuant's calibration: fitted once on the CPU model (the first 512 ids), used by both sides.
+    let calibration = |cfg: &CacheConfig| -> Result<Option<std::sync::Arc<kvq::cache::KvQuantCalibration>>> {
+        Ok(match cfg.scheme {
+            Scheme::KvQuant { bits, outlier_fraction } => Some(std::sync::Arc::new(cpu_m.calibrate_kvquant(&ids[..ids.len().min(512)], bits, outlier_fraction)?)),
+            _ => None,
+        })
+    };
+    // The GPU cache of a preset (KIVI and per-token with the chosen kernel).
+    let gpu_cache = |cfg: &CacheConfig, batch: usize, kernel: AttnKernel, calib: Option<std::sync::Arc<kvq::cache::KvQuantCalibration>>| -> Result<Box<dyn KvCache>> {
+        if kvq::gpu_cache::runs_on_gpu(cfg, gpu_m.config.head_dim) {
+            return Ok(Box::new(kvq::gpu_cache::PackedGpuCache::new(&dev, cfg, shape(&gpu_m, batch), gpu_m.config.max_seq_len)?.with_kernel(kernel)));
+        }
+        kvq::gpu_cache::gpu_cache_for(&gpu, cfg, shape(&gpu_m, batch), gpu_m.config.max_seq_len, &gpu_m.rope, calib)?.with_context(|| format!("{}: no GPU cache for this preset", cfg.label()))
+    };
     for name in a.caches {
         let cfg = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
-        if !kvq::gpu_cache::runs_on_gpu(&cfg, gpu_m.config.head_dim) {
-            bail!("{name}: only KIVI and per-token caches run in kvq's packed GPU cache so far");
+        if matches!(cfg.scheme, Scheme::Full(_) | Scheme::None) {
+            bail!("{name}: gpu-model compares the quantized GPU caches (fp32 is its reference row)");
         }
+        let calib = calibration(&cfg)?;
         let reference = CacheConfig::new(Scheme::Full(FullPrecision::F32));
         let mut cpu_ref = cpu_m.new_cache(&reference, 1, None)?;
-        let mut cpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(cpu_m.new_cache(&cfg, 1, None)?))];
+        let mut cpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(cpu_m.new_cache(&cfg, 1, calib.clone())?))];
         for &(sigma, seed) in &noises {
-            let inner: Box<dyn KvCache> = Box::new(cpu_m.new_cache(&cfg, 1, None)?);
+            let inner: Box<dyn KvCache> = Box::new(cpu_m.new_cache(&cfg, 1, calib.clone())?);
             cpu_caches.push((cfg.label(), Box::new(kvq::eval::NoisyKv::new(inner, sigma, seed)?)));
         }
         let (cpu_fp32, cpu_rows) = evaluate(&cpu_m, &ids, ("fp32", &mut cpu_ref), &mut cpu_caches, a.chunk, |_, _| {})?;
@@ -405,14 +454,14 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
             band = band.max(rel);
             noise_t.row(vec![cfg.label(), format!("{sigma:.0e}"), seed.to_string(), format!("{:.5}", r.ppl), format!("{rel:.1e}")]);
         }
-        // Both kernels: tensor cores (the default) and the CUDA-core kernel (f32 throughout);
-        // per-token keys have only the second.
-        let kernels: &[(AttnKernel, &str)] = if matches!(cfg.scheme, Scheme::PerToken { .. }) { &[(AttnKernel::Auto, "")] } else { &[(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] };
+        // Both KIVI kernels: tensor cores (the default) and the CUDA-core kernel (f32
+        // throughout); per-token and KVQuant have one each (CUDA cores).
+        let kernels: &[(AttnKernel, &str)] = if matches!(cfg.scheme, Scheme::Kivi { .. }) { &[(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] } else { &[(AttnKernel::Auto, "")] };
         for &(kernel, kname) in kernels {
             let mut gpu_ref = gpu_m.new_cache(&reference, 1, None)?;
-            let gcache = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, shape(&gpu_m, 1), gpu_m.config.max_seq_len)?.with_kernel(kernel);
+            let gcache = gpu_cache(&cfg, 1, kernel, calib.clone())?;
             let err = std::sync::Arc::new(MaxErr::default());
-            let shadowed = Shadowed { gpu: gcache, cpu: gpu_m.new_cache(&cfg, 1, None)?, max_err: err.clone() };
+            let shadowed = Shadowed { gpu: gcache, cpu: gpu_m.new_cache(&cfg, 1, calib.clone())?, max_err: err.clone() };
             let mut gpu_caches: Vec<(String, Box<dyn KvCache>)> = vec![(cfg.label(), Box::new(shadowed))];
             let (gpu_fp32, gpu_rows) = evaluate(&gpu_m, &ids, ("fp32", &mut gpu_ref), &mut gpu_caches, a.chunk, |_, _| {})?;
             if name == &a.caches[0] && kname.is_empty() {
@@ -455,8 +504,8 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
     let mut d = Table::new(&["cache", "batch", "prompt", "new tokens", "prefill s", "decode tok/s (all rows)"]);
     for name in a.caches {
         let cfg = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
-        let mut cache = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, shape(&gpu_m, a.batch), gpu_m.config.max_seq_len)?;
-        let g = generate(&gpu_m, &mut cache, &prompts, &opts, |_, _| {})?;
+        let mut cache = gpu_cache(&cfg, a.batch, AttnKernel::Auto, calibration(&cfg)?)?;
+        let g = generate(&gpu_m, cache.as_mut(), &prompts, &opts, |_, _| {})?;
         d.row(vec![cfg.label(), a.batch.to_string(), prompt_len.to_string(), a.new_tokens.to_string(), format!("{:.3}", g.steps.first().map_or(0.0, |s| s.latency_s)), format!("{:.0}", g.decode_tokens_per_s())]);
     }
     out.push_str("\nDecoding on the GPU (weights' matmuls through candle, the cache through kvq's kernels; q/k/v stay on the GPU: the model's device path):\n\n");
@@ -487,7 +536,7 @@ impl MaxErr {
 /// check of the GPU cache inside the model that does not depend on the model's
 /// conditioning (both sides see the same K/V).
 struct Shadowed {
-    gpu: kvq::gpu_cache::PackedGpuCache,
+    gpu: Box<dyn KvCache>,
     cpu: Cache,
     max_err: std::sync::Arc<MaxErr>,
 }
@@ -609,7 +658,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
             (rel_error(&run(&mut devc)?, &run(&mut host)?), FP16_REL_ERROR, "–".to_string())
         } else {
             let e = std::sync::Arc::new(MaxErr::default());
-            let mut host = Shadowed { gpu: kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?, cpu: m.new_cache(&cfg, 2, None)?, max_err: e.clone() };
+            let mut host = Shadowed { gpu: Box::new(kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?), cpu: m.new_cache(&cfg, 2, None)?, max_err: e.clone() };
             let mut devc = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?;
             let want = run(&mut host)?;
             if e.get() > MAX_REL_ERROR {
@@ -635,7 +684,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     let timed = |cfg: &CacheConfig, batch: usize, tokens: usize| -> Result<(f64, f64)> {
         let shape = m.cache_shape(batch);
         let cap = tokens + a.steps + 8;
-        let mut cache = kvq::gpu_cache::gpu_cache_for(&gpu, cfg, shape, cap)?.with_context(|| format!("{} has no GPU cache", cfg.label()))?;
+        let mut cache = kvq::gpu_cache::gpu_cache_for(&gpu, cfg, shape, cap, &m.rope, None)?.with_context(|| format!("{} has no GPU cache here (KVQuant needs a calibration: not in this benchmark yet)", cfg.label()))?;
         let t0 = std::time::Instant::now();
         let chunk = tokens.min(1024);
         let noise = Tensor::randn(0f32, 1f32, (batch, c.kv_heads, chunk, c.head_dim), &gpu)?;

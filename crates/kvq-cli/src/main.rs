@@ -111,8 +111,8 @@ struct PplCli {
     #[command(flatten)]
     model: ModelArgs,
     /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
-    /// weights and matmuls on the GPU, KIVI and per-token caches packed on the GPU (kvq's
-    /// kernels), fp16/fp32 caches as tensors there; KVQuant caches stay in host memory.
+    /// weights and matmuls on the GPU, KIVI, per-token and KVQuant caches packed on the
+    /// GPU (kvq's kernels), fp16/fp32 caches as tensors there.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The text file to score.
@@ -160,8 +160,8 @@ struct GenerateCli {
     #[command(flatten)]
     model: ModelArgs,
     /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
-    /// weights and matmuls on the GPU, KIVI and per-token caches packed on the GPU (kvq's
-    /// kernels), fp16/fp32 caches as tensors there; KVQuant caches stay in host memory.
+    /// weights and matmuls on the GPU, KIVI, per-token and KVQuant caches packed on the
+    /// GPU (kvq's kernels), fp16/fp32 caches as tensors there.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The prompt.
@@ -336,8 +336,9 @@ enum BenchCmd {
         out: Option<std::path::PathBuf>,
     },
     /// The model on the GPU vs the CPU (needs `--features cuda`): the same ids scored
-    /// with each packed cache (KIVI, per-token) on both, perplexities compared to 3
-    /// significant digits; then greedy decoding of a batch on the GPU.
+    /// with each quantized cache (KIVI, per-token, KVQuant with one calibration for both
+    /// sides) on both, perplexities compared to 3 significant digits; then greedy
+    /// decoding of a batch on the GPU.
     GpuModel {
         /// A GGUF file (default: kvq's small deterministic model, no file needed).
         #[arg(long)]
@@ -349,7 +350,7 @@ enum BenchCmd {
         tokens: usize,
         #[arg(long, default_value_t = 16)]
         chunk: usize,
-        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4,per-token-4,per-token-2")]
+        #[arg(long, value_delimiter = ',', default_value = "kivi-2,kivi-4,per-token-4,per-token-2,kvquant-4,kvquant-2")]
         caches: Vec<String>,
         #[arg(long, default_value_t = 8)]
         batch: usize,

@@ -82,7 +82,7 @@ pub fn build_cache(model: &Llama, tok: &TextTokenizer, name: &str, ov: &Override
         _ => None,
     };
     #[cfg(feature = "cuda")]
-    if let Some(cache) = kvq::gpu_cache::gpu_cache_for(&model.device, &cfg, model.cache_shape(batch), model.config.max_seq_len)? {
+    if let Some(cache) = kvq::gpu_cache::gpu_cache_for(&model.device, &cfg, model.cache_shape(batch), model.config.max_seq_len, &model.rope, calib.clone())? {
         return Ok((cfg, cache));
     }
     let cache = model.new_cache(&cfg, batch, calib)?;

@@ -945,8 +945,19 @@ impl KvQuantGpu {
     /// `key_norm` gives the calibrated (centre, scale), `[kv_heads][head_dim]` each;
     /// values (per token) when it is `None`. Returns the bytes moved (read + written).
     pub fn quantize(&mut self, x: &CudaSlice<f32>, kv_heads: usize, codebook: &CudaCodebook, key_norm: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>) -> Result<usize> {
-        let (rows, d) = (self.streams * self.tokens, self.head_dim);
-        if x.len() < rows * d || kv_heads == 0 || self.streams % kv_heads != 0 || codebook.bits != self.bits {
+        self.quantize_into(x, (self.tokens, 0), self.tokens, 0, kv_heads, codebook, key_norm)
+    }
+
+    /// [`KvQuantGpu::quantize`] of `tokens` tokens a stream, read from `x`
+    /// (`[stream][src_tokens][head_dim]`, from token `src_t0`), written to rows
+    /// `dst_t0 ..` of each stream (what a cache appends).
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_into(&mut self, x: &CudaSlice<f32>, (src_tokens, src_t0): (usize, usize), tokens: usize, dst_t0: usize, kv_heads: usize, codebook: &CudaCodebook, key_norm: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>) -> Result<usize> {
+        let (rows, d) = (self.streams * tokens, self.head_dim);
+        if tokens == 0 || src_t0 + tokens > src_tokens || dst_t0 + tokens > self.tokens || src_tokens > i32::MAX as usize {
+            return Err(KvqError::Shape(format!("KVQuant quantize of tokens {src_t0}..{} of {src_tokens} into rows {dst_t0}.. of {}", src_t0 + tokens, self.tokens)));
+        }
+        if x.len() < self.streams * src_tokens * d || kv_heads == 0 || self.streams % kv_heads != 0 || codebook.bits != self.bits {
             return Err(KvqError::Shape(format!("KVQuant quantize: {} floats for {rows} vectors of {d}, {kv_heads} KV heads, a {}-bit codebook for {}-bit codes", x.len(), codebook.bits, self.bits)));
         }
         if let Some((c, s)) = key_norm {
@@ -957,12 +968,13 @@ impl KvQuantGpu {
         // Warps loop over vectors: a full GPU of them, not one a vector.
         let blocks = rows.div_ceil(WARPS as usize).min(16 * sm_count(&self.dev)?);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-        let (rl, ti, hk, bi, no) = (rows as i32, self.tokens as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
+        let (rl, ti, hk, bi, no) = (rows as i32, tokens as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
+        let (sti, st0, cap, dt0) = (src_tokens as i32, src_t0 as i32, self.tokens as i64, dst_t0 as i32);
         let name = format!("kvquant_quantize_d{}", d / 32);
         let null = 0u64;
         match key_norm {
-            Some((c, s)) => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
-            None => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            Some((c, s)) => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            None => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
         }
         let written = rows * (packed_len(d, self.bits) + self.n_out * crate::quant::outliers::OUTLIER_BYTES) + if key_norm.is_none() { rows * 4 } else { 0 };
         Ok(rows * d * 4 + written)
@@ -988,15 +1000,17 @@ impl KvQuantGpu {
     }
 }
 
-/// A codebook's bounds on the GPU (what [`KvQuantGpu::quantize`] counts codes against).
+/// A codebook on the GPU: its bounds (what [`KvQuantGpu::quantize`] counts codes
+/// against) and levels (what attention reads a code as).
 pub struct CudaCodebook {
     bits: u8,
     bounds: CudaSlice<f32>,
+    levels: CudaSlice<f32>,
 }
 
 impl CudaCodebook {
     pub fn new(dev: &CudaDevice, codebook: &crate::quant::Codebook) -> Result<Self> {
-        Ok(CudaCodebook { bits: codebook.bits(), bounds: dev.clone_htod(codebook.bounds()).map_err(gpu)? })
+        Ok(CudaCodebook { bits: codebook.bits(), bounds: dev.clone_htod(codebook.bounds()).map_err(gpu)?, levels: dev.clone_htod(codebook.levels()).map_err(gpu)? })
     }
 }
 
@@ -1029,4 +1043,283 @@ pub fn check_kvquant(g: &KvQuantGpu, x: &[f32], streams: &[usize], kv_heads: usi
         }
     }
     Ok(None)
+}
+
+// ---------------------------------------------------------------- KVQuant cache layer
+
+/// The kernel's argument block (`KvqAttnArgs` in kvquant.cu; same field order and types).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KvqAttnArgs {
+    q: u64,
+    part_acc: u64,
+    part_ml: u64,
+    ksink: u64,
+    vsink: u64,
+    kcodes: u64,
+    vcodes: u64,
+    vnorm: u64,
+    kout_idx: u64,
+    kout_val: u64,
+    vout_idx: u64,
+    vout_val: u64,
+    kcenter: u64,
+    kscale: u64,
+    klevels: u64,
+    vlevels: u64,
+    cos: u64,
+    sin: u64,
+    cap: i64,
+    sink_cap: i32,
+    sink: i32,
+    bits: i32,
+    n_out: i32,
+    hkv: i32,
+    t: i32,
+    nq: i32,
+    n: i64,
+    tiles_per_split: i32,
+    splits: i32,
+    scale_log2: f32,
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for KvqAttnArgs {}
+
+/// The model's RoPE on the GPU: cos and sin of every position, `[positions][head_dim / 2]`
+/// (the very table kvq's CPU rotates by), for caches that store keys before RoPE.
+pub struct CudaRope {
+    pub half_style: bool,
+    pub positions: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+impl CudaRope {
+    pub fn new(dev: &CudaDevice, rope: &crate::rope::Rope, positions: usize) -> Result<Self> {
+        let (cos, sin) = rope.tables(0, positions);
+        Ok(CudaRope {
+            half_style: rope.style == crate::rope::RopeStyle::Half,
+            positions,
+            cos: dev.clone_htod(&cos).map_err(gpu)?,
+            sin: dev.clone_htod(&sin).map_err(gpu)?,
+        })
+    }
+}
+
+/// One layer of a KVQuant cache on the GPU: the first `sink` tokens of each stream in f16,
+/// the rest in KVQuant's store (kernels/kvquant.cu quantizes them as they come, byte for
+/// byte the CPU's `NuqStore`), keys before RoPE; attention reads the store in place
+/// (`kvquant_attn_*`), causally over the chunk just appended.
+pub struct KvQuantGpuLayer {
+    dev: CudaDevice,
+    streams: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    sink_cap: usize,
+    len: usize,
+    ksink: CudaSlice<f16>,
+    vsink: CudaSlice<f16>,
+    keys: KvQuantGpu,
+    values: KvQuantGpu,
+    key_codebook: CudaCodebook,
+    value_codebook: CudaCodebook,
+    key_center: CudaSlice<f32>,
+    key_scale: CudaSlice<f32>,
+    rope: Arc<CudaRope>,
+    part_acc: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    sms: usize,
+}
+
+impl KvQuantGpuLayer {
+    /// A layer of `streams` = batch × KV heads streams holding up to `capacity` tokens,
+    /// `sink` of them in f16, quantized with `calibration` (this layer's constants).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(dev: &CudaDevice, streams: usize, kv_heads: usize, head_dim: usize, capacity: usize, sink: usize, n_out: usize, calibration: &crate::cache::LayerCalibration, rope: Arc<CudaRope>) -> Result<Self> {
+        let d = head_dim;
+        if head_dim != 64 && head_dim != 128 {
+            return Err(KvqError::Unsupported(format!("the KVQuant attention kernel is built for head dim 64 and 128, not {head_dim}")));
+        }
+        if rope.positions < capacity {
+            return Err(KvqError::Shape(format!("a RoPE table of {} positions for a cache of {capacity}", rope.positions)));
+        }
+        if calibration.key_center.len() != kv_heads * d || calibration.key_scale.len() != kv_heads * d || kv_heads == 0 || streams % kv_heads != 0 {
+            return Err(KvqError::Shape(format!("key centre/scale must hold {kv_heads} × {d} values, and {streams} streams be whole sequences")));
+        }
+        let bits = calibration.key_codebook.bits();
+        let rows = capacity.saturating_sub(sink).max(1);
+        let sink_rows = streams * sink.max(1) * d;
+        Ok(KvQuantGpuLayer {
+            dev: dev.clone(),
+            streams,
+            kv_heads,
+            head_dim,
+            sink_cap: sink,
+            len: 0,
+            ksink: dev.alloc_zeros::<f16>(sink_rows).map_err(gpu)?,
+            vsink: dev.alloc_zeros::<f16>(sink_rows).map_err(gpu)?,
+            keys: KvQuantGpu::new(dev, streams, rows, d, bits, n_out)?,
+            values: KvQuantGpu::new(dev, streams, rows, d, bits, n_out)?,
+            key_codebook: CudaCodebook::new(dev, &calibration.key_codebook)?,
+            value_codebook: CudaCodebook::new(dev, &calibration.value_codebook)?,
+            key_center: dev.clone_htod(&calibration.key_center).map_err(gpu)?,
+            key_scale: dev.clone_htod(&calibration.key_scale).map_err(gpu)?,
+            rope,
+            part_acc: dev.alloc_zeros::<f32>(1).map_err(gpu)?,
+            part_ml: dev.alloc_zeros::<f32>(1).map_err(gpu)?,
+            sms: sm_count(dev)?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens in the sink (f16) and in the store.
+    pub fn held(&self) -> (usize, usize) {
+        let sink = self.len.min(self.sink_cap);
+        (sink, self.len - sink)
+    }
+
+    /// What the layer holds now, by kind (as the CPU cache counts it; the per-layer
+    /// constants are the cache's to count).
+    pub fn held_bytes(&self) -> crate::size::Bytes {
+        let (sink, stored) = self.held();
+        let (s, d, bits, n_out) = (self.streams, self.head_dim, self.keys.bits, self.keys.n_out);
+        crate::size::Bytes {
+            codes: 2 * s * stored * packed_len(d, bits),
+            params: s * stored * crate::quant::uniform::AFFINE_BYTES,
+            outliers: 2 * s * stored * n_out * crate::quant::outliers::OUTLIER_BYTES,
+            sink: 2 * s * sink * d * 2,
+            ..Default::default()
+        }
+    }
+
+    /// Appends `tokens` tokens of every stream from `k` (before RoPE) and `v` (f32,
+    /// `[stream][tokens][D]`): the first ones of a sequence to the sink, the rest quantized.
+    pub fn append(&mut self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, tokens: usize) -> Result<()> {
+        let (s, d) = (self.streams, self.head_dim);
+        if tokens == 0 || k.len() < s * tokens * d || v.len() < s * tokens * d {
+            return Err(KvqError::Shape(format!("append of {tokens} tokens needs {} floats each for K and V, got {} and {}", s * tokens * d, k.len(), v.len())));
+        }
+        if self.len + tokens > self.sink_cap + self.keys.tokens {
+            return Err(KvqError::ContextOverflow { len: self.len + tokens, max: self.sink_cap + self.keys.tokens });
+        }
+        let to_sink = self.sink_cap.saturating_sub(self.len).min(tokens);
+        if to_sink > 0 {
+            let (stride, t0, ti, di, si, ring, pos) = ((tokens * d) as i64, 0i32, to_sink as i32, d as i32, s as i32, self.sink_cap as i32, self.len as i64);
+            launch!(self.dev, "append_ring_f32", grid_1d(s * to_sink * d), k, &stride, &t0, &ti, &di, &si, &mut self.ksink, &ring, &pos);
+            launch!(self.dev, "append_ring_f32", grid_1d(s * to_sink * d), v, &stride, &t0, &ti, &di, &si, &mut self.vsink, &ring, &pos);
+        }
+        let rest = tokens - to_sink;
+        if rest > 0 {
+            let row = self.len + to_sink - self.sink_cap;
+            let norm = Some((&self.key_center, &self.key_scale));
+            self.keys.quantize_into(k, (tokens, to_sink), rest, row, self.kv_heads, &self.key_codebook, norm)?;
+            self.values.quantize_into(v, (tokens, to_sink), rest, row, self.kv_heads, &self.value_codebook, None)?;
+        }
+        self.len += tokens;
+        Ok(())
+    }
+
+    /// Attention of the last `tokens` positions' queries (`q`: `[batch][q_heads][tokens][D]`,
+    /// f32, rotated) over every position up to their own (causal); writes `out` (same shape).
+    pub fn attend(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        let (s, d, hkv) = (self.streams, self.head_dim, self.kv_heads);
+        let batch = s / hkv;
+        if q_heads == 0 || q_heads % hkv != 0 || tokens == 0 || tokens > self.len || q.len() != batch * q_heads * tokens * d || out.len() != q.len() {
+            return Err(KvqError::Shape(format!("{tokens} queries of {q_heads} heads over {} held: {} floats do not fit", self.len, q.len())));
+        }
+        if self.len > i32::MAX as usize * TILE {
+            return Err(KvqError::Unsupported(format!("{} tokens: the KVQuant kernel counts tiles in 32 bits", self.len)));
+        }
+        let nq = q_heads / hkv * tokens;
+        let rep = match nq {
+            1 => 1,
+            2 => 2,
+            _ => 4,
+        };
+        let chunks = nq.div_ceil(rep);
+        let name = format!("kvquant_attn_d{}_r{rep}_{}", d / 64, if self.rope.half_style { "half" } else { "interleaved" });
+        let f = kvquant_module(&self.dev)?.load_function(&name).map_err(gpu)?;
+        let (splits, per) = plan_splits(self.len.div_ceil(TILE), s * chunks, blocks_per_sm_of(&f)? * self.sms, WARPS as usize);
+        let need = s * splits * nq * d;
+        if self.part_acc.len() < need {
+            self.part_acc = self.dev.alloc_zeros::<f32>(need).map_err(gpu)?;
+            self.part_ml = self.dev.alloc_zeros::<f32>(s * splits * nq * 2).map_err(gpu)?;
+        }
+        let stream = self.dev.cuda_stream();
+        let args = {
+            let (q_p, _g1) = q.device_ptr(&stream);
+            let (acc, _g2) = self.part_acc.device_ptr(&stream);
+            let (ml, _g3) = self.part_ml.device_ptr(&stream);
+            let (ks, _g4) = self.ksink.device_ptr(&stream);
+            let (vs, _g5) = self.vsink.device_ptr(&stream);
+            let (kc, _g6) = self.keys.codes.device_ptr(&stream);
+            let (vc, _g7) = self.values.codes.device_ptr(&stream);
+            let (vn, _g8) = self.values.token_norm.device_ptr(&stream);
+            let (ki, _g9) = self.keys.out_index.device_ptr(&stream);
+            let (kv, _g10) = self.keys.out_value.device_ptr(&stream);
+            let (vi, _g11) = self.values.out_index.device_ptr(&stream);
+            let (vv, _g12) = self.values.out_value.device_ptr(&stream);
+            let (kce, _g13) = self.key_center.device_ptr(&stream);
+            let (ksc, _g14) = self.key_scale.device_ptr(&stream);
+            let (kl, _g15) = self.key_codebook.levels.device_ptr(&stream);
+            let (vl, _g16) = self.value_codebook.levels.device_ptr(&stream);
+            let (co, _g17) = self.rope.cos.device_ptr(&stream);
+            let (si, _g18) = self.rope.sin.device_ptr(&stream);
+            KvqAttnArgs {
+                q: q_p,
+                part_acc: acc,
+                part_ml: ml,
+                ksink: ks,
+                vsink: vs,
+                kcodes: kc,
+                vcodes: vc,
+                vnorm: vn,
+                kout_idx: ki,
+                kout_val: kv,
+                vout_idx: vi,
+                vout_val: vv,
+                kcenter: kce,
+                kscale: ksc,
+                klevels: kl,
+                vlevels: vl,
+                cos: co,
+                sin: si,
+                cap: self.keys.tokens as i64,
+                sink_cap: self.sink_cap.max(1) as i32,
+                sink: self.len.min(self.sink_cap) as i32,
+                bits: self.keys.bits as i32,
+                n_out: self.keys.n_out as i32,
+                hkv: hkv as i32,
+                t: tokens as i32,
+                nq: nq as i32,
+                n: self.len as i64,
+                tiles_per_split: per as i32,
+                splits: splits as i32,
+                scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+            }
+        };
+        let cfg = LaunchConfig { grid_dim: (s as u32, splits as u32, chunks as u32), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        launch!(@go f, self.dev, cfg, &args);
+        let cfg = LaunchConfig { grid_dim: ((s * nq) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        let (sp, ri, hk, di) = (splits as i32, nq as i32, hkv as i32, d as i32);
+        launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
+        Ok(())
+    }
+
+    /// Forgets every token (the buffers stay allocated).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// The quantized store of keys and of values (for the byte-for-byte check).
+    pub fn stores(&self) -> (&KvQuantGpu, &KvQuantGpu) {
+        (&self.keys, &self.values)
+    }
 }

@@ -11,8 +11,10 @@
 //! `past_only` (the KIVI presets' default) a chunk's queries see the tokens held before
 //! it from the store and the chunk's own K/V at full precision, causally.
 
-use crate::cache::{CacheConfig, CacheInfo, CacheShape, DeviceKv, HeldTokens, KvCache, Scheme};
-use crate::cuda::{AttnKernel, PackedGpuLayer, gpu};
+use crate::cache::{CacheConfig, CacheInfo, CacheShape, DeviceKv, HeldTokens, KvCache, KvQuantCalibration, Scheme};
+use crate::cuda::{AttnKernel, CudaRope, KvQuantGpuLayer, PackedGpuLayer, gpu};
+use crate::rope::Rope;
+use std::sync::Arc;
 use crate::error::{KvqError, Result};
 use crate::size::Bytes;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
@@ -258,13 +260,22 @@ impl DeviceKv for PackedGpuCache {
 }
 
 /// The cache a preset gets on a GPU: KIVI and per-token packed by kvq's kernels
-/// ([`PackedGpuCache`]), fp16/fp32 as tensors ([`TensorCache`](crate::tensor_cache::TensorCache));
-/// `None` for presets that stay in host memory (KVQuant, and fp16/fp32 with a sink,
-/// pre-RoPE keys or past-only attention).
-pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: CacheShape, capacity: usize) -> Result<Option<Box<dyn KvCache>>> {
+/// ([`PackedGpuCache`]), KVQuant in its store ([`KvQuantGpuCache`], given its
+/// `calibration` and the model's `rope`), fp16/fp32 as tensors
+/// ([`TensorCache`](crate::tensor_cache::TensorCache)); `None` for presets that stay in
+/// host memory (fp16/fp32 with a sink, pre-RoPE keys or past-only attention; KVQuant
+/// with post-RoPE keys or at head sizes the kernel lacks).
+pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: CacheShape, capacity: usize, rope: &Arc<Rope>, calibration: Option<Arc<KvQuantCalibration>>) -> Result<Option<Box<dyn KvCache>>> {
     let candle_core::Device::Cuda(dev) = device else { return Ok(None) };
     if runs_on_gpu(config, shape.head_dim) {
         return Ok(Some(Box::new(PackedGpuCache::new(dev, config, shape, capacity)?)));
+    }
+    if matches!(config.scheme, Scheme::KvQuant { .. }) {
+        let Some(c) = calibration else { return Ok(None) };
+        if config.pre_rope && !config.past_only && matches!(shape.head_dim, 64 | 128) {
+            return Ok(Some(Box::new(KvQuantGpuCache::new(dev, config, shape, capacity, rope, c)?)));
+        }
+        return Ok(None);
     }
     let full = matches!(config.scheme, Scheme::Full(crate::cache::FullPrecision::F16 | crate::cache::FullPrecision::F32));
     if full && !config.pre_rope && config.sink_tokens == 0 && !config.past_only {
@@ -276,4 +287,170 @@ pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: 
 /// Whether a preset runs in [`PackedGpuCache`] (a KIVI or per-token scheme the kernels take).
 pub fn runs_on_gpu(config: &CacheConfig, head_dim: usize) -> bool {
     crate::cuda::check_supported(config, head_dim).is_ok()
+}
+
+/// A KVQuant cache in GPU memory ([`KvQuantGpuLayer`] a layer): keys stored before RoPE
+/// (the model hands them unrotated, the kernel rotates them as it reads), the first
+/// `sink_tokens` of a sequence in f16, the rest quantized on the GPU byte for byte as the
+/// CPU's `NuqStore` holds them; attention causal over the chunk just appended (the
+/// KVQuant presets are not past-only), read from the store in place.
+pub struct KvQuantGpuCache {
+    dev: CudaDevice,
+    config: CacheConfig,
+    shape: CacheShape,
+    calibration: Arc<KvQuantCalibration>,
+    layers: Vec<KvQuantGpuLayer>,
+    padding: Vec<usize>,
+}
+
+impl KvQuantGpuCache {
+    pub fn new(dev: &CudaDevice, config: &CacheConfig, shape: CacheShape, capacity: usize, rope: &Arc<Rope>, calibration: Arc<KvQuantCalibration>) -> Result<Self> {
+        let Scheme::KvQuant { bits, outlier_fraction } = config.scheme else {
+            return Err(KvqError::InvalidParam(format!("{} is not a KVQuant cache", config.label())));
+        };
+        config.validate(shape.head_dim)?;
+        if !config.pre_rope || config.past_only {
+            return Err(KvqError::Unsupported("the GPU KVQuant cache stores keys before RoPE and attends causally (past-only off), as the KVQuant presets do".into()));
+        }
+        crate::cache::check_calibration(&calibration, shape.layers, shape.kv_heads, shape.head_dim, bits, outlier_fraction, config.pre_rope)?;
+        let n_out = crate::quant::outlier_count(outlier_fraction, shape.head_dim);
+        let table = Arc::new(CudaRope::new(dev, rope, capacity)?);
+        let streams = shape.batch * shape.kv_heads;
+        let layers = calibration
+            .layers
+            .iter()
+            .map(|c| KvQuantGpuLayer::new(dev, streams, shape.kv_heads, shape.head_dim, capacity, config.sink_tokens, n_out, c, table.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvQuantGpuCache { dev: dev.clone(), config: config.clone(), shape, calibration, layers, padding: vec![0; shape.batch] })
+    }
+
+    fn layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.layers.len() {
+            return Err(KvqError::LayerOutOfRange { layer, layers: self.layers.len() });
+        }
+        Ok(())
+    }
+
+    /// The layer's GPU store (for checks against the CPU cache).
+    pub fn gpu_layer(&self, layer: usize) -> Option<&KvQuantGpuLayer> {
+        self.layers.get(layer)
+    }
+}
+
+impl KvCache for KvQuantGpuCache {
+    fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+
+    fn wants_pre_rope_keys(&self) -> bool {
+        true
+    }
+
+    fn seq_len(&self) -> usize {
+        self.layers.first().map_or(0, KvQuantGpuLayer::len)
+    }
+
+    fn set_padding(&mut self, row_start: &[usize]) -> Result<()> {
+        crate::cache::refuse_padding(row_start, self.shape.batch, "GPU cache")
+    }
+
+    fn padding(&self) -> &[usize] {
+        &self.padding
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
+        self.layer(layer)?;
+        let need = self.shape.batch * self.shape.kv_heads * tokens * self.shape.head_dim;
+        if tokens == 0 || k.len() != need || v.len() != need {
+            return Err(KvqError::Shape(format!("append of {tokens} tokens needs {need} values each for K and V, got {} and {}", k.len(), v.len())));
+        }
+        crate::error::check_values("keys", k)?;
+        crate::error::check_values("values", v)?;
+        let kd = self.dev.clone_htod(k).map_err(gpu)?;
+        let vd = self.dev.clone_htod(v).map_err(gpu)?;
+        self.layers[layer].append(&kd, &vd, tokens)
+    }
+
+    fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()> {
+        self.layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
+        let want = batch * q_heads * tokens * d;
+        if q_heads == 0 || q_heads % kv_heads != 0 || tokens == 0 || q.len() != want || out.len() != want {
+            return Err(KvqError::Shape(format!("{q_heads} query heads over {kv_heads} KV heads, {tokens} tokens: queries and output need {want} values, got {} and {}", q.len(), out.len())));
+        }
+        check_finite("queries", q)?;
+        let qd = self.dev.clone_htod(q).map_err(gpu)?;
+        let mut od = self.dev.alloc_zeros::<f32>(want).map_err(gpu)?;
+        self.layers[layer].attend(&qd, q_heads, tokens, &mut od)?;
+        out.copy_from_slice(&self.dev.cuda_stream().clone_dtoh(&od).map_err(gpu)?);
+        Ok(())
+    }
+
+    fn materialize(&self, _layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Err(KvqError::Unsupported("the GPU cache's K/V stay on the GPU; materialize a CPU cache of the same preset".into()))
+    }
+
+    fn bytes(&self) -> Bytes {
+        let mut b = self.layers.iter().fold(Bytes::default(), |a, l| {
+            let x = l.held_bytes();
+            Bytes { codes: a.codes + x.codes, params: a.params + x.params, outliers: a.outliers + x.outliers, sink: a.sink + x.sink, ..a }
+        });
+        b.constants = self.shape.layers * self.calibration.layer_bytes();
+        b
+    }
+
+    fn info(&self) -> CacheInfo {
+        let total = self.seq_len();
+        let (sink, stored) = self.layers.first().map_or((0, 0), KvQuantGpuLayer::held);
+        let elements = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * total * self.shape.batch;
+        let held = HeldTokens { total, quantized: stored, key_quantized: stored, sink };
+        CacheInfo::new(format!("{} (GPU)", self.config.label()), &self.config, self.shape, held, self.bytes(), elements)
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.iter().copied().eq(0..self.shape.batch) {
+            return Ok(());
+        }
+        Err(KvqError::Unsupported("reordering or dropping sequences (beam search) is not in the GPU cache yet".into()))
+    }
+
+    fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvQuantGpuLayer::reset);
+    }
+
+    fn on_device(&mut self) -> Option<&mut dyn DeviceKv> {
+        Some(self)
+    }
+}
+
+impl DeviceKv for KvQuantGpuCache {
+    fn append_tensors(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim, .. } = self.shape;
+        let tokens = match k.dims() {
+            &[b, h, t, d] if b == batch && h == kv_heads && d == head_dim && t > 0 && v.dims() == k.dims() => t,
+            dims => return Err(KvqError::Shape(format!("keys and values must be [{batch}, {kv_heads}, tokens, {head_dim}], got {dims:?} and {:?}", v.dims()))),
+        };
+        crate::tensor_cache::check_values_on_device("keys", k)?;
+        crate::tensor_cache::check_values_on_device("values", v)?;
+        let lay = &mut self.layers[layer];
+        with_cuda::<f32, _>(k, |kd| with_cuda::<f32, _>(v, |vd| lay.append(kd, vd, tokens)))
+    }
+
+    fn attend_tensors(&mut self, layer: usize, q: &Tensor) -> Result<Tensor> {
+        self.layer(layer)?;
+        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
+        let (q_heads, tokens) = match q.dims() {
+            &[b, h, t, dd] if b == batch && dd == d && h > 0 && h % kv_heads == 0 && t > 0 => (h, t),
+            dims => return Err(KvqError::Shape(format!("queries must be [{batch}, a multiple of {kv_heads}, tokens, {d}], got {dims:?}"))),
+        };
+        let mut od = self.dev.alloc_zeros::<f32>(batch * q_heads * tokens * d).map_err(gpu)?;
+        let lay = &mut self.layers[layer];
+        with_cuda::<f32, _>(q, |qd| lay.attend(qd, q_heads, tokens, &mut od))?;
+        Ok(tensor_of(od, &self.dev, &[batch, q_heads, tokens, d]))
+    }
 }

@@ -249,8 +249,9 @@ impl Llama {
         let mut x = self.embed.index_select(&ids, 0)?.reshape((batch, t, c.hidden_size))?;
         let pre_rope = cache.wants_pre_rope_keys();
         // A cache on the model's device takes q/k/v as tensors there: no host round trip
-        // (RoPE is done on the device too, with the same cos/sin values).
-        let on_device = !pre_rope && pad.iter().all(|&p| p == 0) && cache.on_device().is_some();
+        // (RoPE is done on the device too, with the same cos/sin values; keys stay
+        // unrotated for a cache that stores them before RoPE).
+        let on_device = pad.iter().all(|&p| p == 0) && cache.on_device().is_some();
         let rope_tables = if on_device {
             let (cos, sin) = self.rope.tables(pos0, t);
             let half = d / 2;
@@ -264,7 +265,8 @@ impl Llama {
             if let (Some((cos, sin)), Some(dev_cache)) = (&rope_tables, cache.on_device()) {
                 let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((batch, t, n, d))?.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)?) };
                 let q = self.rope_tensor(&heads(blk.wq.forward(&h)?, hq)?, cos, sin)?;
-                let k = self.rope_tensor(&heads(blk.wk.forward(&h)?, hkv)?, cos, sin)?;
+                let k = heads(blk.wk.forward(&h)?, hkv)?;
+                let k = if pre_rope { k } else { self.rope_tensor(&k, cos, sin)? };
                 let v = heads(blk.wv.forward(&h)?, hkv)?;
                 dev_cache.append_tensors(li, &k, &v)?;
                 let a = dev_cache.attend_tensors(li, &q)?.transpose(1, 2)?.reshape((batch, t, hq * d))?;

@@ -18,7 +18,7 @@ use crate::quant::outliers::outlier_count;
 use crate::rope::Rope;
 use crate::size::Bytes;
 use half::{bf16, f16};
-use kvquant::check_calibration;
+pub(crate) use kvquant::check_calibration;
 // (crate-wide: the GPU kernels' checks build these CPU stores as references)
 pub(crate) use kvquant::NuqStore;
 use serde::{Deserialize, Serialize};
