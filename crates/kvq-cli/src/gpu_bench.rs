@@ -174,11 +174,12 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             let config = CacheConfig::from_spec(name, &kvq::cache::Overrides::default())?;
             // KVQuant: quantize kernels only (its cache attends on the CPU).
             if let Scheme::KvQuant { bits, outlier_fraction } = config.scheme {
-                // A real calibration: KVQuant's fit on the first sequence's first 512 tokens.
+                // A real calibration: KVQuant's fit on the first sequence's first 512 tokens (the
+                // random keys stand for keys before RoPE, as the KVQuant presets store them).
                 let ct = n.min(512);
                 let take = |x: &[f32]| -> Vec<f32> { (0..hkv).flat_map(|h| x[h * n * d..(h * n + ct) * d].to_vec()).collect() };
                 let (ck, cv) = (take(&k), take(&v));
-                let cal = kvq::cache::KvQuantCalibration::fit(&[kvq::cache::LayerSamples { keys: &ck, values: &cv, tokens: ct }], hkv, d, bits as u32, outlier_fraction, false)?;
+                let cal = kvq::cache::KvQuantCalibration::fit(&[kvq::cache::LayerSamples { keys: &ck, values: &cv, tokens: ct }], hkv, d, bits as u32, outlier_fraction, true)?;
                 let l = &cal.layers[0];
                 let n_out = kvq::quant::outlier_count(outlier_fraction, d);
                 let (center, scale) = (dev.clone_htod(&l.key_center)?, dev.clone_htod(&l.key_scale)?);
