@@ -112,7 +112,7 @@ struct PplCli {
     model: ModelArgs,
     /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
     /// weights and matmuls on the GPU, KIVI, per-token and KVQuant caches packed on the
-    /// GPU (kvq's kernels), fp16/fp32 caches as tensors there.
+    /// GPU (kvq's kernels), fp16/bf16/fp32 caches as tensors there.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The text file to score.
@@ -161,7 +161,7 @@ struct GenerateCli {
     model: ModelArgs,
     /// Where the model runs: cpu, or cuda (GPU 0; a build with the `cuda` feature): the
     /// weights and matmuls on the GPU, KIVI, per-token and KVQuant caches packed on the
-    /// GPU (kvq's kernels), fp16/fp32 caches as tensors there.
+    /// GPU (kvq's kernels), fp16/bf16/fp32 caches as tensors there.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The prompt.
@@ -558,7 +558,7 @@ fn run() -> Result<()> {
         Command::Bench(BenchCmd::Attn { shapes, caches, iters, peer, json, out }) => {
             let shapes = shapes.iter().map(|s| s.parse()).collect::<Result<Vec<gpu_bench::AttnShape>>>()?;
             let body = gpu_bench::attn(&shapes, &caches, iters, peer.as_deref(), json.as_deref())?;
-            write_result(&out, "GPU decode attention over the packed KIVI cache", &body)?;
+            write_result(&out, "GPU decode attention over the quantized caches (KIVI, per-token, KVQuant)", &body)?;
         }
         #[cfg(feature = "cuda")]
         Command::Bench(BenchCmd::GpuModel { model, weights, tokens, chunk, caches, batch, new_tokens, out }) => {

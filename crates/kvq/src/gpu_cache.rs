@@ -261,9 +261,9 @@ impl DeviceKv for PackedGpuCache {
 
 /// The cache a preset gets on a GPU: KIVI and per-token packed by kvq's kernels
 /// ([`PackedGpuCache`]), KVQuant in its store ([`KvQuantGpuCache`], given its
-/// `calibration` and the model's `rope`), fp16/fp32 as tensors
+/// `calibration` and the model's `rope`), fp16/bf16/fp32 as tensors
 /// ([`TensorCache`](crate::tensor_cache::TensorCache)); `None` for presets that stay in
-/// host memory (fp16/fp32 with a sink, pre-RoPE keys or past-only attention; KVQuant
+/// host memory (full precision with a sink, pre-RoPE keys or past-only attention; KVQuant
 /// with post-RoPE keys or at head sizes the kernel lacks).
 pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: CacheShape, capacity: usize, rope: &Arc<Rope>, calibration: Option<Arc<KvQuantCalibration>>) -> Result<Option<Box<dyn KvCache>>> {
     let candle_core::Device::Cuda(dev) = device else { return Ok(None) };
@@ -277,7 +277,7 @@ pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: 
         }
         return Ok(None);
     }
-    let full = matches!(config.scheme, Scheme::Full(crate::cache::FullPrecision::F16 | crate::cache::FullPrecision::F32));
+    let full = matches!(config.scheme, Scheme::Full(crate::cache::FullPrecision::F16 | crate::cache::FullPrecision::Bf16 | crate::cache::FullPrecision::F32));
     if full && !config.pre_rope && config.sink_tokens == 0 && !config.past_only {
         return Ok(Some(Box::new(crate::tensor_cache::TensorCache::new(config, shape, capacity, device)?)));
     }

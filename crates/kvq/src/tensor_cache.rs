@@ -47,13 +47,14 @@ pub struct TensorCache {
 }
 
 impl TensorCache {
-    /// A cache of `config` (fp16 or fp32) for `shape`, up to `capacity` tokens a sequence,
-    /// allocated at once on `device`.
+    /// A cache of `config` (fp16, bf16 or fp32) for `shape`, up to `capacity` tokens a
+    /// sequence, allocated at once on `device`. (bf16 attends through the matmul path.)
     pub fn new(config: &CacheConfig, shape: CacheShape, capacity: usize, device: &Device) -> Result<Self> {
         let dtype = match config.scheme {
             Scheme::Full(FullPrecision::F16) => DType::F16,
+            Scheme::Full(FullPrecision::Bf16) => DType::BF16,
             Scheme::Full(FullPrecision::F32) => DType::F32,
-            _ => return Err(KvqError::Unsupported(format!("a tensor cache holds fp16 or fp32 K/V, not {}", config.label()))),
+            _ => return Err(KvqError::Unsupported(format!("a tensor cache holds fp16, bf16 or fp32 K/V, not {}", config.label()))),
         };
         if config.pre_rope || config.sink_tokens != 0 || config.past_only {
             return Err(KvqError::Unsupported("a tensor cache stores keys after RoPE, with no sink, and attends causally".into()));
