@@ -230,25 +230,133 @@ struct KvqAttnArgs {
     float scale_log2;
 };
 
-// Code of channel c in a packed row (least significant bit first; codes may straddle bytes).
-__device__ __forceinline__ int code_at(const uint8_t* row, int c, int bits, int plen) {
-    const int bit = c * bits, byte = bit >> 3;
-    uint32_t w = row[byte];
-    if (byte + 1 < plen) w |= (uint32_t)row[byte + 1] << 8;
-    return (int)((w >> (bit & 7)) & ((1u << bits) - 1));
+// Outliers a vector the attention kernel reads (1% of 64 or 128 channels is 1 or 2).
+constexpr int MAX_OUTLIERS = 4;
+
+// Code of channel c in a packed row of `u32` words (least significant bit first; a code
+// may straddle two words, then both are read).
+__device__ __forceinline__ int code_at(const uint32_t* row, int c, int bits) {
+    const int bit = c * bits, w = bit >> 5, sh = bit & 31;
+    const uint32_t lo = row[w];
+    const uint32_t hi = sh + bits > 32 ? row[w + 1] : 0u;
+    return (int)(((((uint64_t)hi << 32) | lo) >> sh) & ((1u << bits) - 1));
+}
+
+// Token t's vector (keys or values) at this lane's channels: from the f16 sink or the
+// store (level · scale + centre, outliers put back). Branch-free, so that the loads of a
+// whole tile can be in flight at once: the caller passes a valid t (< n), both sources are
+// read and one is kept. `norm` gives (centre, scale) per channel for keys, null for values
+// (then the token's own (centre, half-range) from `tnorm`).
+template <int PP, int D>
+__device__ __forceinline__ void load_vector(const KvqAttnArgs& a, int s, long t, const __half* sink, const uint8_t* codes,
+                                            const __half2* tnorm, const uint16_t* oidx, const __half* oval,
+                                            const float* levels, const int (&ca)[PP], const int (&cb)[PP],
+                                            const float (&ca_c)[PP], const float (&ca_s)[PP], const float (&cb_c)[PP],
+                                            const float (&cb_s)[PP], float (&xa)[PP], float (&xb)[PP]) {
+    const int plen = D * a.bits / 8;
+    const bool in_sink = t < a.sink;
+    const long i = (long)s * a.cap + (in_sink ? 0 : t - a.sink);
+    const uint32_t* row = (const uint32_t*)(codes + i * plen);
+    const __half* srow = sink + ((long)s * a.sink_cap + (in_sink ? t : 0)) * D;
+    float c0 = 0.f, h0 = 0.f;
+    if (tnorm != nullptr) {
+        const float2 cn = __half22float2(tnorm[i]);
+        c0 = cn.x, h0 = cn.y;
+    }
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        const float la = levels[code_at(row, ca[k], a.bits)], lb = levels[code_at(row, cb[k], a.bits)];
+        const float da = tnorm != nullptr ? c0 + h0 * la : ca_c[k] + ca_s[k] * la;
+        const float db = tnorm != nullptr ? c0 + h0 * lb : cb_c[k] + cb_s[k] * lb;
+        xa[k] = in_sink ? __half2float(srow[ca[k]]) : da;
+        xb[k] = in_sink ? __half2float(srow[cb[k]]) : db;
+    }
+    // Up to MAX_OUTLIERS a vector (the host refuses more), each read whether used or not.
+#pragma unroll
+    for (int o = 0; o < MAX_OUTLIERS; o++) {
+        const long oi = a.n_out > 0 ? i * a.n_out + min(o, a.n_out - 1) : 0;
+        const int c = (o < a.n_out && !in_sink) ? (int)oidx[oi] : -1;
+        const float x = __half2float(oval[oi]);
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            xa[k] = c == ca[k] ? x : xa[k];
+            xb[k] = c == cb[k] ? x : xb[k];
+        }
+    }
+}
+
+// Stages stored rows t0 − sink .. + 31 of stream s (past the last one: the last, whose
+// scores are masked and whose weights are 0) into a warp's shared buffers, every load
+// coalesced: codes word by word, outliers packed as (channel | f16 value << 16), and the
+// values' (centre, half-range) when `tnorm` is given. Ends with __syncwarp.
+template <int D>
+__device__ __forceinline__ void stage_tile(const KvqAttnArgs& a, int s, long t0, const uint8_t* codes, const __half2* tnorm,
+                                           const uint16_t* oidx, const __half* oval, uint32_t* s_codes, uint32_t* s_out,
+                                           __half2* s_norm, int lane) {
+    __syncwarp();  // the buffers' last readers are done
+    const int rw = D * a.bits / 32;  // u32 words a row
+    const long base = (long)s * a.cap, first = t0 - a.sink, last = a.n - 1 - a.sink;
+    const uint32_t* cw = (const uint32_t*)codes;
+    for (int w = lane; w < 32 * rw; w += 32) {
+        const int r = w / rw;
+        s_codes[w] = cw[(base + min(first + r, last)) * rw + (w - r * rw)];
+    }
+    for (int k = lane; k < 32 * a.n_out; k += 32) {
+        const int r = k / a.n_out, o = k - r * a.n_out;
+        const long at = (base + min(first + r, last)) * a.n_out + o;
+        s_out[r * MAX_OUTLIERS + o] = (uint32_t)oidx[at] | (uint32_t)__half_as_ushort(oval[at]) << 16;
+    }
+    if (tnorm != nullptr) s_norm[lane] = tnorm[base + min(first + lane, last)];
+    __syncwarp();
+}
+
+// Row j of a staged tile at this lane's channels (as load_vector, from shared memory).
+template <int PP, int D>
+__device__ __forceinline__ void staged_vector(const KvqAttnArgs& a, int j, const uint32_t* s_codes, const uint32_t* s_out,
+                                              const __half2* s_norm, const float* levels, const int (&ca)[PP],
+                                              const int (&cb)[PP], const float (&ca_c)[PP], const float (&ca_s)[PP],
+                                              const float (&cb_c)[PP], const float (&cb_s)[PP], float (&xa)[PP],
+                                              float (&xb)[PP]) {
+    const uint32_t* row = s_codes + j * (D * a.bits / 32);
+    float c0 = 0.f, h0 = 0.f;
+    if (s_norm != nullptr) {
+        const float2 cn = __half22float2(s_norm[j]);
+        c0 = cn.x, h0 = cn.y;
+    }
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        const float la = levels[code_at(row, ca[k], a.bits)], lb = levels[code_at(row, cb[k], a.bits)];
+        xa[k] = s_norm != nullptr ? c0 + h0 * la : ca_c[k] + ca_s[k] * la;
+        xb[k] = s_norm != nullptr ? c0 + h0 * lb : cb_c[k] + cb_s[k] * lb;
+    }
+#pragma unroll
+    for (int o = 0; o < MAX_OUTLIERS; o++) {
+        const uint32_t u = s_out[j * MAX_OUTLIERS + o];
+        const int c = o < a.n_out ? (int)(u & 0xffffu) : -1;
+        const float x = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            xa[k] = c == ca[k] ? x : xa[k];
+            xb[k] = c == cb[k] ? x : xb[k];
+        }
+    }
 }
 
 template <int PP, int REP, bool HALF>
 __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
     constexpr int D = 64 * PP;
     __shared__ float s_kl[256], s_vl[256];
+    // A warp's tile of 32 stored vectors, staged by coalesced loads: codes (up to 8 bits a
+    // channel), outliers as (channel | f16 value << 16), values' (centre, half-range).
+    __shared__ uint32_t s_codes[WARPS][32 * D / 4];
+    __shared__ uint32_t s_out[WARPS][32 * MAX_OUTLIERS];
+    __shared__ __half2 s_norm[WARPS][32];
     const int nl = 1 << a.bits;
     for (int i = threadIdx.x; i < nl; i += blockDim.x) s_kl[i] = a.klevels[i], s_vl[i] = a.vlevels[i];
     __syncthreads();
     const int s = blockIdx.x, split = blockIdx.y, r0 = blockIdx.z * REP;
     const int h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int plen = (D * a.bits + 7) / 8;
     int ca[PP], cb[PP];
 #pragma unroll
     for (int k = 0; k < PP; k++) {
@@ -287,46 +395,26 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
     for (long tile = tb + warp; tile < te; tile += WARPS) {
         const long t0 = tile * 32;
         float part[REP][32];  // indexed by j: the loop must unroll fully to keep it in registers
+        // Tiles past the sink: stage the tile's stored rows in shared memory first.
+        const bool staged = t0 >= a.sink;
+        if (staged) stage_tile<D>(a, s, t0, a.kcodes, nullptr, a.kout_idx, a.kout_val, s_codes[warp], s_out[warp], s_norm[warp], lane);
 #pragma unroll
         for (int j = 0; j < 32; j++) {
-            const long t = t0 + j;
+            const long t = min(t0 + j, a.n - 1);  // past the end: any valid token (masked below)
             float xa[PP], xb[PP];
-            if (t < a.sink) {
-                const __half* row = a.ksink + ((long)s * a.sink_cap + t) * D;
-#pragma unroll
-                for (int k = 0; k < PP; k++) xa[k] = __half2float(row[ca[k]]), xb[k] = __half2float(row[cb[k]]);
-            } else if (t < a.n) {
-                const long i = (long)s * a.cap + (t - a.sink);
-                const uint8_t* row = a.kcodes + i * plen;
-#pragma unroll
-                for (int k = 0; k < PP; k++) {
-                    xa[k] = kc_a[k] + ks_a[k] * s_kl[code_at(row, ca[k], a.bits, plen)];
-                    xb[k] = kc_b[k] + ks_b[k] * s_kl[code_at(row, cb[k], a.bits, plen)];
-                }
-                for (int o = 0; o < a.n_out; o++) {
-                    const int c = a.kout_idx[i * a.n_out + o];
-                    const float x = __half2float(a.kout_val[i * a.n_out + o]);
-#pragma unroll
-                    for (int k = 0; k < PP; k++) {
-                        if (c == ca[k]) xa[k] = x;
-                        if (c == cb[k]) xb[k] = x;
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int k = 0; k < PP; k++) xa[k] = 0.f, xb[k] = 0.f;
-            }
+            if (staged)
+                staged_vector<PP, D>(a, j, s_codes[warp], s_out[warp], nullptr, s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+            else
+                load_vector<PP, D>(a, s, t, a.ksink, a.kcodes, nullptr, a.kout_idx, a.kout_val, s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
 #pragma unroll
             for (int r = 0; r < REP; r++) part[r][j] = 0.f;
-            if (t < a.n) {
 #pragma unroll
-                for (int k = 0; k < PP; k++) {
-                    const int p = lane + 32 * k;
-                    const float c = a.cos[t * (D / 2) + p], sn = a.sin[t * (D / 2) + p];
-                    const float ra = xa[k] * c - xb[k] * sn, rb = xa[k] * sn + xb[k] * c;
+            for (int k = 0; k < PP; k++) {
+                const int p = lane + 32 * k;
+                const float c = a.cos[t * (D / 2) + p], sn = a.sin[t * (D / 2) + p];
+                const float ra = xa[k] * c - xb[k] * sn, rb = xa[k] * sn + xb[k] * c;
 #pragma unroll
-                    for (int r = 0; r < REP; r++) part[r][j] = fmaf(qa[r][k], ra, fmaf(qb[r][k], rb, part[r][j]));
-                }
+                for (int r = 0; r < REP; r++) part[r][j] = fmaf(qa[r][k], ra, fmaf(qb[r][k], rb, part[r][j]));
             }
         }
         const long t = t0 + lane;
@@ -347,34 +435,16 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
             for (int k = 0; k < PP; k++) acca[r][k] *= corr, accb[r][k] *= corr;
             m[r] = mnew;
         }
-#pragma unroll 4
+        // Values: p is 0 past the end, where any valid token is read.
+        if (staged) stage_tile<D>(a, s, t0, a.vcodes, a.vnorm, a.vout_idx, a.vout_val, s_codes[warp], s_out[warp], s_norm[warp], lane);
+#pragma unroll 8
         for (int j = 0; j < 32; j++) {
-            const long tt = t0 + j;
-            if (tt >= a.n) break;
+            const long tt = min(t0 + j, a.n - 1);
             float xa[PP], xb[PP];
-            if (tt < a.sink) {
-                const __half* row = a.vsink + ((long)s * a.sink_cap + tt) * D;
-#pragma unroll
-                for (int k = 0; k < PP; k++) xa[k] = __half2float(row[ca[k]]), xb[k] = __half2float(row[cb[k]]);
-            } else {
-                const long i = (long)s * a.cap + (tt - a.sink);
-                const uint8_t* row = a.vcodes + i * plen;
-                const float2 cn = __half22float2(a.vnorm[i]);
-#pragma unroll
-                for (int k = 0; k < PP; k++) {
-                    xa[k] = cn.x + cn.y * s_vl[code_at(row, ca[k], a.bits, plen)];
-                    xb[k] = cn.x + cn.y * s_vl[code_at(row, cb[k], a.bits, plen)];
-                }
-                for (int o = 0; o < a.n_out; o++) {
-                    const int c = a.vout_idx[i * a.n_out + o];
-                    const float x = __half2float(a.vout_val[i * a.n_out + o]);
-#pragma unroll
-                    for (int k = 0; k < PP; k++) {
-                        if (c == ca[k]) xa[k] = x;
-                        if (c == cb[k]) xb[k] = x;
-                    }
-                }
-            }
+            if (staged)
+                staged_vector<PP, D>(a, j, s_codes[warp], s_out[warp], s_norm[warp], s_vl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+            else
+                load_vector<PP, D>(a, s, tt, a.vsink, a.vcodes, a.vnorm, a.vout_idx, a.vout_val, s_vl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
 #pragma unroll
             for (int r = 0; r < REP; r++) {
                 const float pv = __shfl_sync(FULL_MASK, p[r], j);

@@ -100,7 +100,7 @@ pub struct GpuBatchRow {
 }
 
 /// The largest batch of `seq`-token sequences whose caches fit `budget` bytes of GPU
-/// memory, for fp16 and each cache with a GPU layout (KIVI; full precision).
+/// memory, for fp16 and each cache with a GPU layout (all but fp8).
 pub fn gpu_batches(g: &ModelGeometry, seq: usize, caches: &[String], ov: &Overrides, budget: u128) -> Result<Vec<GpuBatchRow>> {
     let fp16 = kvq::size::gpu_sequence_bytes(g, &CacheConfig::new(Scheme::Full(FullPrecision::F16)), seq).unwrap_or(0);
     let fp16_batch = budget.checked_div(fp16).unwrap_or(0);
@@ -119,13 +119,14 @@ pub fn gpu_batches(g: &ModelGeometry, seq: usize, caches: &[String], ov: &Overri
 
 pub fn print_gpu(rows: &[GpuBatchRow], seq: usize, budget: u128) {
     println!("\nLargest batch of {seq}-token sequences in {} ({} bytes) of GPU memory, in kvq's GPU layouts", human(budget), with_commas(budget));
-    println!("(KIVI: codes, f16 params, f16 rings for the window and the groups being filled; full precision: plain K/V):\n");
+    println!("(KIVI and per-token: codes, f16 params, f16 rings for the window and the tokens waiting to be quantized;");
+    println!("KVQuant: the f16 sink, codes, the values' f16 params, sparse outliers; full precision: plain K/V):\n");
     let mut t = Table::new(&["cache", "bytes per sequence", "max batch", "vs fp16"]);
     for r in rows {
         t.row(vec![r.cache.clone(), with_commas(r.bytes_per_sequence), with_commas(r.max_batch), format!("{:.2}×", r.batch_vs_fp16)]);
     }
     print!("{}", t.markdown());
-    println!("Caches without a GPU layout (per-token, KVQuant) are left out.");
+    println!("Caches without a GPU cache (fp8) are left out.");
 }
 
 pub fn default_caches() -> Vec<String> {

@@ -9,7 +9,7 @@ fn kvq(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn gpu_budget_gives_the_largest_batch_in_the_gpu_layouts() {
-    let (code, out, err) = kvq(&["size", "--model", "smollm2-135m", "--seq", "8192", "--cache", "fp16,kivi-2,kivi-2:group=64,per-token-4", "--gpu-budget", "40GiB"]);
+    let (code, out, err) = kvq(&["size", "--model", "smollm2-135m", "--seq", "8192", "--cache", "fp16,kivi-2,kivi-2:group=64,per-token-4,kvquant-2,fp8", "--gpu-budget", "40GiB"]);
     assert_eq!(code, 0, "{err}");
     let gpu = &out[out.find("Largest batch").expect("the GPU table")..];
     let row = |start: &str| gpu.lines().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("no {start} row in {gpu}")).to_string();
@@ -19,7 +19,14 @@ fn gpu_budget_gives_the_largest_batch_in_the_gpu_layouts() {
     let k2 = row("| kivi-2 (g32");
     assert!(k2.contains("39,444,480") && k2.contains("1,088") && k2.contains("4.79×"), "{k2}");
     assert!(row("| kivi-2 (g64").contains("5.46×"), "{gpu}");
-    assert!(!gpu.contains("per-token-4 ("), "per-token has no GPU layout: {gpu}");
+    // per-token-4: per stream-layer 8192 · (2 · 32 codes + 2 · 4 params) bytes + 2 · 256 · 64 · 2
+    // of f16 rings (the 128-token window and a chunk of 128), × 90 stream-layers.
+    let pt = row("| per-token-4 (");
+    assert!(pt.contains("58,982,400") && pt.contains(" 728 |"), "{pt}");
+    // kvquant-2: the f16 sink token (256 bytes), then 8191 · (2 · 16 codes + 4 + 2 · 4 outlier
+    // bytes), × 90.
+    assert!(row("| kvquant-2 (").contains("32,459,400"), "{gpu}");
+    assert!(!gpu.contains("| fp8"), "fp8 has no GPU cache: {gpu}");
     for bad in ["40XB", "-3GB", "GiB", "0"] {
         let (code, _, err) = kvq(&["size", "--model", "smollm2-135m", "--seq", "8192", &format!("--gpu-budget={bad}")]);
         assert_eq!(code, 2, "{bad}: {err}");

@@ -935,7 +935,8 @@ impl KvQuantGpu {
             bits,
             n_out,
             codes: dev.alloc_zeros::<u8>(rows * packed_len(head_dim, bits)).map_err(gpu)?,
-            token_norm: dev.alloc_zeros::<u32>(rows).map_err(gpu)?,
+            // Values' (centre, half-range): allocated by the first values' quantize (keys have none).
+            token_norm: dev.alloc_zeros::<u32>(1).map_err(gpu)?,
             out_index: dev.alloc_zeros::<u16>((rows * n_out).max(1)).map_err(gpu)?,
             out_value: dev.alloc_zeros::<f16>((rows * n_out).max(1)).map_err(gpu)?,
         })
@@ -965,6 +966,9 @@ impl KvQuantGpu {
                 return Err(KvqError::Shape(format!("key centre and scale need {} values each", kv_heads * d)));
             }
         }
+        if key_norm.is_none() && self.token_norm.len() < self.streams * self.tokens {
+            self.token_norm = self.dev.alloc_zeros::<u32>(self.streams * self.tokens).map_err(gpu)?;
+        }
         // Warps loop over vectors: a full GPU of them, not one a vector.
         let blocks = rows.div_ceil(WARPS as usize).min(16 * sm_count(&self.dev)?);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
@@ -988,7 +992,7 @@ impl KvQuantGpu {
         let (t, pl, no) = (self.tokens, packed_len(self.head_dim, self.bits), self.n_out);
         let st = self.dev.cuda_stream();
         let codes = st.clone_dtoh(&self.codes.slice(s * t * pl..(s + 1) * t * pl)).map_err(gpu)?;
-        let norm = st.clone_dtoh(&self.token_norm.slice(s * t..(s + 1) * t)).map_err(gpu)?;
+        let norm = if self.token_norm.len() >= self.streams * t { st.clone_dtoh(&self.token_norm.slice(s * t..(s + 1) * t)).map_err(gpu)? } else { Vec::new() };
         let (idx, val) = if no == 0 {
             (Vec::new(), Vec::new())
         } else {
@@ -1085,6 +1089,9 @@ struct KvqAttnArgs {
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for KvqAttnArgs {}
 
+/// Outliers a vector `kvquant_attn_*` reads (`MAX_OUTLIERS` in kvquant.cu).
+pub const KVQUANT_MAX_OUTLIERS: usize = 4;
+
 /// The model's RoPE on the GPU: cos and sin of every position, `[positions][head_dim / 2]`
 /// (the very table kvq's CPU rotates by), for caches that store keys before RoPE.
 pub struct CudaRope {
@@ -1146,9 +1153,15 @@ impl KvQuantGpuLayer {
         if calibration.key_center.len() != kv_heads * d || calibration.key_scale.len() != kv_heads * d || kv_heads == 0 || streams % kv_heads != 0 {
             return Err(KvqError::Shape(format!("key centre/scale must hold {kv_heads} × {d} values, and {streams} streams be whole sequences")));
         }
+        if n_out > KVQUANT_MAX_OUTLIERS {
+            return Err(KvqError::Unsupported(format!("the KVQuant attention kernel reads at most {KVQUANT_MAX_OUTLIERS} outliers a vector, not {n_out}")));
+        }
         let bits = calibration.key_codebook.bits();
         let rows = capacity.saturating_sub(sink).max(1);
         let sink_rows = streams * sink.max(1) * d;
+        let mut values = KvQuantGpu::new(dev, streams, rows, d, bits, n_out)?;
+        // The attention kernel reads a (centre, half-range) for every row it touches.
+        values.token_norm = dev.alloc_zeros::<u32>(streams * rows).map_err(gpu)?;
         Ok(KvQuantGpuLayer {
             dev: dev.clone(),
             streams,
@@ -1159,7 +1172,7 @@ impl KvQuantGpuLayer {
             ksink: dev.alloc_zeros::<f16>(sink_rows).map_err(gpu)?,
             vsink: dev.alloc_zeros::<f16>(sink_rows).map_err(gpu)?,
             keys: KvQuantGpu::new(dev, streams, rows, d, bits, n_out)?,
-            values: KvQuantGpu::new(dev, streams, rows, d, bits, n_out)?,
+            values,
             key_codebook: CudaCodebook::new(dev, &calibration.key_codebook)?,
             value_codebook: CudaCodebook::new(dev, &calibration.value_codebook)?,
             key_center: dev.clone_htod(&calibration.key_center).map_err(gpu)?,

@@ -264,15 +264,17 @@ impl DeviceKv for PackedGpuCache {
 /// `calibration` and the model's `rope`), fp16/bf16/fp32 as tensors
 /// ([`TensorCache`](crate::tensor_cache::TensorCache)); `None` for presets that stay in
 /// host memory (full precision with a sink, pre-RoPE keys or past-only attention; KVQuant
-/// with post-RoPE keys or at head sizes the kernel lacks).
+/// with post-RoPE keys, at head sizes the kernel lacks, or with more than
+/// [`KVQUANT_MAX_OUTLIERS`](crate::cuda::KVQUANT_MAX_OUTLIERS) outliers a vector).
 pub fn gpu_cache_for(device: &candle_core::Device, config: &CacheConfig, shape: CacheShape, capacity: usize, rope: &Arc<Rope>, calibration: Option<Arc<KvQuantCalibration>>) -> Result<Option<Box<dyn KvCache>>> {
     let candle_core::Device::Cuda(dev) = device else { return Ok(None) };
     if runs_on_gpu(config, shape.head_dim) {
         return Ok(Some(Box::new(PackedGpuCache::new(dev, config, shape, capacity)?)));
     }
-    if matches!(config.scheme, Scheme::KvQuant { .. }) {
+    if let Scheme::KvQuant { outlier_fraction, .. } = config.scheme {
         let Some(c) = calibration else { return Ok(None) };
-        if config.pre_rope && !config.past_only && matches!(shape.head_dim, 64 | 128) {
+        let n_out = crate::quant::outlier_count(outlier_fraction, shape.head_dim);
+        if config.pre_rope && !config.past_only && matches!(shape.head_dim, 64 | 128) && n_out <= crate::cuda::KVQUANT_MAX_OUTLIERS {
             return Ok(Some(Box::new(KvQuantGpuCache::new(dev, config, shape, capacity, rope, c)?)));
         }
         return Ok(None);

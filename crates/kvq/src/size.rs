@@ -297,13 +297,22 @@ impl PackedGpuLayout {
 }
 
 /// Bytes a whole sequence's cache takes on the GPU, over every layer and KV head:
-/// KIVI and per-token in kvq's GPU layout, full precision as plain K/V buffers. `None` for schemes
+/// KIVI, per-token and KVQuant in kvq's GPU layouts, full precision as plain K/V buffers. `None` for schemes
 /// with no GPU cache.
 pub fn gpu_sequence_bytes(g: &ModelGeometry, cfg: &CacheConfig, seq: usize) -> Option<u128> {
     let streams = (g.layers * g.kv_heads) as u128;
     match cfg.scheme {
         Scheme::Full(p) => Some(full_precision_bytes(g, seq, 1, p)),
         Scheme::Kivi { .. } | Scheme::PerToken { .. } => PackedGpuLayout::of(cfg, g.head_dim, seq).map(|l| streams * l.stream_bytes() as u128),
+        Scheme::KvQuant { bits, outlier_fraction } => {
+            // `cuda::KvQuantGpuLayer`: the f16 sink, then codes of K and V, the values' f16
+            // (centre, half-range), n_out (u16, f16) outliers a vector of each; the
+            // calibration's constants and the RoPE table are per model, not per sequence.
+            let (d, sink) = (g.head_dim, cfg.sink_tokens.min(seq));
+            let n_out = crate::quant::outlier_count(outlier_fraction, d);
+            let rows = seq - sink;
+            Some(streams * (sink * d * 2 * 2 + rows * (2 * packed_len(d, bits) + 4 + 2 * n_out * 4)) as u128)
+        }
         _ => None,
     }
 }
