@@ -611,7 +611,7 @@ pub struct GpuE2eArgs<'a> {
 /// filled to `context` tokens of random K/V through its own append path, then greedy
 /// decode steps of the whole model at that batch, q/k/v on the GPU throughout (the
 /// model's device path). Checked in the same run: each cache's device path against a
-/// validated host path at batch 2 (KIVI: a CPU cache of the same preset fed the same K/V
+/// validated host path at batch 2 (quantized caches: a CPU cache of the same preset fed the same K/V
 /// call by call; fp16: kvq's CPU fp16 cache), logits within bounds.
 pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     use kvq::model::{Llama, LlamaConfig};
@@ -651,6 +651,16 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
         }
         Ok(logits)
     };
+    // KVQuant's calibration, fitted on the checks' ids (its quality does not change a step's time).
+    let calibration = |cfg: &CacheConfig| -> Result<Option<std::sync::Arc<kvq::cache::KvQuantCalibration>>> {
+        Ok(match cfg.scheme {
+            Scheme::KvQuant { bits, outlier_fraction } => Some(std::sync::Arc::new(m.calibrate_kvquant(&ids[..104], bits, outlier_fraction)?)),
+            _ => None,
+        })
+    };
+    let gpu_cache = |cfg: &CacheConfig, batch: usize, cap: usize, calib: Option<std::sync::Arc<kvq::cache::KvQuantCalibration>>| -> Result<Box<dyn KvCache>> {
+        kvq::gpu_cache::gpu_cache_for(&gpu, cfg, m.cache_shape(batch), cap, &m.rope, calib)?.with_context(|| format!("{} has no GPU cache", cfg.label()))
+    };
     for spec in a.caches {
         let cfg = if spec == "fp16" { fp16.clone() } else { CacheConfig::from_spec(spec, &kvq::cache::Overrides::default())? };
         let (err, bound, attn) = if spec == "fp16" {
@@ -659,8 +669,9 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
             (rel_error(&run(&mut devc)?, &run(&mut host)?), FP16_REL_ERROR, "–".to_string())
         } else {
             let e = std::sync::Arc::new(MaxErr::default());
-            let mut host = Shadowed { gpu: Box::new(kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?), cpu: m.new_cache(&cfg, 2, None)?, max_err: e.clone() };
-            let mut devc = kvq::gpu_cache::PackedGpuCache::new(&dev, &cfg, m.cache_shape(2), 128)?;
+            let calib = calibration(&cfg)?;
+            let mut host = Shadowed { gpu: gpu_cache(&cfg, 2, 128, calib.clone())?, cpu: m.new_cache(&cfg, 2, calib.clone())?, max_err: e.clone() };
+            let mut devc = gpu_cache(&cfg, 2, 128, calib)?;
             let want = run(&mut host)?;
             if e.get() > MAX_REL_ERROR {
                 failures.push(format!("{spec}: the host path's attention is {:.2e} from the CPU cache's", e.get()));
@@ -669,7 +680,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
             // that is float rounding (1e-4); with 16-bit weights the activations round to
             // f16 between layers, and a last-bit difference becomes an f16 ulp (1e-3).
             let bound = if a.weights == kvq::gguf::WeightFormat::F32 { MAX_REL_ERROR } else { FP16_REL_ERROR };
-            (rel_error(&run(&mut devc)?, &want), bound, format!("{:.1e}", e.get()))
+            (rel_error(&run(devc.as_mut())?, &want), bound, format!("{:.1e}", e.get()))
         };
         if err > bound {
             failures.push(format!("{spec}: the device path's logits are {err:.2e} from the host path's"));
@@ -685,7 +696,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     let timed = |cfg: &CacheConfig, batch: usize, tokens: usize| -> Result<(f64, f64)> {
         let shape = m.cache_shape(batch);
         let cap = tokens + a.steps + 8;
-        let mut cache = kvq::gpu_cache::gpu_cache_for(&gpu, cfg, shape, cap, &m.rope, None)?.with_context(|| format!("{} has no GPU cache here (KVQuant needs a calibration: not in this benchmark yet)", cfg.label()))?;
+        let mut cache = gpu_cache(cfg, shape.batch, cap, calibration(cfg)?)?;
         let t0 = std::time::Instant::now();
         let chunk = tokens.min(1024);
         let noise = Tensor::randn(0f32, 1f32, (batch, c.kv_heads, chunk, c.head_dim), &gpu)?;
@@ -770,7 +781,7 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
     );
     out.push_str("Checks (batch 2: a 96-token prompt in chunks of 32, then 8 greedy steps; logits compared over all of them):\n\n");
     out.push_str(&checks.markdown());
-    out.push_str("\nThroughput at the largest batch whose cache fits the budget (bytes a sequence: kvq's GPU layout for context + steps tokens; fp16: K/V as f16 tensors, a decode step's attention through kvq's fused fp16 kernel (kernels/full.cu; `kvq bench attn` times it against SDPA); KIVI: kvq's packed layout and kernels). q/k/v stay on the GPU; each step's sampled ids cross to the host. `of it the cache`: the step minus the same batch's step at 64 tokens (the model alone):\n\n");
+    out.push_str("\nThroughput at the largest batch whose cache fits the budget (bytes a sequence: kvq's GPU layout for context + steps tokens; fp16: K/V as f16 tensors, a decode step's attention through kvq's fused fp16 kernel (kernels/full.cu; `kvq bench attn` times it against SDPA); KIVI, per-token, KVQuant: kvq's layouts and kernels; KVQuant calibrated on the checks' 104 ids). q/k/v stay on the GPU; each step's sampled ids cross to the host. `of it the cache`: the step minus the same batch's step at 64 tokens (the model alone):\n\n");
     out.push_str(&t.markdown());
     if !failures.is_empty() {
         print!("{out}");
