@@ -140,7 +140,7 @@ for r in rows[2:]:
   "$KVQ" bench gpu-e2e --context 1024 --budget 256MiB --steps 8 --out "$OUT/gpu-e2e-small.md" || echo "gpu-e2e (small model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
   if [[ -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
     # (the context: as much as SmolLM2's 8,192 tokens leave room for, 8,160)
-    "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches fp16,kivi-2,kivi-2:group=64,kivi-4,per-token-4 --out "$OUT/gpu-e2e.md" || echo "gpu-e2e (real model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
+    "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches fp16,kivi-2,kivi-2:group=64,kivi-4,per-token-4,kvquant-4 --out "$OUT/gpu-e2e.md" || echo "gpu-e2e (real model): FAILED" | tee -a "$OUT/gpu-e2e-failed.txt"
   fi
   fi
   ;;
