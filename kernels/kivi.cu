@@ -297,24 +297,20 @@ struct AttnArgs {
 template <int D, int NQ>
 __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
                                             const float (*sm_acc)[NQ][D], int s, int split, int r0) {
-    for (int idx = threadIdx.x; idx < NQ * D; idx += WARPS * 32) {
-        const int r = idx / D, c = idx % D;
-        if (r0 + r >= a.rep) continue;
-        float M = -INFINITY;
-        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_m[w][r]);
-        float L = 0.f, A = 0.f;
-        for (int w = 0; w < WARPS; w++) {
-            if (sm_m[w][r] == -INFINITY) continue;
-            const float e = exp2f(sm_m[w][r] - M);
-            L += sm_l[w][r] * e;
-            A += sm_acc[w][r][c] * e;
-        }
-        const long o = ((long)s * a.splits + split) * a.rep + r0 + r;
-        a.part_acc[o * D + c] = A;
-        if (c == 0) {
-            a.part_ml[o * 2] = M;
-            a.part_ml[o * 2 + 1] = L;
-        }
+    merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
+}
+
+// 32 consecutive rows of a per-token layout, from `row0`: the u32 word of each row that
+// holds this lane's codes (from bit `bit` of a row of `row_bytes`) and the (min, scale) of
+// its group `g` (of `gpt` a row). Every load is issued first: one round trip to memory a tile.
+__device__ __forceinline__ void load_token_tile(const uint8_t* codes, const __half2* params, long row0, int row_bytes, int gpt,
+                                                int bit, int g, uint32_t (&w)[32], __half2 (&pr)[32]) {
+    const uint32_t* rows = (const uint32_t*)(codes + row0 * row_bytes) + bit / 32;
+    const __half2* prs = params + row0 * gpt + g;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        w[j] = __ldg(rows + j * (row_bytes / 4));
+        pr[j] = prs[j * gpt];
     }
 }
 
@@ -379,15 +375,9 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
         }
         if (TK && t0 + 32 <= a.nqk) {
             // Packed per-token keys: every load of the tile first, then the scores.
-            const uint32_t* rows = (const uint32_t*)(a.kcodes + ((long)s * a.cap + t0) * krow) + kbit / 32;
-            const __half2* prs = a.kparams + ((long)s * a.cap + t0) * kgpt + c0 / a.G;
             uint32_t w[32];
             __half2 pr[32];
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                w[j] = __ldg(rows + j * (krow / 4));
-                pr[j] = prs[j * kgpt];
-            }
+            load_token_tile(a.kcodes, a.kparams, (long)s * a.cap + t0, krow, kgpt, kbit, c0 / a.G, w, pr);
 #pragma unroll
             for (int j = 0; j < 32; j++) {
                 const float2 mp = __half22float2(pr[j]);
@@ -519,15 +509,9 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
         if (t0 + 32 <= a.nqv) {
             // A whole tile of packed values: issue every load first (one round trip to
             // memory per tile, not one per token), then accumulate.
-            const uint32_t* rows = (const uint32_t*)(a.vcodes + ((long)s * a.cap + t0) * vrow) + vbit / 32;
-            const __half2* prs = a.vparams + ((long)s * a.cap + t0) * vgpt + vg;
             uint32_t w[32];
             __half2 pr[32];
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                w[j] = __ldg(rows + j * (vrow / 4));
-                pr[j] = prs[j * vgpt];
-            }
+            load_token_tile(a.vcodes, a.vparams, (long)s * a.cap + t0, vrow, vgpt, vbit, vg, w, pr);
 #pragma unroll
             for (int j = 0; j < 32; j++) {
                 const float2 mp = __half22float2(pr[j]);

@@ -242,46 +242,58 @@ __device__ __forceinline__ int code_at(const uint32_t* row, int c, int bits) {
     return (int)(((((uint64_t)hi << 32) | lo) >> sh) & ((1u << bits) - 1));
 }
 
-// Token t's vector (keys or values) at this lane's channels: from the f16 sink or the
-// store (level · scale + centre, outliers put back). Branch-free, so that the loads of a
-// whole tile can be in flight at once: the caller passes a valid t (< n), both sources are
-// read and one is kept. `norm` gives (centre, scale) per channel for keys, null for values
-// (then the token's own (centre, half-range) from `tnorm`).
-template <int PP, int D>
+// This lane's channels of one stored vector from its packed row: a level of the codebook,
+// scaled per channel for keys (`norm` false: centre + scale · level), by the token's
+// (centre c0, half-range h0) for values.
+template <int PP, bool TOKEN_NORM>
+__device__ __forceinline__ void dequant_row(const uint32_t* row, int bits, const float* levels, float c0, float h0,
+                                            const int (&ca)[PP], const int (&cb)[PP], const float (&ca_c)[PP],
+                                            const float (&ca_s)[PP], const float (&cb_c)[PP], const float (&cb_s)[PP],
+                                            float (&xa)[PP], float (&xb)[PP]) {
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        const float la = levels[code_at(row, ca[k], bits)], lb = levels[code_at(row, cb[k], bits)];
+        xa[k] = TOKEN_NORM ? c0 + h0 * la : ca_c[k] + ca_s[k] * la;
+        xb[k] = TOKEN_NORM ? c0 + h0 * lb : cb_c[k] + cb_s[k] * lb;
+    }
+}
+
+// An outlier (channel c, value x) put back where it is one of this lane's channels (c < 0: none).
+template <int PP>
+__device__ __forceinline__ void put_back(int c, float x, const int (&ca)[PP], const int (&cb)[PP], float (&xa)[PP], float (&xb)[PP]) {
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        xa[k] = c == ca[k] ? x : xa[k];
+        xb[k] = c == cb[k] ? x : xb[k];
+    }
+}
+
+// Position t's vector (keys or values) at this lane's channels, read from device memory:
+// from the f16 sink or the store. Branch-free, so that the loads of a tile can be in
+// flight at once: the caller passes a valid t (< n), both sources are read and one kept.
+// Used for the tiles that hold sink positions (the others are staged: staged_vector).
+template <int PP, int D, bool TOKEN_NORM>
 __device__ __forceinline__ void load_vector(const KvqAttnArgs& a, int s, long t, const __half* sink, const uint8_t* codes,
                                             const __half2* tnorm, const uint16_t* oidx, const __half* oval,
                                             const float* levels, const int (&ca)[PP], const int (&cb)[PP],
                                             const float (&ca_c)[PP], const float (&ca_s)[PP], const float (&cb_c)[PP],
                                             const float (&cb_s)[PP], float (&xa)[PP], float (&xb)[PP]) {
-    const int plen = D * a.bits / 8;
     const bool in_sink = t < a.sink;
     const long i = (long)s * a.cap + (in_sink ? 0 : t - a.sink);
-    const uint32_t* row = (const uint32_t*)(codes + i * plen);
     const __half* srow = sink + ((long)s * a.sink_cap + (in_sink ? t : 0)) * D;
-    float c0 = 0.f, h0 = 0.f;
-    if (tnorm != nullptr) {
-        const float2 cn = __half22float2(tnorm[i]);
-        c0 = cn.x, h0 = cn.y;
-    }
+    float2 cn = make_float2(0.f, 0.f);
+    if (TOKEN_NORM) cn = __half22float2(tnorm[i]);
+    dequant_row<PP, TOKEN_NORM>((const uint32_t*)(codes + i * (D * a.bits / 8)), a.bits, levels, cn.x, cn.y, ca, cb, ca_c, ca_s, cb_c, cb_s, xa, xb);
 #pragma unroll
     for (int k = 0; k < PP; k++) {
-        const float la = levels[code_at(row, ca[k], a.bits)], lb = levels[code_at(row, cb[k], a.bits)];
-        const float da = tnorm != nullptr ? c0 + h0 * la : ca_c[k] + ca_s[k] * la;
-        const float db = tnorm != nullptr ? c0 + h0 * lb : cb_c[k] + cb_s[k] * lb;
-        xa[k] = in_sink ? __half2float(srow[ca[k]]) : da;
-        xb[k] = in_sink ? __half2float(srow[cb[k]]) : db;
+        xa[k] = in_sink ? __half2float(srow[ca[k]]) : xa[k];
+        xb[k] = in_sink ? __half2float(srow[cb[k]]) : xb[k];
     }
     // Up to MAX_OUTLIERS a vector (the host refuses more), each read whether used or not.
 #pragma unroll
     for (int o = 0; o < MAX_OUTLIERS; o++) {
         const long oi = a.n_out > 0 ? i * a.n_out + min(o, a.n_out - 1) : 0;
-        const int c = (o < a.n_out && !in_sink) ? (int)oidx[oi] : -1;
-        const float x = __half2float(oval[oi]);
-#pragma unroll
-        for (int k = 0; k < PP; k++) {
-            xa[k] = c == ca[k] ? x : xa[k];
-            xb[k] = c == cb[k] ? x : xb[k];
-        }
+        put_back<PP>((o < a.n_out && !in_sink) ? (int)oidx[oi] : -1, __half2float(oval[oi]), ca, cb, xa, xb);
     }
 }
 
@@ -310,35 +322,20 @@ __device__ __forceinline__ void stage_tile(const KvqAttnArgs& a, int s, long t0,
     __syncwarp();
 }
 
-// Row j of a staged tile at this lane's channels (as load_vector, from shared memory).
-template <int PP, int D>
+// Row j of a staged tile at this lane's channels (load_vector's result, from shared memory).
+template <int PP, int D, bool TOKEN_NORM>
 __device__ __forceinline__ void staged_vector(const KvqAttnArgs& a, int j, const uint32_t* s_codes, const uint32_t* s_out,
                                               const __half2* s_norm, const float* levels, const int (&ca)[PP],
                                               const int (&cb)[PP], const float (&ca_c)[PP], const float (&ca_s)[PP],
                                               const float (&cb_c)[PP], const float (&cb_s)[PP], float (&xa)[PP],
                                               float (&xb)[PP]) {
-    const uint32_t* row = s_codes + j * (D * a.bits / 32);
-    float c0 = 0.f, h0 = 0.f;
-    if (s_norm != nullptr) {
-        const float2 cn = __half22float2(s_norm[j]);
-        c0 = cn.x, h0 = cn.y;
-    }
-#pragma unroll
-    for (int k = 0; k < PP; k++) {
-        const float la = levels[code_at(row, ca[k], a.bits)], lb = levels[code_at(row, cb[k], a.bits)];
-        xa[k] = s_norm != nullptr ? c0 + h0 * la : ca_c[k] + ca_s[k] * la;
-        xb[k] = s_norm != nullptr ? c0 + h0 * lb : cb_c[k] + cb_s[k] * lb;
-    }
+    float2 cn = make_float2(0.f, 0.f);
+    if (TOKEN_NORM) cn = __half22float2(s_norm[j]);
+    dequant_row<PP, TOKEN_NORM>(s_codes + j * (D * a.bits / 32), a.bits, levels, cn.x, cn.y, ca, cb, ca_c, ca_s, cb_c, cb_s, xa, xb);
 #pragma unroll
     for (int o = 0; o < MAX_OUTLIERS; o++) {
         const uint32_t u = s_out[j * MAX_OUTLIERS + o];
-        const int c = o < a.n_out ? (int)(u & 0xffffu) : -1;
-        const float x = __half2float(__ushort_as_half((unsigned short)(u >> 16)));
-#pragma unroll
-        for (int k = 0; k < PP; k++) {
-            xa[k] = c == ca[k] ? x : xa[k];
-            xb[k] = c == cb[k] ? x : xb[k];
-        }
+        put_back<PP>(o < a.n_out ? (int)(u & 0xffffu) : -1, __half2float(__ushort_as_half((unsigned short)(u >> 16))), ca, cb, xa, xb);
     }
 }
 
@@ -403,9 +400,9 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
             const long t = min(t0 + j, a.n - 1);  // past the end: any valid token (masked below)
             float xa[PP], xb[PP];
             if (staged)
-                staged_vector<PP, D>(a, j, s_codes[warp], s_out[warp], nullptr, s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+                staged_vector<PP, D, false>(a, j, s_codes[warp], s_out[warp], s_norm[warp], s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
             else
-                load_vector<PP, D>(a, s, t, a.ksink, a.kcodes, nullptr, a.kout_idx, a.kout_val, s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+                load_vector<PP, D, false>(a, s, t, a.ksink, a.kcodes, a.vnorm, a.kout_idx, a.kout_val, s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
 #pragma unroll
             for (int r = 0; r < REP; r++) part[r][j] = 0.f;
 #pragma unroll
@@ -442,9 +439,9 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
             const long tt = min(t0 + j, a.n - 1);
             float xa[PP], xb[PP];
             if (staged)
-                staged_vector<PP, D>(a, j, s_codes[warp], s_out[warp], s_norm[warp], s_vl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+                staged_vector<PP, D, true>(a, j, s_codes[warp], s_out[warp], s_norm[warp], s_vl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
             else
-                load_vector<PP, D>(a, s, tt, a.vsink, a.vcodes, a.vnorm, a.vout_idx, a.vout_val, s_vl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+                load_vector<PP, D, true>(a, s, tt, a.vsink, a.vcodes, a.vnorm, a.vout_idx, a.vout_val, s_vl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
 #pragma unroll
             for (int r = 0; r < REP; r++) {
                 const float pv = __shfl_sync(FULL_MASK, p[r], j);
@@ -464,22 +461,7 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
 #pragma unroll
         for (int k = 0; k < PP; k++) sm_acc[warp][r][ca[k]] = acca[r][k], sm_acc[warp][r][cb[k]] = accb[r][k];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < REP * D; idx += WARPS * 32) {
-        const int r = idx / D, c = idx % D;
-        if (r0 + r >= a.nq) continue;
-        float M = -INFINITY;
-        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_m[w][r]);
-        float L = 0.f, A = 0.f;
-        for (int w = 0; w < WARPS; w++) {
-            if (sm_m[w][r] == -INFINITY) continue;
-            const float e = exp2f(sm_m[w][r] - M);
-            L += sm_l[w][r] * e;
-            A += sm_acc[w][r][c] * e;
-        }
-        const long o = ((long)s * a.splits + split) * a.nq + r0 + r;
-        a.part_acc[o * D + c] = A;
-        if (c == 0) a.part_ml[o * 2] = M, a.part_ml[o * 2 + 1] = L;
-    }
+    merge_warps_write<WARPS, D, REP>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.nq, s, split, r0);
 }
 
 #define KVQ_ATTN(PP, REP, HALF, NAME)                                                              \

@@ -35,3 +35,31 @@ __device__ __forceinline__ float warp_max(float x) {
     for (int o = 16; o >= 1; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, o));
     return x;
 }
+
+// After each of a block's `W` warps has left its online-softmax state (running max m,
+// sum l, unnormalized output acc per query) in shared memory: merges them and writes the
+// split's partial result for queries r0 .. r0 + NQ of stream s (of `nq` a stream) to
+// part_acc [stream][split][nq][D] and part_ml [..][2], which combine_splits (kivi.cu) reads.
+template <int W, int D, int NQ>
+__device__ __forceinline__ void merge_warps_write(const float (*sm_m)[NQ], const float (*sm_l)[NQ], const float (*sm_acc)[NQ][D],
+                                                  float* part_acc, float* part_ml, int splits, int nq, int s, int split, int r0) {
+    for (int idx = threadIdx.x; idx < NQ * D; idx += W * 32) {
+        const int r = idx / D, c = idx % D;
+        if (r0 + r >= nq) continue;
+        float M = -INFINITY;
+        for (int w = 0; w < W; w++) M = fmaxf(M, sm_m[w][r]);
+        float L = 0.f, A = 0.f;
+        for (int w = 0; w < W; w++) {
+            if (sm_m[w][r] == -INFINITY) continue;
+            const float e = exp2f(sm_m[w][r] - M);
+            L += sm_l[w][r] * e;
+            A += sm_acc[w][r][c] * e;
+        }
+        const long o = ((long)s * splits + split) * nq + r0 + r;
+        part_acc[o * D + c] = A;
+        if (c == 0) {
+            part_ml[o * 2] = M;
+            part_ml[o * 2 + 1] = L;
+        }
+    }
+}

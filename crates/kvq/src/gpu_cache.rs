@@ -57,11 +57,65 @@ impl PackedGpuCache {
     }
 }
 
-fn check_finite(what: &'static str, x: &[f32]) -> Result<()> {
-    match x.iter().position(|v| !v.is_finite()) {
-        Some(index) => Err(KvqError::NonFinite { what, index, value: x[index] }),
-        None => Ok(()),
+// The checks both GPU caches make, in one place.
+
+/// New K/V from host slices (`[batch][kv_heads][tokens][head_dim]`): checked by kvq's
+/// value rule and copied to the GPU.
+fn upload_kv(dev: &CudaDevice, shape: CacheShape, k: &[f32], v: &[f32], tokens: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let need = shape.batch * shape.kv_heads * tokens * shape.head_dim;
+    if tokens == 0 || k.len() != need || v.len() != need {
+        return Err(KvqError::Shape(format!("append of {tokens} tokens needs {need} values each for K and V, got {} and {}", k.len(), v.len())));
     }
+    crate::error::check_values("keys", k)?;
+    crate::error::check_values("values", v)?;
+    Ok((dev.clone_htod(k).map_err(gpu)?, dev.clone_htod(v).map_err(gpu)?))
+}
+
+/// Queries from a host slice (`[batch][q_heads][tokens][head_dim]`) for a layer holding
+/// `held` tokens: checked, copied to the GPU, with an output buffer of the same size.
+fn upload_queries(dev: &CudaDevice, shape: CacheShape, held: usize, q: &[f32], q_heads: usize, tokens: usize, out: &[f32]) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let CacheShape { batch, kv_heads, head_dim: d, .. } = shape;
+    if q_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
+    }
+    let want = batch * q_heads * tokens * d;
+    if tokens == 0 || q.len() != want || out.len() != want {
+        return Err(KvqError::Shape(format!("queries and output need {want} values, got {} and {}", q.len(), out.len())));
+    }
+    if let Some(index) = q.iter().position(|x| !x.is_finite()) {
+        return Err(KvqError::NonFinite { what: "queries", index, value: q[index] });
+    }
+    if tokens > held {
+        return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {held} tokens")));
+    }
+    Ok((dev.clone_htod(q).map_err(gpu)?, dev.alloc_zeros::<f32>(want).map_err(gpu)?))
+}
+
+/// Tokens of new K/V tensors (`[batch, kv_heads, tokens, head_dim]` on the GPU), checked
+/// by kvq's value rule in one pass on the device.
+fn kv_tensor_tokens(shape: CacheShape, k: &Tensor, v: &Tensor) -> Result<usize> {
+    let CacheShape { batch, kv_heads, head_dim, .. } = shape;
+    let tokens = match k.dims() {
+        &[b, h, t, d] if b == batch && h == kv_heads && d == head_dim && t > 0 && v.dims() == k.dims() => t,
+        dims => return Err(KvqError::Shape(format!("keys and values must be [{batch}, {kv_heads}, tokens, {head_dim}], got {dims:?} and {:?}", v.dims()))),
+    };
+    crate::tensor_cache::check_values_on_device("keys", k)?;
+    crate::tensor_cache::check_values_on_device("values", v)?;
+    Ok(tokens)
+}
+
+/// (query heads, tokens) of a query tensor `[batch, q_heads, tokens, head_dim]` for a
+/// layer holding `held` tokens.
+fn query_tensor_dims(shape: CacheShape, held: usize, q: &Tensor) -> Result<(usize, usize)> {
+    let CacheShape { batch, kv_heads, head_dim: d, .. } = shape;
+    let (q_heads, tokens) = match q.dims() {
+        &[b, h, t, dd] if b == batch && dd == d && h > 0 && h % kv_heads == 0 && t > 0 => (h, t),
+        dims => return Err(KvqError::Shape(format!("queries must be [{batch}, a multiple of {kv_heads}, tokens, {d}], got {dims:?}"))),
+    };
+    if tokens > held {
+        return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {held} tokens")));
+    }
+    Ok((q_heads, tokens))
 }
 
 impl KvCache for PackedGpuCache {
@@ -91,14 +145,7 @@ impl KvCache for PackedGpuCache {
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
         self.layer(layer)?;
-        let need = self.shape.batch * self.shape.kv_heads * tokens * self.shape.head_dim;
-        if tokens == 0 || k.len() != need || v.len() != need {
-            return Err(KvqError::Shape(format!("append of {tokens} tokens needs {need} values each for K and V, got {} and {}", k.len(), v.len())));
-        }
-        check_finite("keys", k)?;
-        check_finite("values", v)?;
-        let kd = self.dev.clone_htod(k).map_err(gpu)?;
-        let vd = self.dev.clone_htod(v).map_err(gpu)?;
+        let (kd, vd) = upload_kv(&self.dev, self.shape, k, v, tokens)?;
         self.layers[layer].append(&kd, &vd, tokens, 0, tokens)?;
         self.fresh[layer] = Some((kd, vd, tokens));
         self.fresh_tensors[layer] = None;
@@ -107,21 +154,7 @@ impl KvCache for PackedGpuCache {
 
     fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()> {
         self.layer(layer)?;
-        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
-        if q_heads == 0 || q_heads % kv_heads != 0 {
-            return Err(KvqError::Shape(format!("{q_heads} query heads cannot share {kv_heads} KV heads")));
-        }
-        let want = batch * q_heads * tokens * d;
-        if tokens == 0 || q.len() != want || out.len() != want {
-            return Err(KvqError::Shape(format!("queries and output need {want} values, got {} and {}", q.len(), out.len())));
-        }
-        check_finite("queries", q)?;
-        let held = self.layers[layer].len();
-        if tokens > held {
-            return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {held} tokens")));
-        }
-        let qd = self.dev.clone_htod(q).map_err(gpu)?;
-        let mut od = self.dev.alloc_zeros::<f32>(want).map_err(gpu)?;
+        let (qd, mut od) = upload_queries(&self.dev, self.shape, self.layers[layer].len(), q, q_heads, tokens, out)?;
         let lay = &mut self.layers[layer];
         if self.config.past_only {
             let Some((fk, fv, t)) = self.fresh[layer].as_ref() else {
@@ -210,13 +243,7 @@ pub(crate) fn tensor_values_in_range(dev: &CudaDevice, t: &Tensor) -> Result<Opt
 impl DeviceKv for PackedGpuCache {
     fn append_tensors(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         self.layer(layer)?;
-        let CacheShape { batch, kv_heads, head_dim, .. } = self.shape;
-        let tokens = match k.dims() {
-            &[b, h, t, d] if b == batch && h == kv_heads && d == head_dim && t > 0 && v.dims() == k.dims() => t,
-            dims => return Err(KvqError::Shape(format!("keys and values must be [{batch}, {kv_heads}, tokens, {head_dim}], got {dims:?} and {:?}", v.dims()))),
-        };
-        crate::tensor_cache::check_values_on_device("keys", k)?;
-        crate::tensor_cache::check_values_on_device("values", v)?;
+        let tokens = kv_tensor_tokens(self.shape, k, v)?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let lay = &mut self.layers[layer];
         with_cuda::<f32, _>(&k, |kd| with_cuda::<f32, _>(&v, |vd| lay.append(kd, vd, tokens, 0, tokens)))?;
@@ -227,15 +254,8 @@ impl DeviceKv for PackedGpuCache {
 
     fn attend_tensors(&mut self, layer: usize, q: &Tensor) -> Result<Tensor> {
         self.layer(layer)?;
-        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
-        let (q_heads, tokens) = match q.dims() {
-            &[b, h, t, dd] if b == batch && dd == d && h > 0 && h % kv_heads == 0 && t > 0 => (h, t),
-            dims => return Err(KvqError::Shape(format!("queries must be [{batch}, a multiple of {kv_heads}, tokens, {d}], got {dims:?}"))),
-        };
-        let held = self.layers[layer].len();
-        if tokens > held {
-            return Err(KvqError::Shape(format!("{tokens} queries but the layer holds only {held} tokens")));
-        }
+        let (q_heads, tokens) = query_tensor_dims(self.shape, self.layers[layer].len(), q)?;
+        let CacheShape { batch, head_dim: d, .. } = self.shape;
         let mut od = self.dev.alloc_zeros::<f32>(batch * q_heads * tokens * d).map_err(gpu)?;
         let (kernel, past_only) = (self.kernel, self.config.past_only);
         let fresh = self.fresh_tensors[layer].clone();
@@ -366,27 +386,13 @@ impl KvCache for KvQuantGpuCache {
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tokens: usize) -> Result<()> {
         self.layer(layer)?;
-        let need = self.shape.batch * self.shape.kv_heads * tokens * self.shape.head_dim;
-        if tokens == 0 || k.len() != need || v.len() != need {
-            return Err(KvqError::Shape(format!("append of {tokens} tokens needs {need} values each for K and V, got {} and {}", k.len(), v.len())));
-        }
-        crate::error::check_values("keys", k)?;
-        crate::error::check_values("values", v)?;
-        let kd = self.dev.clone_htod(k).map_err(gpu)?;
-        let vd = self.dev.clone_htod(v).map_err(gpu)?;
+        let (kd, vd) = upload_kv(&self.dev, self.shape, k, v, tokens)?;
         self.layers[layer].append(&kd, &vd, tokens)
     }
 
     fn attend(&mut self, layer: usize, q: &[f32], q_heads: usize, tokens: usize, out: &mut [f32]) -> Result<()> {
         self.layer(layer)?;
-        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
-        let want = batch * q_heads * tokens * d;
-        if q_heads == 0 || q_heads % kv_heads != 0 || tokens == 0 || q.len() != want || out.len() != want {
-            return Err(KvqError::Shape(format!("{q_heads} query heads over {kv_heads} KV heads, {tokens} tokens: queries and output need {want} values, got {} and {}", q.len(), out.len())));
-        }
-        check_finite("queries", q)?;
-        let qd = self.dev.clone_htod(q).map_err(gpu)?;
-        let mut od = self.dev.alloc_zeros::<f32>(want).map_err(gpu)?;
+        let (qd, mut od) = upload_queries(&self.dev, self.shape, self.layers[layer].len(), q, q_heads, tokens, out)?;
         self.layers[layer].attend(&qd, q_heads, tokens, &mut od)?;
         out.copy_from_slice(&self.dev.cuda_stream().clone_dtoh(&od).map_err(gpu)?);
         Ok(())
@@ -432,24 +438,15 @@ impl KvCache for KvQuantGpuCache {
 impl DeviceKv for KvQuantGpuCache {
     fn append_tensors(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         self.layer(layer)?;
-        let CacheShape { batch, kv_heads, head_dim, .. } = self.shape;
-        let tokens = match k.dims() {
-            &[b, h, t, d] if b == batch && h == kv_heads && d == head_dim && t > 0 && v.dims() == k.dims() => t,
-            dims => return Err(KvqError::Shape(format!("keys and values must be [{batch}, {kv_heads}, tokens, {head_dim}], got {dims:?} and {:?}", v.dims()))),
-        };
-        crate::tensor_cache::check_values_on_device("keys", k)?;
-        crate::tensor_cache::check_values_on_device("values", v)?;
+        let tokens = kv_tensor_tokens(self.shape, k, v)?;
         let lay = &mut self.layers[layer];
         with_cuda::<f32, _>(k, |kd| with_cuda::<f32, _>(v, |vd| lay.append(kd, vd, tokens)))
     }
 
     fn attend_tensors(&mut self, layer: usize, q: &Tensor) -> Result<Tensor> {
         self.layer(layer)?;
-        let CacheShape { batch, kv_heads, head_dim: d, .. } = self.shape;
-        let (q_heads, tokens) = match q.dims() {
-            &[b, h, t, dd] if b == batch && dd == d && h > 0 && h % kv_heads == 0 && t > 0 => (h, t),
-            dims => return Err(KvqError::Shape(format!("queries must be [{batch}, a multiple of {kv_heads}, tokens, {d}], got {dims:?}"))),
-        };
+        let (q_heads, tokens) = query_tensor_dims(self.shape, self.layers[layer].len(), q)?;
+        let CacheShape { batch, head_dim: d, .. } = self.shape;
         let mut od = self.dev.alloc_zeros::<f32>(batch * q_heads * tokens * d).map_err(gpu)?;
         let lay = &mut self.layers[layer];
         with_cuda::<f32, _>(q, |qd| lay.attend(qd, q_heads, tokens, &mut od))?;
