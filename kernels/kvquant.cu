@@ -391,11 +391,15 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
     const long te = min(tiles, tb + a.tiles_per_split);
     for (long tile = tb + warp; tile < te; tile += WARPS) {
         const long t0 = tile * 32;
-        float part[REP][32];  // indexed by j: the loop must unroll fully to keep it in registers
+        // Position j's score for query r ends in lane j: a warp sum a position (the loop
+        // need not unroll fully, which keeps registers and code small).
+        float score[REP];
+#pragma unroll
+        for (int r = 0; r < REP; r++) score[r] = 0.f;
         // Tiles past the sink: stage the tile's stored rows in shared memory first.
         const bool staged = t0 >= a.sink;
         if (staged) stage_tile<D>(a, s, t0, a.kcodes, nullptr, a.kout_idx, a.kout_val, s_codes[warp], s_out[warp], s_norm[warp], lane);
-#pragma unroll
+#pragma unroll 4
         for (int j = 0; j < 32; j++) {
             const long t = min(t0 + j, a.n - 1);  // past the end: any valid token (masked below)
             float xa[PP], xb[PP];
@@ -403,23 +407,28 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
                 staged_vector<PP, D, false>(a, j, s_codes[warp], s_out[warp], s_norm[warp], s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
             else
                 load_vector<PP, D, false>(a, s, t, a.ksink, a.kcodes, a.vnorm, a.kout_idx, a.kout_val, s_kl, ca, cb, kc_a, ks_a, kc_b, ks_b, xa, xb);
+            float part[REP];
 #pragma unroll
-            for (int r = 0; r < REP; r++) part[r][j] = 0.f;
+            for (int r = 0; r < REP; r++) part[r] = 0.f;
 #pragma unroll
             for (int k = 0; k < PP; k++) {
                 const int p = lane + 32 * k;
                 const float c = a.cos[t * (D / 2) + p], sn = a.sin[t * (D / 2) + p];
                 const float ra = xa[k] * c - xb[k] * sn, rb = xa[k] * sn + xb[k] * c;
 #pragma unroll
-                for (int r = 0; r < REP; r++) part[r][j] = fmaf(qa[r][k], ra, fmaf(qb[r][k], rb, part[r][j]));
+                for (int r = 0; r < REP; r++) part[r] = fmaf(qa[r][k], ra, fmaf(qb[r][k], rb, part[r]));
+            }
+#pragma unroll
+            for (int r = 0; r < REP; r++) {
+                const float total = warp_sum(part[r]);
+                score[r] = lane == j ? total : score[r];
             }
         }
         const long t = t0 + lane;
         float p[REP];
 #pragma unroll
         for (int r = 0; r < REP; r++) {
-            float sc = reduce_scatter32(part[r], lane);
-            sc = t < lim[r] ? sc : -INFINITY;
+            const float sc = t < lim[r] ? score[r] : -INFINITY;
             const float mnew = fmaxf(m[r], warp_max(sc));
             if (mnew == -INFINITY) {  // nothing visible yet for this query
                 p[r] = 0.f;
