@@ -92,14 +92,16 @@ run)
   # A profile of the decode kernels on the goal's problem, where Nsight Compute is at hand.
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
   if [[ -n $NCU && ${KVQ_NCU:-1} == 1 ]]; then
-    # The first launches of the decode kernels (tensor cores, then the window's), and of the
-    # quantize kernels (keys, values), on the goal's problem; then why warps waited.
-    for what in attn:kivi_decode_attn quant:quant_; do
-      timeout 200 "$NCU" --kernel-name regex:"${what#*:}" --launch-count 2 --set full -o "$OUT/${what%%:*}-profile" \
-        "$KVQ" bench attn --shapes llama3-8b:16:32:8:128:32768 --caches kivi-2 --iters 1 >>"$OUT/ncu.log" 2>&1 || echo "ncu ($what): failed (see ncu.log)"
-      rep=$OUT/${what%%:*}-profile.ncu-rep
+    # The first launches of the decode kernels (tensor cores, then the window's), of the
+    # quantize kernels (keys, values), and of KVQuant's decode kernel, on the goal's problem;
+    # then why warps waited. Each entry: name:kernel regex:cache.
+    for what in attn:kivi_decode_attn:kivi-2 quant:quant_:kivi-2 kvquant:kvquant_attn:kvquant-4; do
+      IFS=: read -r tag regex cache <<<"$what"
+      timeout 200 "$NCU" --kernel-name regex:"$regex" --launch-count 2 --set full -o "$OUT/$tag-profile" \
+        "$KVQ" bench attn --shapes llama3-8b:16:32:8:128:32768 --caches "$cache" --iters 1 >>"$OUT/ncu.log" 2>&1 || echo "ncu ($tag): failed (see ncu.log)"
+      rep=$OUT/$tag-profile.ncu-rep
       [[ -f $rep ]] || continue
-      "$NCU" --import "$rep" --page details >"$OUT/${what%%:*}-profile.txt" 2>&1 || true
+      "$NCU" --import "$rep" --page details >"$OUT/$tag-profile.txt" 2>&1 || true
       # Cycles per issued instruction each kernel's warps spent waiting, by reason.
       "$NCU" --import "$rep" --page raw --csv 2>/dev/null | python3 -c '
 import csv, sys
@@ -118,7 +120,7 @@ for r in rows[2:]:
   fi
   fi
   if [[ $PART == all || $PART == model ]]; then
-  # The model on the GPU (KIVI and per-token caches packed there) vs the CPU: kvq's small model always
+  # The model on the GPU (KIVI, per-token and KVQuant caches there) vs the CPU: kvq's small model always
   # (no file to carry); the real GGUF too when $KVQ_MODEL names one on this machine.
   if [[ ${KVQ_SANITIZE:-1} == 1 ]]; then
     if compute-sanitizer --tool memcheck --error-exitcode 9 "$KVQ" bench gpu-model --tokens 96 --chunk 16 --batch 2 --new-tokens 4 >"$OUT/sanitizer-model.txt" 2>&1; then
