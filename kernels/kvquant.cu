@@ -386,6 +386,12 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
         ks_a[k] = a.kscale[h * D + ca[k]];
         ks_b[k] = a.kscale[h * D + cb[k]];
     }
+    // RoPE angles of this lane's pairs advance by one step a position: cos/sin of a tile's
+    // first position come from the table, the next 31 by rotating with position 1's
+    // (a few f32 roundings of drift in 31 steps, far below the check's 1e-3).
+    float step_c[PP], step_s[PP];
+#pragma unroll
+    for (int k = 0; k < PP; k++) step_c[k] = a.cos[D / 2 + lane + 32 * k], step_s[k] = a.sin[D / 2 + lane + 32 * k];
     const long tiles = (a.n + 31) / 32;
     const long tb = (long)split * a.tiles_per_split;
     const long te = min(tiles, tb + a.tiles_per_split);
@@ -396,6 +402,9 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
         float score[REP];
 #pragma unroll
         for (int r = 0; r < REP; r++) score[r] = 0.f;
+        float rc[PP], rs[PP];  // cos/sin of position t0 + j at this lane's pairs
+#pragma unroll
+        for (int k = 0; k < PP; k++) rc[k] = a.cos[t0 * (D / 2) + lane + 32 * k], rs[k] = a.sin[t0 * (D / 2) + lane + 32 * k];
         // Tiles past the sink: stage the tile's stored rows in shared memory first.
         const bool staged = t0 >= a.sink;
         if (staged) stage_tile<D>(a, s, t0, a.kcodes, nullptr, a.kout_idx, a.kout_val, s_codes[warp], s_out[warp], s_norm[warp], lane);
@@ -412,9 +421,10 @@ __device__ __forceinline__ void kvquant_attn(const KvqAttnArgs& a) {
             for (int r = 0; r < REP; r++) part[r] = 0.f;
 #pragma unroll
             for (int k = 0; k < PP; k++) {
-                const int p = lane + 32 * k;
-                const float c = a.cos[t * (D / 2) + p], sn = a.sin[t * (D / 2) + p];
+                const float c = rc[k], sn = rs[k];
                 const float ra = xa[k] * c - xb[k] * sn, rb = xa[k] * sn + xb[k] * c;
+                rc[k] = c * step_c[k] - sn * step_s[k];
+                rs[k] = sn * step_c[k] + c * step_s[k];
 #pragma unroll
                 for (int r = 0; r < REP; r++) part[r] = fmaf(qa[r][k], ra, fmaf(qb[r][k], rb, part[r]));
             }

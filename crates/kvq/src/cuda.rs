@@ -1103,7 +1103,8 @@ pub struct CudaRope {
 
 impl CudaRope {
     pub fn new(dev: &CudaDevice, rope: &crate::rope::Rope, positions: usize) -> Result<Self> {
-        let (cos, sin) = rope.tables(0, positions);
+        // (at least 2 rows: the attention kernel steps angles by position 1's)
+        let (cos, sin) = rope.tables(0, positions.max(2));
         Ok(CudaRope {
             half_style: rope.style == crate::rope::RopeStyle::Half,
             positions,
