@@ -91,6 +91,19 @@ fn upload_queries(dev: &CudaDevice, shape: CacheShape, held: usize, q: &[f32], q
     Ok((dev.clone_htod(q).map_err(gpu)?, dev.alloc_zeros::<f32>(want).map_err(gpu)?))
 }
 
+/// What `materialize` says: the quantized GPU caches do not copy their K/V back.
+fn stays_on_gpu() -> KvqError {
+    KvqError::Unsupported("the GPU cache's K/V stay on the GPU; materialize a CPU cache of the same preset".into())
+}
+
+/// `select_rows` of a quantized GPU cache: only the identity (no beam search yet).
+fn keep_all_rows(rows: &[usize], batch: usize) -> Result<()> {
+    if rows.iter().copied().eq(0..batch) {
+        return Ok(());
+    }
+    Err(KvqError::Unsupported("reordering or dropping sequences (beam search) is not in the GPU cache yet".into()))
+}
+
 /// Tokens of new K/V tensors (`[batch, kv_heads, tokens, head_dim]` on the GPU), checked
 /// by kvq's value rule in one pass on the device.
 fn kv_tensor_tokens(shape: CacheShape, k: &Tensor, v: &Tensor) -> Result<usize> {
@@ -177,7 +190,7 @@ impl KvCache for PackedGpuCache {
     }
 
     fn materialize(&self, _layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        Err(KvqError::Unsupported("the GPU cache's K/V stay on the GPU; materialize a CPU cache of the same preset".into()))
+        Err(stays_on_gpu())
     }
 
     fn bytes(&self) -> Bytes {
@@ -196,10 +209,7 @@ impl KvCache for PackedGpuCache {
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        if rows.iter().copied().eq(0..self.shape.batch) {
-            return Ok(());
-        }
-        Err(KvqError::Unsupported("reordering or dropping sequences (beam search) is not in the GPU cache yet".into()))
+        keep_all_rows(rows, self.shape.batch)
     }
 
     fn reset(&mut self) {
@@ -399,7 +409,7 @@ impl KvCache for KvQuantGpuCache {
     }
 
     fn materialize(&self, _layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        Err(KvqError::Unsupported("the GPU cache's K/V stay on the GPU; materialize a CPU cache of the same preset".into()))
+        Err(stays_on_gpu())
     }
 
     fn bytes(&self) -> Bytes {
@@ -420,10 +430,7 @@ impl KvCache for KvQuantGpuCache {
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        if rows.iter().copied().eq(0..self.shape.batch) {
-            return Ok(());
-        }
-        Err(KvqError::Unsupported("reordering or dropping sequences (beam search) is not in the GPU cache yet".into()))
+        keep_all_rows(rows, self.shape.batch)
     }
 
     fn reset(&mut self) {
