@@ -616,19 +616,21 @@ ATTN_REPS(128, 4, 2)
 // ---------------------------------------------------------------- decode attention on tensor cores
 // The same attention over whole tiles of 32 tokens whose keys and values are both packed,
 // with both products on tensor cores (mma.sync m16n8k16: f16 in, f32 accumulate):
-//   scores  S[t][q] = Σ_c code_k[t][c] · x[c][q] + Σ_c q·min_k,  x = q · scale_k
+//   scores  S[t][q] = Σ_c code_k[t][c] · x[c][q] + Σ_c min_k[c] · q[c],  x = q · scale_k
 //   output  O[c][q] = Σ_t code_v[t][c] · p[t][q] · scale_v[t] + Σ_t p[t][q] · min_v[t]
 // The MMA's 16 rows are tokens (scores) and channels (output); its 8 columns are 8 of
 // the query heads that share a KV head (block z takes heads 8z .. 8z + 7). A code enters
 // as an exact f16 subnormal, code·2^(pos−24) (see pair2/pair4), and each lane scales its
-// rows of the results back by 2^(24−pos). x = q·scale is split into f16 hi + lo (two
-// MMAs: keys keep f32-like precision); p·scale_v is one f16. The score fragments become
-// the value product's operand through movmatrix (an 8×8 transpose).
+// rows of the results back by 2^(24−pos). q (times the softmax scale) sits in shared memory
+// as f16 hi + lo; x = q·scale_k is made hi + lo by f16 products (two MMAs: keys keep
+// f32-like precision). The min terms are MMAs too, with A rows that repeat the mins.
+// p goes to f16 once, becomes the value product's operand through movmatrix (an 8×8
+// transpose), and is scaled by each value group's per-token scale in f16.
 // Each warp streams its tiles through shared memory with cp.async, STAGES deep.
 // crates/kvq/tests/tc_model.rs replays this kernel lane by lane on the CPU cache's bytes
-// (CI has no GPU): change one, change the other. There the f16 rounding of p·scale_v
-// is the only error left (5e-5 … 3e-4 of the output's largest value; with a hi + lo
-// split like the keys' it falls to 4e-6, at 16 more MMAs a tile).
+// (CI has no GPU): change one, change the other. There the f16 roundings of p and p·scale_v
+// are the error left (up to 3e-4 of the output's largest value); without q's lo part the
+// keys' error alone passes 1e-3.
 namespace tc {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 template <int BYTES>
@@ -654,6 +656,27 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
     return y;
 }
 __device__ __forceinline__ uint32_t bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+// The GPT (min, scale) words of one token's value groups, in as few shared loads as fit.
+template <int GPT>
+__device__ __forceinline__ void load_row_params(const __half2* p, uint32_t (&w)[GPT]) {
+    if constexpr (GPT == 4) {
+        const uint4 v = *(const uint4*)p;
+        w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else if constexpr (GPT == 2) {
+        const uint2 v = *(const uint2*)p;
+        w[0] = v.x, w[1] = v.y;
+    } else {
+        w[0] = *(const uint32_t*)p;
+    }
+}
+// 2^x on the SFU, subnormal results flushed to zero (a weight below 2^-126 of the
+// largest adds nothing an f32 sum keeps); exp2f adds a range fix-up around the same op.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // Codes become f16 *subnormals*: a code c at bit `pos` of a half's mantissa (exponent 0)
 // is the f16 value c·2^(pos−24), exactly. So one byte permute (byte `pos/8`… of u to the
@@ -671,6 +694,16 @@ __device__ __forceinline__ void pair2(uint32_t u, uint32_t v, uint32_t sel, uint
 // 4-bit codes: nibble g of u and of v: byte g/2, bit pos = 4(g & 1) of the byte.
 __device__ __forceinline__ uint32_t pair4(uint32_t u, uint32_t v, uint32_t sel, uint32_t mask) {
     return __byte_perm(u, v, sel) & mask;
+}
+
+// Where 16-byte chunk w of value row r sits in a stage (CPR chunks a row). The rows a
+// quarter-warp reads together (2tq + const, tq = 0..3) would share banks for CPR 2 and 4:
+// an XOR of the chunk index with bits of the row spreads them over the 128-byte line.
+template <int CPR>
+__device__ __forceinline__ int vchunk(int r, int w) {
+    if constexpr (CPR == 2) return r * 2 + (w ^ ((r >> 2) & 1));
+    else if constexpr (CPR == 4) return r * 4 + (w ^ ((r >> 1) & 3));
+    else return r * CPR + w;
 }
 
 // One warp's tile in shared memory: key codes (channel by channel, 32 tokens each), key
@@ -694,16 +727,30 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     constexpr int VROW = D * VB / 8;  // bytes of one value row
     static_assert(2 * WARPS * NQ * 4 + WARPS * NQ * D * 4 <= WARPS * T::STAGES * T::BYTES, "merge area");
     __shared__ __align__(16) unsigned char sm[WARPS * T::STAGES * T::BYTES];
-    __shared__ __align__(16) float sq[NQ][D + 8];  // padded: the 8 row groups hit distinct banks
+    // q · scale_log2 split into f16 hi + lo, laid out as the B fragments of the score MMAs:
+    // for query g, k-step ks and lane column tq, {hi(2tq, 2tq+1), hi(2tq+8, 2tq+9), lo(..), lo(..)}
+    // (channels counted from 16ks): one 16-byte load a k-step. Rows padded by 16 words so
+    // that each quarter-warp's loads hit distinct banks.
+    constexpr int QROW = 4 * KS + 4;  // uint4s a query row
+    __shared__ __align__(16) uint4 sq[NQ][QROW];
 
     // Block z serves queries r0 .. r0 + 8 of the KV head's `rep`.
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * NQ;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
-    for (int i = threadIdx.x; i < NQ * D; i += WARPS * 32) {
-        const int r = i / D, c = i % D;
-        sq[r][c] = r0 + r < a.rep ? a.q[((long)b * a.Hq + h * a.rep + r0 + r) * D + c] * a.scale_log2 : 0.f;
+    for (int i = threadIdx.x; i < NQ * 4 * KS; i += WARPS * 32) {
+        const int r = i / (4 * KS), ks = i / 4 % KS, t = i % 4;
+        const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + r) * D + 16 * ks + 2 * t;
+        float x[4] = {0.f, 0.f, 0.f, 0.f};  // channels 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step
+        if (r0 + r < a.rep) {
+            x[0] = qr[0] * a.scale_log2, x[1] = qr[1] * a.scale_log2;
+            x[2] = qr[8] * a.scale_log2, x[3] = qr[9] * a.scale_log2;
+        }
+        const __half2 h01 = __floats2half2_rn(x[0], x[1]), h89 = __floats2half2_rn(x[2], x[3]);
+        const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
+        sq[r][4 * ks + t] = make_uint4(bits(h01), bits(h89), bits(__floats2half2_rn(x[0] - f01.x, x[1] - f01.y)),
+                                       bits(__floats2half2_rn(x[2] - f89.x, x[3] - f89.y)));
     }
     __syncthreads();
 
@@ -713,27 +760,46 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const long te = min((long)a.tile_end, tb + a.tiles_per_split);
     const int count = te > tb + warp ? (int)((te - tb - warp + WARPS - 1) / WARPS) : 0;
     unsigned char* mine = sm + warp * T::STAGES * T::BYTES;
-    auto load = [&](int i) {
-        const long t0 = (tb + warp + (long)i * WARPS) * 32, blk = t0 / a.G;
-        unsigned char* st = mine + (i % T::STAGES) * T::BYTES;
-        const long kat = ((long)s * kblocks + blk) * D;
-        const uint8_t* kc = a.kcodes + kat * kstride + (t0 % a.G) * KB / 8;
-        for (int c = lane; c < D; c += 32) cp_async<CB>(st + c * CB, kc + (long)c * kstride);
-        const unsigned char* kp = (const unsigned char*)(a.kparams + kat);
+    // A warp's tiles are WARPS·32 tokens apart: the source pointers step by constants,
+    // with one wrap into the next key block (no division in the loop).
+    const long t_first = (tb + warp) * 32;
+    int off = (int)(t_first % a.G);                          // token offset in its key block
+    const int doff = (WARPS * 32) % a.G, dblk = (WARPS * 32) / a.G;
+    const long kat0 = ((long)s * kblocks + t_first / a.G) * D;
+    const uint8_t* ld_kc = a.kcodes + kat0 * kstride + off * KB / 8;
+    const __half2* ld_kp = a.kparams + kat0;
+    const uint8_t* ld_vc = a.vcodes + ((long)s * a.cap + t_first) * VROW;
+    const __half2* ld_vp = a.vparams + ((long)s * a.cap + t_first) * GPT;
+    const int kc_step = dblk * D * kstride + doff * KB / 8, kc_wrap = D * kstride - a.G * KB / 8;
+    int ld_stage = 0;
+    auto load = [&]() {
+        unsigned char* st = mine + ld_stage * T::BYTES;
+        if (kstride == CB) {
+            // Blocks of 32 tokens: the tile's key codes are one run of bytes.
+#pragma unroll
+            for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * j, ld_kc + 16 * j);
+        } else {
+#pragma unroll
+            for (int c = lane; c < D; c += 32) cp_async<CB>(st + c * CB, ld_kc + (long)c * kstride);
+        }
+        const unsigned char* kp = (const unsigned char*)ld_kp;
         for (int j = lane; j < T::KP / 16; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
-        const uint8_t* vc = a.vcodes + ((long)s * a.cap + t0) * VROW;
-        for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * j, vc + 16 * j);
-        const unsigned char* vp = (const unsigned char*)(a.vparams + ((long)s * a.cap + t0) * GPT);
+        for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
+        const unsigned char* vp = (const unsigned char*)ld_vp;
         for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + T::KP + T::VC + 16 * j, vp + 16 * j);
+        // On to this warp's next tile.
+        ld_stage = ld_stage == T::STAGES - 1 ? 0 : ld_stage + 1;
+        off += doff, ld_kc += kc_step, ld_kp += dblk * D;
+        if (off >= a.G) off -= a.G, ld_kc += kc_wrap, ld_kp += D;
+        ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT;
     };
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // queries 2tq, 2tq + 1
     float acc[KS][4];     // output fragments: channels 16mt + g (+ 8) × queries 2tq (+ 1)
-    float extra[GPT][2];  // Σ p·min_v per value group, queries 2tq (+ 1)
+    // Σ p·min_v of value group g % GPT (MMA rows g, g + 8), queries 2tq, 2tq + 1 (2, 3 repeat 0, 1).
+    float extra[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int mt = 0; mt < KS; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-#pragma unroll
-    for (int gr = 0; gr < GPT; gr++) extra[gr][0] = extra[gr][1] = 0.f;
     // This lane's byte selectors, masks and the scale back from subnormals (rows g, g + 8).
     // (A selector's nibble i names the source byte of result byte i: 0–3 from u, 4–7 from v.)
     const uint32_t sel2 = (uint32_t)(g >> 2) | (uint32_t)(4 + (g >> 2)) << 8;
@@ -741,41 +807,44 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const uint32_t sel4 = (uint32_t)(g >> 1) | (uint32_t)(4 + (g >> 1)) << 8;
     const uint32_t mask4 = (15u << (4 * (g & 1))) * 0x00010001u;
     const int pos2 = 2 * (g & 3), pos4 = 4 * (g & 1);
+    const int vsw = VROW == 32 ? (tq >> 1) & 1 : VROW == 64 ? tq : 0;  // vchunk's XOR on rows 2tq + {0, 1, 8, 9} (+16)
     // 2^(24 − pos), built from its exponent bits.
     const float kf = __int_as_float((127 + 24 - (KB == 2 ? pos2 : pos4)) << 23);
     const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23);
 
 #pragma unroll
     for (int i = 0; i < T::STAGES - 1; i++) {
-        if (i < count) load(i);
+        if (i < count) load();
         cp_commit();
     }
-    for (int i = 0; i < count; i++) {
-        if (i + T::STAGES - 1 < count) load(i + T::STAGES - 1);
+    for (int i = 0, rd_stage = 0; i < count; i++, rd_stage = rd_stage == T::STAGES - 1 ? 0 : rd_stage + 1) {
+        if (i + T::STAGES - 1 < count) load();
         cp_commit();
         cp_wait<T::STAGES - 1>();
         __syncwarp();
-        const unsigned char* st = mine + (i % T::STAGES) * T::BYTES;
+        const unsigned char* st = mine + rd_stage * T::BYTES;
         const uint32_t* kc = (const uint32_t*)st;
         const __half2* kp = (const __half2*)(st + T::KC);
         const unsigned char* vc = st + T::KC + T::KP;
         const __half2* vp = (const __half2*)(st + T::KC + T::KP + T::VC);
 
         // Scores: rows = tokens (two m-tiles of 16), k = channels, columns = queries.
+        // x = q·scale_k as f16 hi + lo from q's hi + lo by f16 products: hi = q_hi·s rounded,
+        // lo = (q_hi·s − hi) + q_lo·s, the first part exact in an FMA. Σ q·min on tensor
+        // cores too: an A whose 16 rows all hold the mins (rows of `bc` are equal).
         float sc[2][4] = {};
-        float base = 0.f;  // Σ q·min over this lane's channels, query g
+        float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
             const int c0 = 16 * ks + 2 * tq;
-            const float2 qa = *(const float2*)&sq[g][c0], qb = *(const float2*)&sq[g][c0 + 8];
-            const float2 p0 = __half22float2(kp[c0]), p1 = __half22float2(kp[c0 + 1]);
-            const float2 p8 = __half22float2(kp[c0 + 8]), p9 = __half22float2(kp[c0 + 9]);
-            const float x0 = qa.x * p0.y, x1 = qa.y * p1.y, x8 = qb.x * p8.y, x9 = qb.y * p9.y;
-            const __half2 h01 = __floats2half2_rn(x0, x1), h89 = __floats2half2_rn(x8, x9);
-            const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
-            const uint32_t l01 = bits(__floats2half2_rn(x0 - f01.x, x1 - f01.y));
-            const uint32_t l89 = bits(__floats2half2_rn(x8 - f89.x, x9 - f89.y));
-            base += qa.x * p0.x + qa.y * p1.x + qb.x * p8.x + qb.y * p9.x;
+            const uint4 qv = sq[g][4 * ks + tq];
+            const uint2 pa = *(const uint2*)&kp[c0], pb = *(const uint2*)&kp[c0 + 8];  // (min, scale) of c0, c0 + 1; c0 + 8, + 9
+            const uint32_t s01 = __byte_perm(pa.x, pa.y, 0x7632), s89 = __byte_perm(pb.x, pb.y, 0x7632);
+            const uint32_t m01 = __byte_perm(pa.x, pa.y, 0x5410), m89 = __byte_perm(pb.x, pb.y, 0x5410);
+            const __half2 qh01 = as_h2(qv.x), qh89 = as_h2(qv.y), ql01 = as_h2(qv.z), ql89 = as_h2(qv.w);
+            const __half2 h01 = __hmul2(qh01, as_h2(s01)), h89 = __hmul2(qh89, as_h2(s89));
+            const uint32_t l01 = bits(__hfma2(ql01, as_h2(s01), __hfma2(qh01, as_h2(s01), __hneg2(h01))));
+            const uint32_t l89 = bits(__hfma2(ql89, as_h2(s89), __hfma2(qh89, as_h2(s89), __hneg2(h89))));
             uint32_t A0[4], A1[4];  // tokens 0–15, 16–31
             if constexpr (KB == 2) {
                 // A channel's 32 codes are two words (tokens 0–15, 16–31).
@@ -801,13 +870,15 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             mma(sc[0], A0, l01, l89);
             mma(sc[1], A1, bits(h01), bits(h89));
             mma(sc[1], A1, l01, l89);
+            const uint32_t M[4] = {m01, m01, m89, m89};
+            mma(bc, M, qv.x, qv.y);
+            mma(bc, M, qv.z, qv.w);
         }
-        base += __shfl_xor_sync(FULL_MASK, base, 1);
-        base += __shfl_xor_sync(FULL_MASK, base, 2);
-        const float bq[2] = {__shfl_sync(FULL_MASK, base, 8 * tq), __shfl_sync(FULL_MASK, base, 8 * tq + 4)};
+        const float bq[2] = {bc[0], bc[1]};
 
         // Online softmax (base 2) per query; this lane holds tokens g, g + 8, g + 16, g + 24.
         float corr[2];
+        bool grew = false;
 #pragma unroll
         for (int j = 0; j < 2; j++) {
 #pragma unroll
@@ -820,50 +891,67 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
             const float mn = fmaxf(m[j], mx);
-            corr[j] = exp2f(m[j] - mn);
+            grew |= mn != m[j];
+            corr[j] = ex2(m[j] - mn);
             m[j] = mn;
             float ps = 0.f;
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                sc[mt][j] = exp2f(sc[mt][j] - mn);
-                sc[mt][j + 2] = exp2f(sc[mt][j + 2] - mn);
+                sc[mt][j] = ex2(sc[mt][j] - mn);
+                sc[mt][j + 2] = ex2(sc[mt][j + 2] - mn);
                 ps += sc[mt][j] + sc[mt][j + 2];
             }
             l[j] = l[j] * corr[j] + ps;
         }
+        // Once the running maxima settle, corr is exactly 1 in every lane: skip the rescale.
+        if (__any_sync(FULL_MASK, grew)) {
 #pragma unroll
-        for (int mt = 0; mt < KS; mt++) {
-            acc[mt][0] *= corr[0];
-            acc[mt][1] *= corr[1];
-            acc[mt][2] *= corr[0];
-            acc[mt][3] *= corr[1];
-        }
-#pragma unroll
-        for (int gr = 0; gr < GPT; gr++) {
-            extra[gr][0] *= corr[0];
-            extra[gr][1] *= corr[1];
+            for (int mt = 0; mt < KS; mt++) {
+                acc[mt][0] *= corr[0];
+                acc[mt][1] *= corr[1];
+                acc[mt][2] *= corr[0];
+                acc[mt][3] *= corr[1];
+            }
+            extra[0] *= corr[0];
+            extra[1] *= corr[1];
         }
 
         // Output: rows = channels (KS m-tiles), k = tokens (two steps of 16), columns = queries.
+        // p goes to f16 once and through movmatrix to the B layout (k = tokens), then is
+        // scaled by each value group's per-token scale in f16; Σ p·min_v is an MMA whose
+        // A rows all hold the mins.
 #pragma unroll
         for (int ks = 0; ks < 2; ks++) {
+            // B fragments of p: tokens 2tq, 2tq + 1 (pt0) and 2tq + 8, 2tq + 9 (pt8) of the k-step, query g.
+            const uint32_t pt0 = transpose8x8(bits(__floats2half2_rn(sc[ks][0], sc[ks][1])));
+            const uint32_t pt8 = transpose8x8(bits(__floats2half2_rn(sc[ks][2], sc[ks][3])));
+            const int t0 = 16 * ks + 2 * tq;  // (min, scale) of this lane's four tokens, every group
+            uint32_t pr0[GPT], pr1[GPT], pr8[GPT], pr9[GPT];
+            load_row_params<GPT>(vp + t0 * GPT, pr0);
+            load_row_params<GPT>(vp + (t0 + 1) * GPT, pr1);
+            load_row_params<GPT>(vp + (t0 + 8) * GPT, pr8);
+            load_row_params<GPT>(vp + (t0 + 9) * GPT, pr9);
             uint32_t b0[GPT], b1[GPT];
-            const int ta = 16 * ks + g;  // this lane's tokens in the score fragments: ta, ta + 8
 #pragma unroll
             for (int gr = 0; gr < GPT; gr++) {
-                const float2 pa = __half22float2(vp[ta * GPT + gr]), pb = __half22float2(vp[(ta + 8) * GPT + gr]);
-                const __half2 r0 = __floats2half2_rn(sc[ks][0] * pa.y, sc[ks][1] * pa.y);
-                const __half2 r1 = __floats2half2_rn(sc[ks][2] * pb.y, sc[ks][3] * pb.y);
-                extra[gr][0] += sc[ks][0] * pa.x + sc[ks][2] * pb.x;
-                extra[gr][1] += sc[ks][1] * pa.x + sc[ks][3] * pb.x;
-                b0[gr] = transpose8x8(bits(r0));  // k = tokens 2tq, 2tq + 1; column = query g
-                b1[gr] = transpose8x8(bits(r1));  // tokens 2tq + 8, 2tq + 9
+                b0[gr] = bits(__hmul2(as_h2(pt0), as_h2(__byte_perm(pr0[gr], pr1[gr], 0x7632))));
+                b1[gr] = bits(__hmul2(as_h2(pt8), as_h2(__byte_perm(pr8[gr], pr9[gr], 0x7632))));
             }
-            const unsigned char* rows = vc + (16 * ks + 2 * tq) * VROW;  // tokens 2tq, +1, +8, +9
+            {
+                // Row g of the mins' A holds group g % GPT: one MMA for every group.
+                const __half2* mp = vp + t0 * GPT + g % GPT;
+                const uint32_t m0 = *(const uint32_t*)mp, m1 = *(const uint32_t*)(mp + GPT);
+                const uint32_t m8 = *(const uint32_t*)(mp + 8 * GPT), m9 = *(const uint32_t*)(mp + 9 * GPT);
+                const uint32_t m01 = __byte_perm(m0, m1, 0x5410), m89 = __byte_perm(m8, m9, 0x5410);
+                const uint32_t M[4] = {m01, m01, m89, m89};
+                mma(extra, M, pt0, pt8);
+            }
+            // Value rows (tokens) 2tq, +1, +8, +9 of the k-step; for all four vchunk's XOR is vsw.
+            const unsigned char* rows = vc + (16 * ks + 2 * tq) * VROW;
+            auto row = [&](int dr, int w4) { return *(const uint4*)(rows + dr * VROW + 16 * (w4 ^ vsw)); };
 #pragma unroll
             for (int w4 = 0; w4 < VROW / 16; w4++) {
-                const uint4 ra = *(const uint4*)(rows + 16 * w4), rb = *(const uint4*)(rows + VROW + 16 * w4);
-                const uint4 r8 = *(const uint4*)(rows + 8 * VROW + 16 * w4), r9 = *(const uint4*)(rows + 9 * VROW + 16 * w4);
+                const uint4 ra = row(0, w4), rb = row(1, w4), r8 = row(8, w4), r9 = row(9, w4);
                 const uint32_t wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
                 const uint32_t w8[4] = {r8.x, r8.y, r8.z, r8.w}, w9[4] = {r9.x, r9.y, r9.z, r9.w};
                 if constexpr (VB == 2) {
@@ -898,8 +986,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             l[j] += __shfl_xor_sync(FULL_MASK, l[j], o);
-#pragma unroll
-            for (int gr = 0; gr < GPT; gr++) extra[gr][j] += __shfl_xor_sync(FULL_MASK, extra[gr][j], o);
         }
     }
     __syncthreads();
@@ -913,13 +999,19 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             sm_l[warp][2 * tq + j] = l[j];
         }
     }
+    float ex[GPT][2];  // every group's Σ p·min_v, from the lanes whose row g holds it
+#pragma unroll
+    for (int gr = 0; gr < GPT; gr++) {
+        ex[gr][0] = __shfl_sync(FULL_MASK, extra[0], 4 * gr + tq);
+        ex[gr][1] = __shfl_sync(FULL_MASK, extra[1], 4 * gr + tq);
+    }
 #pragma unroll
     for (int mt = 0; mt < KS; mt++) {
         const int gr = mt * GPT / KS;
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            sm_acc[warp][2 * tq + j][16 * mt + g] = fmaf(acc[mt][j], vf, extra[gr][j]);
-            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = fmaf(acc[mt][j + 2], vf, extra[gr][j]);
+            sm_acc[warp][2 * tq + j][16 * mt + g] = fmaf(acc[mt][j], vf, ex[gr][j]);
+            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = fmaf(acc[mt][j + 2], vf, ex[gr][j]);
         }
     }
     __syncthreads();
@@ -927,8 +1019,11 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 }
 }  // namespace tc
 
+// At least 4 blocks an SM (128 registers a thread at most). Without the bound the compiler
+// takes 154 registers at head size 128 (3 blocks); with 5 blocks (96) it spills, and at
+// head size 64 it ran no faster (H100, gpu-attn.md).
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
         tc::decode_attn<D, KB, VB, GPT>(a);                                                  \
     }

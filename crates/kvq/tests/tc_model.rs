@@ -31,6 +31,17 @@ fn byte_perm(x: u32, y: u32, s: u32) -> u32 {
 fn h2(lo: f32, hi: f32) -> u32 {
     f16::from_f32(lo).to_bits() as u32 | (f16::from_f32(hi).to_bits() as u32) << 16
 }
+fn h2h(lo: f16, hi: f16) -> u32 {
+    lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+}
+/// `__hmul2` / `__hfma2` on one half: the exact product (and sum, exact in f64 for
+/// f16 inputs) rounded once to f16, as the hardware does.
+fn hmul(a: f16, b: f32) -> f16 {
+    f16::from_f64(a.to_f64() * b as f64)
+}
+fn hfma(a: f16, b: f32, c: f16) -> f16 {
+    f16::from_f64(a.to_f64() * b as f64 + c.to_f64())
+}
 fn unh2(x: u32) -> (f32, f32) {
     (f16::from_bits(x as u16).to_f32(), f16::from_bits((x >> 16) as u16).to_f32())
 }
@@ -138,7 +149,8 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     let mut m: Lanes<[f32; 2]> = [[f32::NEG_INFINITY; 2]; 32];
     let mut l: Lanes<[f32; 2]> = [[0.0; 2]; 32];
     let mut acc: Vec<Lanes<[f32; 4]>> = vec![[[0.0; 4]; 32]; ks_n];
-    let mut extra: Vec<Lanes<[f32; 2]>> = vec![[[0.0; 2]; 32]; gpt];
+    // Σ p·min_v of group g % gpt (MMA rows g, g + 8), queries 2tq, 2tq + 1.
+    let mut extra: Lanes<[f32; 4]> = [[0.0; 4]; 32];
     // Per lane (g = l / 4): byte selectors, masks, and the factor back from subnormals.
     let sel2 = |l: usize| ((l / 4) >> 2) as u32 | ((4 + ((l / 4) >> 2)) as u32) << 8;
     let mask2 = |l: usize| (3u32 << (2 * ((l / 4) & 3))) * 0x0001_0001;
@@ -147,25 +159,39 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     let pos = |l: usize, bits: usize| if bits == 2 { 2 * ((l / 4) & 3) } else { 4 * ((l / 4) & 1) } as i32;
     let kf = |l: usize| 2f32.powi(24 - pos(l, kb));
     let vf = |l: usize| 2f32.powi(24 - pos(l, vb));
+    // The queries as the kernel keeps them in shared memory: f16 hi + lo.
+    let sq_hi: Vec<Vec<f16>> = sq.iter().map(|r| r.iter().map(|&x| f16::from_f32(x)).collect()).collect();
+    let sq_lo: Vec<Vec<f16>> = sq.iter().zip(&sq_hi).map(|(r, h)| r.iter().zip(h).map(|(&x, &h)| f16::from_f32(x - h.to_f32())).collect()).collect();
     for &tile in tiles {
         let (kc, kp, vc, vp) = st.stage(tile);
-        // Scores.
+        // Scores: x = q·scale as f16 hi + lo from q's f16 hi + lo (f16 products, the
+        // rounding error of hi recovered exactly by an FMA); Σ q·min by an MMA whose A
+        // rows all hold the mins.
         let mut sc: [Lanes<[f32; 4]>; 2] = [[[0.0; 4]; 32]; 2];
-        let mut base: Lanes<f32> = [0.0; 32];
+        let mut bc: Lanes<[f32; 4]> = [[0.0; 4]; 32];
         for ks in 0..ks_n {
-            let (mut a0, mut a1) = ([[0u32; 4]; 32], [[0u32; 4]; 32]);
+            let (mut a0, mut a1, mut mins) = ([[0u32; 4]; 32], [[0u32; 4]; 32], [[0u32; 4]; 32]);
             let (mut bh0, mut bh1, mut bl0, mut bl1) = ([0u32; 32], [0u32; 32], [0u32; 32], [0u32; 32]);
+            let (mut qh0, mut qh1, mut ql0, mut ql1) = ([0u32; 32], [0u32; 32], [0u32; 32], [0u32; 32]);
             for ln in 0..32 {
                 let (g, tq) = (ln / 4, ln % 4);
                 let c0 = 16 * ks + 2 * tq;
-                let (qa, qb) = ((sq[g][c0], sq[g][c0 + 1]), (sq[g][c0 + 8], sq[g][c0 + 9]));
+                let (qh, ql) = (&sq_hi[g], &sq_lo[g]);
                 let (p0, p1, p8, p9) = (kp[c0], kp[c0 + 1], kp[c0 + 8], kp[c0 + 9]);
-                let (x0, x1, x8, x9) = (qa.0 * p0.1, qa.1 * p1.1, qb.0 * p8.1, qb.1 * p9.1);
-                let (h01, h89) = (h2(x0, x1), h2(x8, x9));
-                let (f01, f89) = (unh2(h01), unh2(h89));
+                let pair = |q: &[f16], c: usize, s: (f32, f32), t: (f32, f32)| {
+                    let (h, l) = (hmul(q[c], s.1), hmul(q[c + 1], t.1));
+                    (h2h(h, l), [h, l])
+                };
+                let (h01, hi01) = pair(qh, c0, p0, p1);
+                let (h89, hi89) = pair(qh, c0 + 8, p8, p9);
+                let lo = |c: usize, s: f32, hi: f16| hfma(ql[c], s, hfma(qh[c], s, -hi));
                 (bh0[ln], bh1[ln]) = (h01, h89);
-                (bl0[ln], bl1[ln]) = (h2(x0 - f01.0, x1 - f01.1), h2(x8 - f89.0, x9 - f89.1));
-                base[ln] += qa.0 * p0.0 + qa.1 * p1.0 + qb.0 * p8.0 + qb.1 * p9.0;
+                bl0[ln] = h2h(lo(c0, p0.1, hi01[0]), lo(c0 + 1, p1.1, hi01[1]));
+                bl1[ln] = h2h(lo(c0 + 8, p8.1, hi89[0]), lo(c0 + 9, p9.1, hi89[1]));
+                (qh0[ln], qh1[ln]) = (h2h(qh[c0], qh[c0 + 1]), h2h(qh[c0 + 8], qh[c0 + 9]));
+                (ql0[ln], ql1[ln]) = (h2h(ql[c0], ql[c0 + 1]), h2h(ql[c0 + 8], ql[c0 + 9]));
+                let (m01, m89) = (h2(p0.0, p1.0), h2(p8.0, p9.0));
+                mins[ln] = [m01, m01, m89, m89];
                 if kb == 2 {
                     let w = |c: usize, i: usize| word(&kc, c * 8 + 4 * i);
                     let p = |u: u32, v: u32| pair2(u, v, sel2(ln), mask2(ln));
@@ -184,12 +210,10 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             mma(&mut sc[0], &a0, &bl0, &bl1);
             mma(&mut sc[1], &a1, &bh0, &bh1);
             mma(&mut sc[1], &a1, &bl0, &bl1);
+            mma(&mut bc, &mins, &qh0, &qh1);
+            mma(&mut bc, &mins, &ql0, &ql1);
         }
-        let b1 = shfl_xor(&base, 1);
-        let base: Lanes<f32> = lanes(|ln| base[ln] + b1[ln]);
-        let b2 = shfl_xor(&base, 2);
-        let base: Lanes<f32> = lanes(|ln| base[ln] + b2[ln]);
-        let bq: Lanes<[f32; 2]> = lanes(|ln| [base[8 * (ln % 4)], base[8 * (ln % 4) + 4]]);
+        let bq: Lanes<[f32; 2]> = lanes(|ln| [bc[ln][0], bc[ln][1]]);
 
         // Online softmax.
         let mut corr: Lanes<[f32; 2]> = [[0.0; 2]; 32];
@@ -224,30 +248,28 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                     a[ln][i] *= corr[ln][i & 1];
                 }
             }
-            for e in extra.iter_mut() {
-                e[ln][0] *= corr[ln][0];
-                e[ln][1] *= corr[ln][1];
-            }
+            extra[ln][0] *= corr[ln][0];
+            extra[ln][1] *= corr[ln][1];
         }
 
-        // Output.
+        // Output: p to f16, transposed to the B layout, scaled per value group in f16;
+        // Σ p·min_v by an MMA whose row g holds group g % gpt's mins.
         for ks in 0..2 {
-            let mut b0s = Vec::new();
-            let mut b1s = Vec::new();
-            for gr in 0..gpt {
-                let (mut r0, mut r1) = ([0u32; 32], [0u32; 32]);
-                for ln in 0..32 {
-                    let ta = 16 * ks + ln / 4;
-                    let (pa, pb) = (vp[ta * gpt + gr], vp[(ta + 8) * gpt + gr]);
-                    let s = &sc[ks][ln];
-                    r0[ln] = h2(s[0] * pa.1, s[1] * pa.1);
-                    r1[ln] = h2(s[2] * pb.1, s[3] * pb.1);
-                    extra[gr][ln][0] += s[0] * pa.0 + s[2] * pb.0;
-                    extra[gr][ln][1] += s[1] * pa.0 + s[3] * pb.0;
-                }
-                b0s.push(transpose8x8(&r0));
-                b1s.push(transpose8x8(&r1));
-            }
+            let pt0 = transpose8x8(&lanes(|ln| h2(sc[ks][ln][0], sc[ks][ln][1])));
+            let pt8 = transpose8x8(&lanes(|ln| h2(sc[ks][ln][2], sc[ks][ln][3])));
+            let t0 = |ln: usize| 16 * ks + 2 * (ln % 4);
+            let scaled = |pt: &Lanes<u32>, ln: usize, t: usize, gr: usize| {
+                let (a, b) = unh2(pt[ln]);
+                h2h(hmul(f16::from_f32(a), vp[t * gpt + gr].1), hmul(f16::from_f32(b), vp[(t + 1) * gpt + gr].1))
+            };
+            let b0s: Vec<Lanes<u32>> = (0..gpt).map(|gr| lanes(|ln| scaled(&pt0, ln, t0(ln), gr))).collect();
+            let b1s: Vec<Lanes<u32>> = (0..gpt).map(|gr| lanes(|ln| scaled(&pt8, ln, t0(ln) + 8, gr))).collect();
+            let mins: Lanes<[u32; 4]> = lanes(|ln| {
+                let (t, gr) = (t0(ln), (ln / 4) % gpt);
+                let (m01, m89) = (h2(vp[t * gpt + gr].0, vp[(t + 1) * gpt + gr].0), h2(vp[(t + 8) * gpt + gr].0, vp[(t + 9) * gpt + gr].0));
+                [m01, m01, m89, m89]
+            });
+            mma(&mut extra, &mins, &pt0, &pt8);
             for w4 in 0..vrow / 16 {
                 let row = |ln: usize, dt: usize, e: usize| word(&vc, (16 * ks + 2 * (ln % 4) + dt) * vrow + 16 * w4 + 4 * e);
                 if vb == 2 {
@@ -288,13 +310,6 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             for ln in 0..32 {
                 l[ln][j] += other[ln];
             }
-            for e in extra.iter_mut() {
-                let ej: Lanes<f32> = lanes(|ln| e[ln][j]);
-                let other = shfl_xor(&ej, o);
-                for ln in 0..32 {
-                    e[ln][j] += other[ln];
-                }
-            }
         }
     }
     let mut ws = WarpState { m: vec![0.0; NQ], l: vec![0.0; NQ], out: vec![vec![0.0; d]; NQ] };
@@ -306,7 +321,7 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                 ws.l[2 * tq + j] = l[ln][j];
             }
             for mt in 0..ks_n {
-                let e = extra[mt * gpt / ks_n][ln][j];
+                let e = extra[4 * (mt * gpt / ks_n) + tq][j];
                 ws.out[2 * tq + j][16 * mt + g] = acc[mt][ln][j].mul_add(vf(ln), e);
                 ws.out[2 * tq + j][16 * mt + g + 8] = acc[mt][ln][j + 2].mul_add(vf(ln), e);
             }
