@@ -136,6 +136,40 @@ for r in rows[2:]:
     "$KVQ" bench gpu-model --model "$KVQ_MODEL" --tokens 1024 --batch 16 ${KVQ_MODEL_CACHES:+--caches "$KVQ_MODEL_CACHES"} --out "$OUT/gpu-model-real.md" || echo "gpu-model (real model): FAILED" | tee -a "$OUT/gpu-model-failed.txt"
   fi
   fi
+  if [[ $PART == e2e-profile && -n ${KVQ_MODEL:-} && -f ${KVQ_MODEL:-} ]]; then
+    # Every kernel of one decode step at the budget's batch and full context, by time
+    # (ncu; the step runs between cuProfilerStart/Stop when KVQ_PROFILE_STEP is set).
+    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu)
+    for cache in ${KVQ_PROFILE_CACHES:-fp16 kivi-2}; do
+      KVQ_PROFILE_STEP=1 timeout 280 "$NCU" --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu-e2e-$cache.log" \
+        "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches "$cache" --steps 2 >"$OUT/e2e-kernels-$cache.csv" || echo "e2e-profile ($cache): failed"
+      python3 - "$OUT/e2e-kernels-$cache.csv" "$cache" >>"$OUT/e2e-kernels.md" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
+head, rows = rows[0], rows[1:]
+name, val = head.index("Kernel Name"), head.index("Metric Value")
+ids = collections.OrderedDict()
+for r in rows:
+    ids.setdefault(r[head.index("ID")], (r[name], float(r[val].replace(",", ""))))
+# The first profiled step is the full-context one (the second, at 64 tokens: the model
+# alone); the second starts where the first step's first kernel comes again.
+ks = list(ids.values())
+n = next((i for i in range(1, len(ks)) if ks[i][0] == ks[0][0]), len(ks))
+tot = collections.Counter(); cnt = collections.Counter()
+for i, (k, ns) in enumerate(ids.values()):
+    part = "context" if i < n else "64 tokens"
+    k = k.split("(")[0][:60]
+    tot[(part, k)] += ns; cnt[(part, k)] += 1
+print(f"\n### {sys.argv[2]}: {n} kernels a step\n\n| step | kernel | launches | µs |\n|---|---|---:|---:|")
+for part in ("context", "64 tokens"):
+    s = sum(v for (p, _), v in tot.items() if p == part)
+    print(f"| {part} | all | {sum(c for (p, _), c in cnt.items() if p == part)} | {s / 1e3:.0f} |")
+    for (p, k), v in sorted(tot.items(), key=lambda x: -x[1]):
+        if p == part and v > 0.01 * s:
+            print(f"| {part} | {k} | {cnt[(p, k)]} | {v / 1e3:.0f} |")
+PY
+    done
+  fi
   if [[ $PART == all || $PART == e2e ]]; then
   # End to end: the largest batch in a 40 GiB KV budget at 8k tokens, decode tokens/s
   # (small model at 1k tokens first: no file needed).

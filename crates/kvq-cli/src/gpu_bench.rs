@@ -743,6 +743,16 @@ pub fn e2e(a: &GpuE2eArgs) -> Result<String> {
         for _ in 0..2 {
             step(&mut next)?;
         }
+        if std::env::var_os("KVQ_PROFILE_STEP").is_some() {
+            // One more step between cuProfilerStart/Stop, for `ncu --profile-from-start off`
+            // (bench/gpu.sh e2e-profile): every kernel of a decode step, by name and time.
+            gpu.synchronize()?;
+            // SAFETY: plain driver calls on the current context, no arguments.
+            unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart() };
+            step(&mut next)?;
+            gpu.synchronize()?;
+            unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop() };
+        }
         let t1 = std::time::Instant::now();
         for _ in 0..a.steps {
             step(&mut next)?;
