@@ -141,9 +141,10 @@ for r in rows[2:]:
     # (ncu; the step runs between cuProfilerStart/Stop when KVQ_PROFILE_STEP is set).
     NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu)
     for cache in ${KVQ_PROFILE_CACHES:-fp16 kivi-2}; do
-      KVQ_PROFILE_STEP=1 timeout 280 "$NCU" --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu-e2e-$cache.log" \
-        "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches "$cache" --steps 2 >"$OUT/e2e-kernels-$cache.csv" || echo "e2e-profile ($cache): failed"
-      python3 - "$OUT/e2e-kernels-$cache.csv" "$cache" >>"$OUT/e2e-kernels.md" <<'PY'
+      KVQ_PROFILE_STEP=1 timeout 280 "$NCU" --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        "$KVQ" bench gpu-e2e --model "$KVQ_MODEL" --caches "$cache" --steps 2 ${KVQ_E2E_ARGS:-} >"$OUT/ncu-e2e-$cache.log" 2>&1 || echo "e2e-profile ($cache): failed"
+      grep '^"' "$OUT/ncu-e2e-$cache.log" >"$OUT/e2e-kernels-$cache.csv" || true
+      python3 - "$OUT/e2e-kernels-$cache.csv" "$cache" >>"$OUT/e2e-kernels.md" <<'PY' || echo "e2e-profile ($cache): no kernels read"
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
 head, rows = rows[0], rows[1:]

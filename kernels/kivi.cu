@@ -265,6 +265,10 @@ QUANT_ENTRY(4)
 // `combine_splits` merges them.
 constexpr int WARPS = 4;
 
+// Window tokens whose loads the CUDA-core kernel puts in flight together (one round trip
+// to memory each): as many as fit in the registers its packed path takes anyway.
+#define JB_OF(D) ((D) == 64 ? 32 : 16)
+
 // Small unsigned integer → float exactly, in one OR and one FADD (no slow I2F).
 __device__ __forceinline__ float code_to_float(uint32_t c) {
     return __uint_as_float(0x4B000000u | c) - 8388608.f;
@@ -321,6 +325,7 @@ template <int D, int KB, int VB, int REP, bool TK>
 __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
     constexpr int C = D / 32;          // channels per lane
     constexpr int KW = 32 * KB / 32;   // u32 words of one channel's codes in a 32-token tile
+    constexpr int JB = JB_OF(D);       // window tokens whose loads are in flight together
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -395,11 +400,11 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
             // flight at a time, each from the packed rows or the ring.
             const long p0 = t0 % a.kring;
 #pragma unroll
-            for (int j0 = 0; j0 < 32; j0 += 8) {
-                uint32_t w[8];
-                __half2 pr[8], kk[8][C / 2];
+            for (int j0 = 0; j0 < 32; j0 += JB) {
+                uint32_t w[JB];
+                __half2 pr[JB], kk[JB][C / 2];
 #pragma unroll
-                for (int jj = 0; jj < 8; jj++) {
+                for (int jj = 0; jj < JB; jj++) {
                     const long t = t0 + j0 + jj;
                     long pos = p0 + j0 + jj;
                     pos = pos >= a.kring ? pos - a.kring : pos;
@@ -412,7 +417,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                     for (int i = 0; i < C / 2; i++) kk[jj][i] = live ? kp[i] : __half2{};
                 }
 #pragma unroll
-                for (int jj = 0; jj < 8; jj++) {
+                for (int jj = 0; jj < JB; jj++) {
                     // A packed token's ring slot reads as 0, a window token's (min, scale) too.
                     const float2 mp = __half22float2(pr[jj]);
 #pragma unroll
@@ -466,10 +471,10 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
             // (one at a time made the window cost ~64 round trips to memory a tile).
             const long p0 = t0 % a.kring;
 #pragma unroll
-            for (int j0 = 0; j0 < 32; j0 += 8) {
-                __half2 kk[8][C / 2];
+            for (int j0 = 0; j0 < 32; j0 += JB) {
+                __half2 kk[JB][C / 2];
 #pragma unroll
-                for (int jj = 0; jj < 8; jj++) {
+                for (int jj = 0; jj < JB; jj++) {
                     long pos = p0 + j0 + jj;  // < 2·kring: one step wraps it
                     pos = pos >= a.kring ? pos - a.kring : pos;
                     const __half2* kp = (const __half2*)(a.ktail + ((long)s * a.kring + pos) * D + c0);
@@ -478,7 +483,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                     for (int i = 0; i < C / 2; i++) kk[jj][i] = live ? kp[i] : __half2{};
                 }
 #pragma unroll
-                for (int jj = 0; jj < 8; jj++) {
+                for (int jj = 0; jj < JB; jj++) {
 #pragma unroll
                     for (int i = 0; i < C / 2; i++) {
                         const float2 x = __half22float2(kk[jj][i]);
@@ -532,11 +537,11 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
         // loads in flight at a time, each from the packed rows or the ring.
         const long p0 = t0 % a.vring;
 #pragma unroll
-        for (int j0 = 0; j0 < 32; j0 += 8) {
-            uint32_t w[8];
-            __half2 pr[8], vv[8][C / 2];
+        for (int j0 = 0; j0 < 32; j0 += JB) {
+            uint32_t w[JB];
+            __half2 pr[JB], vv[JB][C / 2];
 #pragma unroll
-            for (int jj = 0; jj < 8; jj++) {
+            for (int jj = 0; jj < JB; jj++) {
                 const long t = t0 + j0 + jj;
                 long pos = p0 + j0 + jj;
                 pos = pos >= a.vring ? pos - a.vring : pos;
@@ -549,7 +554,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 for (int i = 0; i < C / 2; i++) vv[jj][i] = live ? vp[i] : __half2{};
             }
 #pragma unroll
-            for (int jj = 0; jj < 8; jj++) {
+            for (int jj = 0; jj < JB; jj++) {
                 const float2 mp = __half22float2(pr[jj]);
 #pragma unroll
                 for (int r = 0; r < REP; r++) {
