@@ -724,7 +724,11 @@ struct Tile {
 };
 constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's columns)
 
-template <int D, int KB, int VB, int GPT>
+// TK: keys per token (the per-token cache), read like the values: rows of D·KB/8 bytes,
+// (min, scale) per token and group of G = D/GPT channels. A score is then
+//   S[t][q] = Σ_g scale[t][g] · Σ_{c∈g} code[t][c]·q[c] + Σ_g min[t][g] · Σ_{c∈g} q[c]:
+// an MMA per group over its channels (A = the token's codes, B = q), its rows scaled after.
+template <int D, int KB, int VB, int GPT, bool TK>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
@@ -738,6 +742,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     // that each quarter-warp's loads hit distinct banks.
     constexpr int QROW = 4 * KS + 4;  // uint4s a query row
     __shared__ __align__(16) uint4 sq[NQ][QROW];
+    __shared__ float sqsum[NQ][GPT];  // TK: Σ q·scale_log2 over each key group's channels
+    constexpr int KROW = D * KB / 8;  // TK: bytes of one key row
 
     // Block z serves queries r0 .. r0 + 8 of the KV head's `rep`.
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * NQ;
@@ -752,10 +758,27 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             x[0] = qr[0] * a.scale_log2, x[1] = qr[1] * a.scale_log2;
             x[2] = qr[8] * a.scale_log2, x[3] = qr[9] * a.scale_log2;
         }
+        if constexpr (TK) {
+            // A token-row code of channel 2t (2t + 1) enters at bit pL (pH) of its half: q
+            // takes the factor 2^-pL (2^-pH) so every product is code·q·2^-24 (exact powers of 2).
+            const int pl = KB == 2 ? 4 * (t & 1) : 0, ph = KB == 2 ? pl + 2 : 4;
+            const float fl = __int_as_float((127 - pl) << 23), fh = __int_as_float((127 - ph) << 23);
+            x[0] *= fl, x[1] *= fh, x[2] *= fl, x[3] *= fh;
+        }
         const __half2 h01 = __floats2half2_rn(x[0], x[1]), h89 = __floats2half2_rn(x[2], x[3]);
         const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
         sq[r][4 * ks + t] = make_uint4(bits(h01), bits(h89), bits(__floats2half2_rn(x[0] - f01.x, x[1] - f01.y)),
                                        bits(__floats2half2_rn(x[2] - f89.x, x[3] - f89.y)));
+    }
+    if constexpr (TK) {
+        for (int i = threadIdx.x; i < NQ * GPT; i += WARPS * 32) {
+            const int r = i / GPT, gr = i % GPT;
+            const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + r) * D + gr * (D / GPT);
+            float sum = 0.f;
+            if (r0 + r < a.rep)
+                for (int c = 0; c < D / GPT; c++) sum += qr[c] * a.scale_log2;
+            sqsum[r][gr] = sum;
+        }
     }
     __syncthreads();
 
@@ -771,15 +794,21 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     int off = (int)(t_first % a.G);                          // token offset in its key block
     const int doff = (WARPS * 32) % a.G, dblk = (WARPS * 32) / a.G;
     const long kat0 = ((long)s * kblocks + t_first / a.G) * D;
-    const uint8_t* ld_kc = a.kcodes + kat0 * kstride + off * KB / 8;
-    const __half2* ld_kp = a.kparams + kat0;
+    const uint8_t* ld_kc = TK ? a.kcodes + ((long)s * a.cap + t_first) * KROW : a.kcodes + kat0 * kstride + off * KB / 8;
+    const __half2* ld_kp = TK ? a.kparams + ((long)s * a.cap + t_first) * GPT : a.kparams + kat0;
     const uint8_t* ld_vc = a.vcodes + ((long)s * a.cap + t_first) * VROW;
     const __half2* ld_vp = a.vparams + ((long)s * a.cap + t_first) * GPT;
     const int kc_step = dblk * D * kstride + doff * KB / 8, kc_wrap = D * kstride - a.G * KB / 8;
     int ld_stage = 0;
     auto load = [&]() {
         unsigned char* st = mine + ld_stage * T::BYTES;
-        if (kstride == CB) {
+        if constexpr (TK) {
+            // 32 key rows, swizzled as the value rows; 32 tokens' (min, scale) per group.
+            for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
+            const unsigned char* kp = (const unsigned char*)ld_kp;
+            for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
+            ld_kc += WARPS * 32 * KROW, ld_kp += WARPS * 32 * GPT;
+        } else if (kstride == CB) {
             // Blocks of 32 tokens: the tile's key codes are one run of bytes.
 #pragma unroll
             for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * j, ld_kc + 16 * j);
@@ -787,15 +816,19 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
             for (int c = lane; c < D; c += 32) cp_async<CB>(st + c * CB, ld_kc + (long)c * kstride);
         }
-        const unsigned char* kp = (const unsigned char*)ld_kp;
-        for (int j = lane; j < T::KP / 16; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
+        if constexpr (!TK) {
+            const unsigned char* kp = (const unsigned char*)ld_kp;
+            for (int j = lane; j < T::KP / 16; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
+        }
         for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
         const unsigned char* vp = (const unsigned char*)ld_vp;
         for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + T::KP + T::VC + 16 * j, vp + 16 * j);
         // On to this warp's next tile.
         ld_stage = ld_stage == T::STAGES - 1 ? 0 : ld_stage + 1;
-        off += doff, ld_kc += kc_step, ld_kp += dblk * D;
-        if (off >= a.G) off -= a.G, ld_kc += kc_wrap, ld_kp += D;
+        if constexpr (!TK) {
+            off += doff, ld_kc += kc_step, ld_kp += dblk * D;
+            if (off >= a.G) off -= a.G, ld_kc += kc_wrap, ld_kp += D;
+        }
         ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT;
     };
 
@@ -813,6 +846,15 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const uint32_t mask4 = (15u << (4 * (g & 1))) * 0x00010001u;
     const int pos2 = 2 * (g & 3), pos4 = 4 * (g & 1);
     const int vsw = VROW == 32 ? (tq >> 1) & 1 : VROW == 64 ? tq : 0;  // vchunk's XOR on rows 2tq + {0, 1, 8, 9} (+16)
+    // TK: byte tq/2 (2-bit) or tq (4-bit) of a key row's word into both halves (the other
+    // bytes from zero); channel 2tq's code stays at bit pl of the low half, 2tq + 1's at bit
+    // ph of the high half. ksw: vchunk's XOR on key rows g + 8i.
+    const uint32_t selt = (uint32_t)(KB == 2 ? tq >> 1 : tq) * 0x0101u + 0x4040u;
+    const uint32_t maskt = KB == 2 ? (3u << (4 * (tq & 1))) | (3u << (16 + 4 * (tq & 1) + 2)) : 0x000Fu | 0x00F00000u;
+    const int ksw = KROW == 32 ? (g >> 2) & 1 : KROW == 64 ? (g >> 1) & 3 : 0;
+    float qsum[GPT][2];  // TK: Σ q over each key group, queries 2tq, 2tq + 1
+#pragma unroll
+    for (int gr = 0; gr < GPT; gr++) qsum[gr][0] = sqsum[2 * tq][gr], qsum[gr][1] = sqsum[2 * tq + 1][gr];
     // 2^(24 − pos), built from its exponent bits.
     const float kf = __int_as_float((127 + 24 - (KB == 2 ? pos2 : pos4)) << 23);
     const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23);
@@ -829,6 +871,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         __syncwarp();
         const unsigned char* st = mine + rd_stage * T::BYTES;
         const uint32_t* kc = (const uint32_t*)st;
+        const unsigned char* kc8 = st;
         const __half2* kp = (const __half2*)(st + T::KC);
         const unsigned char* vc = st + T::KC + T::KP;
         const __half2* vp = (const __half2*)(st + T::KC + T::KP + T::VC);
@@ -838,6 +881,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         // lo = (q_hi·s − hi) + q_lo·s, the first part exact in an FMA. Σ q·min on tensor
         // cores too: an A whose 16 rows all hold the mins (rows of `bc` are equal).
         float sc[2][4] = {};
+        if constexpr (!TK) {
         float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
@@ -879,18 +923,71 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             mma(bc, M, qv.x, qv.y);
             mma(bc, M, qv.z, qv.w);
         }
-        const float bq[2] = {bc[0], bc[1]};
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], kf, bc[e & 1]);
+        } else {
+            // Per-token keys: one group's k-steps into acc2, then its rows scaled by each
+            // token's scale (×2^24, the subnormal factor) plus min · Σq of the group.
+            constexpr int SPG = KS / GPT;  // k-steps a group
+            uint32_t pr[4][GPT];           // (min, scale) of tokens g, g + 8, g + 16, g + 24
+#pragma unroll
+            for (int i = 0; i < 4; i++) load_row_params<GPT>(kp + (g + 8 * i) * GPT, pr[i]);
+#pragma unroll
+            for (int gr = 0; gr < GPT; gr++) {
+                float acc2[2][4] = {};
+#pragma unroll
+                for (int kk = 0; kk < SPG; kk++) {
+                    const int ks = gr * SPG + kk;
+                    const uint4 qv = sq[g][4 * ks + tq];
+                    uint32_t w[4][2];  // rows g + 8i: the word(s) of channels 16ks .. 16ks + 15
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const unsigned char* row = kc8 + (g + 8 * i) * KROW;
+                        if constexpr (KB == 2) {
+                            w[i][0] = *(const uint32_t*)(row + 16 * ((ks >> 2) ^ ksw) + 4 * (ks & 3));
+                        } else {
+                            const uint2 x = *(const uint2*)(row + 16 * ((ks >> 1) ^ ksw) + 8 * (ks & 1));
+                            w[i][0] = x.x, w[i][1] = x.y;
+                        }
+                    }
+                    uint32_t A0[4], A1[4];
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        // A row g (i = 0) or g + 8 (i = 1): channels 2tq, 2tq + 1 in reg i, + 8 in reg i + 2.
+                        if constexpr (KB == 2) {
+                            A0[i] = __byte_perm(w[i][0], 0, selt) & maskt;
+                            A0[i + 2] = __byte_perm(w[i][0], 0, selt + 0x0202) & maskt;
+                            A1[i] = __byte_perm(w[i + 2][0], 0, selt) & maskt;
+                            A1[i + 2] = __byte_perm(w[i + 2][0], 0, selt + 0x0202) & maskt;
+                        } else {
+                            A0[i] = __byte_perm(w[i][0], 0, selt) & maskt;
+                            A0[i + 2] = __byte_perm(w[i][1], 0, selt) & maskt;
+                            A1[i] = __byte_perm(w[i + 2][0], 0, selt) & maskt;
+                            A1[i + 2] = __byte_perm(w[i + 2][1], 0, selt) & maskt;
+                        }
+                    }
+                    mma(acc2[0], A0, qv.x, qv.y);
+                    mma(acc2[0], A0, qv.z, qv.w);
+                    mma(acc2[1], A1, qv.x, qv.y);
+                    mma(acc2[1], A1, qv.z, qv.w);
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float2 p = __half22float2(as_h2(pr[2 * mt + (e >> 1)][gr]));
+                        sc[mt][e] = fmaf(acc2[mt][e], p.y * 16777216.f, fmaf(p.x, qsum[gr][e & 1], sc[mt][e]));
+                    }
+            }
+        }
 
         // Online softmax (base 2) per query; this lane holds tokens g, g + 8, g + 16, g + 24.
         float corr[2];
         bool grew = false;
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                sc[mt][j] = fmaf(sc[mt][j], kf, bq[j]);
-                sc[mt][j + 2] = fmaf(sc[mt][j + 2], kf, bq[j]);
-            }
             float mx = fmaxf(fmaxf(sc[0][j], sc[0][j + 2]), fmaxf(sc[1][j], sc[1][j + 2]));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
@@ -1030,7 +1127,12 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
-        tc::decode_attn<D, KB, VB, GPT>(a);                                                  \
+        tc::decode_attn<D, KB, VB, GPT, false>(a);                                           \
+    }
+#define TOKEN_TC_ENTRY(D, B, GPT)                                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
+        token_decode_attn_tc_d##D##_b##B##_g##GPT(const AttnArgs a) {                        \
+        tc::decode_attn<D, B, B, GPT, true>(a);                                              \
     }
 #define TC_BITS(D, GPT) TC_ENTRY(D, 2, 2, GPT) TC_ENTRY(D, 4, 4, GPT) TC_ENTRY(D, 2, 4, GPT) TC_ENTRY(D, 4, 2, GPT)
 TC_BITS(64, 1)
@@ -1101,3 +1203,13 @@ extern "C" __global__ void combine_splits(const float* __restrict__ part_acc, co
     const int b = s / Hkv, h = s % Hkv;
     out[((long)b * Hkv * rep + h * rep + r) * D + c] = L > 0.f ? A / L : 0.f;
 }
+TOKEN_TC_ENTRY(64, 2, 1)
+TOKEN_TC_ENTRY(64, 2, 2)
+TOKEN_TC_ENTRY(64, 4, 1)
+TOKEN_TC_ENTRY(64, 4, 2)
+TOKEN_TC_ENTRY(128, 2, 1)
+TOKEN_TC_ENTRY(128, 2, 2)
+TOKEN_TC_ENTRY(128, 2, 4)
+TOKEN_TC_ENTRY(128, 4, 1)
+TOKEN_TC_ENTRY(128, 4, 2)
+TOKEN_TC_ENTRY(128, 4, 4)

@@ -248,9 +248,8 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             if c.max_rel_error > MAX_REL_ERROR {
                 failures.push(format!("{} {name}: attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c.max_rel_error));
             }
-            // The first kernel, all on CUDA cores: a second implementation checked the same
-            // way (per-token keys have only that one).
-            if !layer.token_keys() {
+            // The first kernel, all on CUDA cores: a second implementation checked the same way.
+            {
                 let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
                 let simt = AttnKernel::CudaCores { heads_per_block: 4 };
                 let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, simt))?;
@@ -455,9 +454,9 @@ pub fn model(a: &GpuModelArgs) -> Result<String> {
             band = band.max(rel);
             noise_t.row(vec![cfg.label(), format!("{sigma:.0e}"), seed.to_string(), format!("{:.5}", r.ppl), format!("{rel:.1e}")]);
         }
-        // Both KIVI kernels: tensor cores (the default) and the CUDA-core kernel (f32
-        // throughout); per-token and KVQuant have one each (CUDA cores).
-        let kernels: &[(AttnKernel, &str)] = if matches!(cfg.scheme, Scheme::Kivi { .. }) { &[(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] } else { &[(AttnKernel::Auto, "")] };
+        // Both packed kernels: tensor cores (the default) and the CUDA-core kernel (f32
+        // throughout), for KIVI and per-token; KVQuant has one (CUDA cores).
+        let kernels: &[(AttnKernel, &str)] = if matches!(cfg.scheme, Scheme::Kivi { .. } | Scheme::PerToken { .. }) { &[(AttnKernel::Auto, ""), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")] } else { &[(AttnKernel::Auto, "")] };
         for &(kernel, kname) in kernels {
             let mut gpu_ref = gpu_m.new_cache(&reference, 1, None)?;
             let gcache = gpu_cache(&cfg, 1, kernel, calib.clone())?;

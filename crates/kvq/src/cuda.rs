@@ -463,11 +463,6 @@ impl PackedGpuLayer {
         }
         let rep = q_heads / kv_heads;
         let (tensor_cores, heads_per_block) = match kernel {
-            // Per-token keys have no tensor-core kernel (yet): CUDA cores, 4 heads a block.
-            AttnKernel::Auto if self.layout.token_keys => (false, 4),
-            AttnKernel::TensorCores if self.layout.token_keys => {
-                return Err(KvqError::Unsupported("the tensor-core kernel reads KIVI's per-channel keys; per-token keys attend on CUDA cores".into()));
-            }
             AttnKernel::Auto | AttnKernel::TensorCores => (true, 4),
             AttnKernel::CudaCores { heads_per_block: h } if !(1..=4).contains(&h) => {
                 return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {h}")));
@@ -483,7 +478,11 @@ impl PackedGpuLayer {
             let per = tiles.div_ceil(splits.min(tiles));
             (tiles.div_ceil(per), per)
         };
-        let tc_name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group);
+        let tc_name = if self.layout.token_keys {
+            format!("token_decode_attn_tc_d{d}_b{}_g{}", self.k_bits, d / self.value_group)
+        } else {
+            format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group)
+        };
         let cc_name = if self.layout.token_keys {
             format!("token_decode_attn_d{d}_b{}_r{rep_chunk}", self.k_bits)
         } else {

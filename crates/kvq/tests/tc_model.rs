@@ -95,6 +95,8 @@ fn pair4(u: u32, v: u32, sel: u32, mask: u32) -> u32 {
 
 /// What the kernel sees of one stream: the CPU cache's packed bytes.
 struct Stream<'a> {
+    /// Keys per token (the per-token cache) rather than per channel (KIVI).
+    tk: bool,
     d: usize,
     kb: usize,
     vb: usize,
@@ -110,6 +112,15 @@ impl Stream<'_> {
     /// One tile's shared-memory stage, laid out as the kernel's cp.async copies it.
     fn stage(&self, tile: usize) -> (Vec<u8>, Vec<(f32, f32)>, Vec<u8>, Vec<(f32, f32)>) {
         let (d, t0) = (self.d, tile * 32);
+        let vrow = d * self.vb / 8;
+        let vc = self.vcodes[t0 * vrow..(t0 + 32) * vrow].to_vec();
+        let vp = self.vparams[t0 * self.gpt..(t0 + 32) * self.gpt].to_vec();
+        if self.tk {
+            let krow = d * self.kb / 8;
+            let kc = self.kcodes[t0 * krow..(t0 + 32) * krow].to_vec();
+            let kp = self.kparams[t0 * self.gpt..(t0 + 32) * self.gpt].to_vec();
+            return (kc, kp, vc, vp);
+        }
         let (blk, cb, kstride) = (t0 / self.group, 4 * self.kb, self.group * self.kb / 8);
         let first = (t0 % self.group) * self.kb / 8;
         let mut kc = Vec::with_capacity(d * cb);
@@ -118,9 +129,6 @@ impl Stream<'_> {
             kc.extend_from_slice(&self.kcodes[at..at + cb]);
         }
         let kp = self.kparams[blk * d..(blk + 1) * d].to_vec();
-        let vrow = d * self.vb / 8;
-        let vc = self.vcodes[t0 * vrow..(t0 + 32) * vrow].to_vec();
-        let vp = self.vparams[t0 * self.gpt..(t0 + 32) * self.gpt].to_vec();
         (kc, kp, vc, vp)
     }
 }
@@ -131,6 +139,57 @@ fn token_row(buf: &[f32], stream: usize, n: usize, d: usize, t: usize) -> &[f32]
 
 fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+/// Per-token keys' scores for one tile: per key group, MMAs of the tokens' codes (rows) with
+/// the pre-scaled q, then each row times its token's scale (×2^24) plus min · Σq.
+#[allow(clippy::too_many_arguments)]
+fn token_scores(st: &Stream, kc: &[u8], kp: &[(f32, f32)], hi: &[Vec<f16>], lo: &[Vec<f16>], qsum: &[Vec<f32>], sc: &mut [Lanes<[f32; 4]>; 2]) {
+    let (d, kb, gpt) = (st.d, st.kb, st.gpt);
+    let krow = d * kb / 8;
+    let spg = d / 16 / gpt;
+    let selt = |ln: usize| (if kb == 2 { (ln % 4) >> 1 } else { ln % 4 }) as u32 * 0x0101 + 0x4040;
+    let maskt = |ln: usize| if kb == 2 { let p = 4 * ((ln % 4) & 1); (3u32 << p) | (3u32 << (16 + p + 2)) } else { 0x000F | 0x00F0_0000 };
+    for gr in 0..gpt {
+        let mut acc2: [Lanes<[f32; 4]>; 2] = [[[0.0; 4]; 32]; 2];
+        for kk in 0..spg {
+            let ks = gr * spg + kk;
+            let (mut a0, mut a1) = ([[0u32; 4]; 32], [[0u32; 4]; 32]);
+            let (mut bh0, mut bh1, mut bl0, mut bl1) = ([0u32; 32], [0u32; 32], [0u32; 32], [0u32; 32]);
+            for ln in 0..32 {
+                let (g, tq) = (ln / 4, ln % 4);
+                let c0 = 16 * ks + 2 * tq;
+                (bh0[ln], bh1[ln]) = (h2h(hi[g][c0], hi[g][c0 + 1]), h2h(hi[g][c0 + 8], hi[g][c0 + 9]));
+                (bl0[ln], bl1[ln]) = (h2h(lo[g][c0], lo[g][c0 + 1]), h2h(lo[g][c0 + 8], lo[g][c0 + 9]));
+                let regs = |t: usize| -> (u32, u32) {
+                    if kb == 2 {
+                        let w = word(kc, t * krow + 4 * ks);
+                        (byte_perm(w, 0, selt(ln)) & maskt(ln), byte_perm(w, 0, selt(ln) + 0x0202) & maskt(ln))
+                    } else {
+                        let (w0, w1) = (word(kc, t * krow + 8 * ks), word(kc, t * krow + 8 * ks + 4));
+                        (byte_perm(w0, 0, selt(ln)) & maskt(ln), byte_perm(w1, 0, selt(ln)) & maskt(ln))
+                    }
+                };
+                let ((x0, x2), (x1, x3)) = (regs(g), regs(g + 8));
+                a0[ln] = [x0, x1, x2, x3];
+                let ((y0, y2), (y1, y3)) = (regs(g + 16), regs(g + 24));
+                a1[ln] = [y0, y1, y2, y3];
+            }
+            mma(&mut acc2[0], &a0, &bh0, &bh1);
+            mma(&mut acc2[0], &a0, &bl0, &bl1);
+            mma(&mut acc2[1], &a1, &bh0, &bh1);
+            mma(&mut acc2[1], &a1, &bl0, &bl1);
+        }
+        for mt in 0..2 {
+            for ln in 0..32 {
+                let (g, tq) = (ln / 4, ln % 4);
+                for e in 0..4 {
+                    let (mn, scale) = kp[(16 * mt + g + 8 * (e >> 1)) * gpt + gr];
+                    sc[mt][ln][e] = acc2[mt][ln][e].mul_add(scale * 16_777_216.0, mn.mul_add(qsum[2 * tq + (e & 1)][gr], sc[mt][ln][e]));
+                }
+            }
+        }
+    }
 }
 
 /// One warp's online-softmax state after its tiles: per query, (max, sum, output[D]).
@@ -162,12 +221,26 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     // The queries as the kernel keeps them in shared memory: f16 hi + lo.
     let sq_hi: Vec<Vec<f16>> = sq.iter().map(|r| r.iter().map(|&x| f16::from_f32(x)).collect()).collect();
     let sq_lo: Vec<Vec<f16>> = sq.iter().zip(&sq_hi).map(|(r, h)| r.iter().zip(h).map(|(&x, &h)| f16::from_f32(x - h.to_f32())).collect()).collect();
+    // Per-token keys: q times 2^-(bit of its channel's code in the operand half), then hi + lo;
+    // and Σ q over each key group (summed in channel order, as the kernel does).
+    let code_bit = |c: usize| {
+        let t = (c % 16 % 8) / 2;
+        let lo = if kb == 2 { 4 * (t & 1) } else { 0 };
+        if c % 2 == 0 { lo } else if kb == 2 { lo + 2 } else { 4 }
+    };
+    let tq_x: Vec<Vec<f32>> = sq.iter().map(|r| r.iter().enumerate().map(|(c, &x)| x * 2f32.powi(-(code_bit(c) as i32))).collect()).collect();
+    let tq_hi: Vec<Vec<f16>> = tq_x.iter().map(|r| r.iter().map(|&x| f16::from_f32(x)).collect()).collect();
+    let tq_lo: Vec<Vec<f16>> = tq_x.iter().zip(&tq_hi).map(|(r, h)| r.iter().zip(h).map(|(&x, &h)| f16::from_f32(x - h.to_f32())).collect()).collect();
+    let qsum: Vec<Vec<f32>> = sq.iter().map(|r| r.chunks(d / gpt).map(|g| g.iter().fold(0f32, |a, &x| a + x)).collect()).collect();
     for &tile in tiles {
         let (kc, kp, vc, vp) = st.stage(tile);
         // Scores: x = q·scale as f16 hi + lo from q's f16 hi + lo (f16 products, the
         // rounding error of hi recovered exactly by an FMA); Σ q·min by an MMA whose A
         // rows all hold the mins.
         let mut sc: [Lanes<[f32; 4]>; 2] = [[[0.0; 4]; 32]; 2];
+        if st.tk {
+            token_scores(st, &kc, &kp, &tq_hi, &tq_lo, &qsum, &mut sc);
+        } else {
         let mut bc: Lanes<[f32; 4]> = [[0.0; 4]; 32];
         for ks in 0..ks_n {
             let (mut a0, mut a1, mut mins) = ([[0u32; 4]; 32], [[0u32; 4]; 32], [[0u32; 4]; 32]);
@@ -213,17 +286,18 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             mma(&mut bc, &mins, &qh0, &qh1);
             mma(&mut bc, &mins, &ql0, &ql1);
         }
-        let bq: Lanes<[f32; 2]> = lanes(|ln| [bc[ln][0], bc[ln][1]]);
+        for s in sc.iter_mut() {
+            for ln in 0..32 {
+                for e in 0..4 {
+                    s[ln][e] = s[ln][e].mul_add(kf(ln), bc[ln][e & 1]);
+                }
+            }
+        }
+        }
 
         // Online softmax.
         let mut corr: Lanes<[f32; 2]> = [[0.0; 2]; 32];
         for j in 0..2 {
-            for ln in 0..32 {
-                for mt in 0..2 {
-                    sc[mt][ln][j] = sc[mt][ln][j].mul_add(kf(ln), bq[ln][j]);
-                    sc[mt][ln][j + 2] = sc[mt][ln][j + 2].mul_add(kf(ln), bq[ln][j]);
-                }
-            }
             let mut mx: Lanes<f32> = lanes(|ln| sc[0][ln][j].max(sc[0][ln][j + 2]).max(sc[1][ln][j].max(sc[1][ln][j + 2])));
             for o in [4, 8, 16] {
                 let other = shfl_xor(&mx, o);
@@ -333,7 +407,11 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
 /// The model's attention for every query head of every stream, next to the CPU cache's.
 fn model_vs_cpu(spec: &str, kv_heads: usize, rep: usize, d: usize, n: usize, seed: u64) -> f64 {
     let config = CacheConfig { past_only: false, ..CacheConfig::from_spec(spec, &Overrides::default()).unwrap() };
-    let Scheme::Kivi { k_bits, v_bits, group_size, .. } = config.scheme else { panic!("{spec} is not KIVI") };
+    let (tk, k_bits, v_bits, group_size) = match config.scheme {
+        Scheme::Kivi { k_bits, v_bits, group_size, .. } => (false, k_bits, v_bits, group_size),
+        Scheme::PerToken { bits, group_size, .. } => (true, bits, bits, group_size),
+        _ => panic!("{spec} is neither KIVI nor per-token"),
+    };
     let shape = CacheShape { layers: 1, batch: 1, kv_heads, head_dim: d };
     let mut cache = Cache::new(&config, shape, None, None).unwrap();
     let mut rng = SplitMix64::new(seed);
@@ -370,7 +448,7 @@ fn model_vs_cpu(spec: &str, kv_heads: usize, rep: usize, d: usize, n: usize, see
         let (ck, cv) = cache.packed_stream(0, h).unwrap();
         let params = |p: &[kvq::quant::Affine]| p.iter().map(|a| (a.min.to_f32(), a.scale.to_f32())).collect::<Vec<_>>();
         let value_group = group_size.min(d);
-        let st = Stream { d, kb: k_bits as usize, vb: v_bits as usize, group: group_size, gpt: d / value_group, kcodes: ck.codes, kparams: params(ck.params), vcodes: cv.codes, vparams: params(cv.params) };
+        let st = Stream { tk, d, kb: k_bits as usize, vb: v_bits as usize, group: group_size, gpt: d / value_group, kcodes: ck.codes, kparams: params(ck.params), vcodes: cv.codes, vparams: params(cv.params) };
         // The tensor-core kernel takes the tiles whose keys and values are all packed,
         // round robin over a block's warps; the rest is the CUDA-core kernel's (here: f64).
         let packed = ck.quantized.min(cv.quantized) / 32;
@@ -429,6 +507,12 @@ fn tensor_core_model_matches_the_cpu_cache() {
         ("kivi-2:k-bits=4", 1, 3, 128, 640),
         // More than 8 query heads a KV head: two blocks (grid z) of 8.
         ("kivi-2", 1, 12, 64, 500),
+        // Per-token keys (token_decode_attn_tc): groups of 32, 64 and 128 channels.
+        ("per-token-4", 2, 4, 128, 700),
+        ("per-token-2", 1, 3, 64, 650),
+        ("per-token-2:group=32", 1, 4, 128, 555),
+        ("per-token-4:group=32", 1, 3, 64, 600),
+        ("per-token-2:group=128", 1, 2, 128, 640),
     ] {
         let err = model_vs_cpu(spec, kv_heads, rep, d, n, 17);
         println!("{spec} d={d} rep={rep} n={n}: max rel error {err:.2e}");
