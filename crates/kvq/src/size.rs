@@ -226,7 +226,7 @@ pub struct PackedGpuLayout {
     pub value_group: usize,
     /// The residual window: KIVI slides it, the per-token cache flushes it when full.
     pub residual: usize,
-    /// Tokens the code buffers hold (KIVI: a multiple of `group`).
+    /// Tokens the code buffers hold (KIVI: a multiple of `group`; per-token: of 4).
     pub capacity: usize,
     /// Tokens one append step takes at most (the rings are sized for it).
     pub chunk: usize,
@@ -258,6 +258,9 @@ impl PackedGpuLayout {
             }),
             Scheme::PerToken { bits, group_size: g, residual_length: r } if g > 0 => {
                 let chunk = r.max(32);
+                // A multiple of 4 tokens: every stream's (min, scale) rows then start 16-byte
+                // aligned, as the tensor-core kernel's 16-byte cp.async copies need.
+                let capacity = capacity.div_ceil(4) * 4;
                 Some(PackedGpuLayout { k_bits: bits, v_bits: bits, head_dim, token_keys: true, group: g, value_group: g, residual: r, capacity, chunk, kring: r + chunk, vring: r + chunk })
             }
             _ => None,
