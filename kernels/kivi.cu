@@ -1140,6 +1140,13 @@ TC_BITS(64, 2)
 TC_BITS(128, 1)
 TC_BITS(128, 2)
 TC_BITS(128, 4)
+// Per-token keys: 2 or 4 bits, 1, 2 or 4 groups a token (at head size 64: groups of 64 or 32).
+#define TOKEN_TC_BITS(D, GPT) TOKEN_TC_ENTRY(D, 2, GPT) TOKEN_TC_ENTRY(D, 4, GPT)
+TOKEN_TC_BITS(64, 1)
+TOKEN_TC_BITS(64, 2)
+TOKEN_TC_BITS(128, 1)
+TOKEN_TC_BITS(128, 2)
+TOKEN_TC_BITS(128, 4)
 
 
 // ---------------------------------------------------------------- the chunk's own tokens
@@ -1203,13 +1210,3 @@ extern "C" __global__ void combine_splits(const float* __restrict__ part_acc, co
     const int b = s / Hkv, h = s % Hkv;
     out[((long)b * Hkv * rep + h * rep + r) * D + c] = L > 0.f ? A / L : 0.f;
 }
-TOKEN_TC_ENTRY(64, 2, 1)
-TOKEN_TC_ENTRY(64, 2, 2)
-TOKEN_TC_ENTRY(64, 4, 1)
-TOKEN_TC_ENTRY(64, 4, 2)
-TOKEN_TC_ENTRY(128, 2, 1)
-TOKEN_TC_ENTRY(128, 2, 2)
-TOKEN_TC_ENTRY(128, 2, 4)
-TOKEN_TC_ENTRY(128, 4, 1)
-TOKEN_TC_ENTRY(128, 4, 2)
-TOKEN_TC_ENTRY(128, 4, 4)
