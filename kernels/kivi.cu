@@ -882,51 +882,51 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         // cores too: an A whose 16 rows all hold the mins (rows of `bc` are equal).
         float sc[2][4] = {};
         if constexpr (!TK) {
-        float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
+            float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
 #pragma unroll
-        for (int ks = 0; ks < KS; ks++) {
-            const int c0 = 16 * ks + 2 * tq;
-            const uint4 qv = sq[g][4 * ks + tq];
-            const uint2 pa = *(const uint2*)&kp[c0], pb = *(const uint2*)&kp[c0 + 8];  // (min, scale) of c0, c0 + 1; c0 + 8, + 9
-            const uint32_t s01 = __byte_perm(pa.x, pa.y, 0x7632), s89 = __byte_perm(pb.x, pb.y, 0x7632);
-            const uint32_t m01 = __byte_perm(pa.x, pa.y, 0x5410), m89 = __byte_perm(pb.x, pb.y, 0x5410);
-            const __half2 qh01 = as_h2(qv.x), qh89 = as_h2(qv.y), ql01 = as_h2(qv.z), ql89 = as_h2(qv.w);
-            const __half2 h01 = __hmul2(qh01, as_h2(s01)), h89 = __hmul2(qh89, as_h2(s89));
-            const uint32_t l01 = bits(__hfma2(ql01, as_h2(s01), __hfma2(qh01, as_h2(s01), __hneg2(h01))));
-            const uint32_t l89 = bits(__hfma2(ql89, as_h2(s89), __hfma2(qh89, as_h2(s89), __hneg2(h89))));
-            uint32_t A0[4], A1[4];  // tokens 0–15, 16–31
-            if constexpr (KB == 2) {
-                // A channel's 32 codes are two words (tokens 0–15, 16–31).
-                const uint4 wa = *(const uint4*)(kc + 2 * c0), wb = *(const uint4*)(kc + 2 * (c0 + 8));
-                pair2(wa.x, wa.z, sel2, mask2, A0[0], A0[1]);
-                pair2(wb.x, wb.z, sel2, mask2, A0[2], A0[3]);
-                pair2(wa.y, wa.w, sel2, mask2, A1[0], A1[1]);
-                pair2(wb.y, wb.w, sel2, mask2, A1[2], A1[3]);
-            } else {
-                // Four words (tokens 0–7, 8–15, 16–23, 24–31).
-                const uint4 w0 = *(const uint4*)(kc + 4 * c0), w1 = *(const uint4*)(kc + 4 * (c0 + 1));
-                const uint4 w8 = *(const uint4*)(kc + 4 * (c0 + 8)), w9 = *(const uint4*)(kc + 4 * (c0 + 9));
-                A0[0] = pair4(w0.x, w1.x, sel4, mask4);
-                A0[1] = pair4(w0.y, w1.y, sel4, mask4);
-                A0[2] = pair4(w8.x, w9.x, sel4, mask4);
-                A0[3] = pair4(w8.y, w9.y, sel4, mask4);
-                A1[0] = pair4(w0.z, w1.z, sel4, mask4);
-                A1[1] = pair4(w0.w, w1.w, sel4, mask4);
-                A1[2] = pair4(w8.z, w9.z, sel4, mask4);
-                A1[3] = pair4(w8.w, w9.w, sel4, mask4);
+            for (int ks = 0; ks < KS; ks++) {
+                const int c0 = 16 * ks + 2 * tq;
+                const uint4 qv = sq[g][4 * ks + tq];
+                const uint2 pa = *(const uint2*)&kp[c0], pb = *(const uint2*)&kp[c0 + 8];  // (min, scale) of c0, c0 + 1; c0 + 8, + 9
+                const uint32_t s01 = __byte_perm(pa.x, pa.y, 0x7632), s89 = __byte_perm(pb.x, pb.y, 0x7632);
+                const uint32_t m01 = __byte_perm(pa.x, pa.y, 0x5410), m89 = __byte_perm(pb.x, pb.y, 0x5410);
+                const __half2 qh01 = as_h2(qv.x), qh89 = as_h2(qv.y), ql01 = as_h2(qv.z), ql89 = as_h2(qv.w);
+                const __half2 h01 = __hmul2(qh01, as_h2(s01)), h89 = __hmul2(qh89, as_h2(s89));
+                const uint32_t l01 = bits(__hfma2(ql01, as_h2(s01), __hfma2(qh01, as_h2(s01), __hneg2(h01))));
+                const uint32_t l89 = bits(__hfma2(ql89, as_h2(s89), __hfma2(qh89, as_h2(s89), __hneg2(h89))));
+                uint32_t A0[4], A1[4];  // tokens 0–15, 16–31
+                if constexpr (KB == 2) {
+                    // A channel's 32 codes are two words (tokens 0–15, 16–31).
+                    const uint4 wa = *(const uint4*)(kc + 2 * c0), wb = *(const uint4*)(kc + 2 * (c0 + 8));
+                    pair2(wa.x, wa.z, sel2, mask2, A0[0], A0[1]);
+                    pair2(wb.x, wb.z, sel2, mask2, A0[2], A0[3]);
+                    pair2(wa.y, wa.w, sel2, mask2, A1[0], A1[1]);
+                    pair2(wb.y, wb.w, sel2, mask2, A1[2], A1[3]);
+                } else {
+                    // Four words (tokens 0–7, 8–15, 16–23, 24–31).
+                    const uint4 w0 = *(const uint4*)(kc + 4 * c0), w1 = *(const uint4*)(kc + 4 * (c0 + 1));
+                    const uint4 w8 = *(const uint4*)(kc + 4 * (c0 + 8)), w9 = *(const uint4*)(kc + 4 * (c0 + 9));
+                    A0[0] = pair4(w0.x, w1.x, sel4, mask4);
+                    A0[1] = pair4(w0.y, w1.y, sel4, mask4);
+                    A0[2] = pair4(w8.x, w9.x, sel4, mask4);
+                    A0[3] = pair4(w8.y, w9.y, sel4, mask4);
+                    A1[0] = pair4(w0.z, w1.z, sel4, mask4);
+                    A1[1] = pair4(w0.w, w1.w, sel4, mask4);
+                    A1[2] = pair4(w8.z, w9.z, sel4, mask4);
+                    A1[3] = pair4(w8.w, w9.w, sel4, mask4);
+                }
+                mma(sc[0], A0, bits(h01), bits(h89));
+                mma(sc[0], A0, l01, l89);
+                mma(sc[1], A1, bits(h01), bits(h89));
+                mma(sc[1], A1, l01, l89);
+                const uint32_t M[4] = {m01, m01, m89, m89};
+                mma(bc, M, qv.x, qv.y);
+                mma(bc, M, qv.z, qv.w);
             }
-            mma(sc[0], A0, bits(h01), bits(h89));
-            mma(sc[0], A0, l01, l89);
-            mma(sc[1], A1, bits(h01), bits(h89));
-            mma(sc[1], A1, l01, l89);
-            const uint32_t M[4] = {m01, m01, m89, m89};
-            mma(bc, M, qv.x, qv.y);
-            mma(bc, M, qv.z, qv.w);
-        }
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++)
+            for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], kf, bc[e & 1]);
+                for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], kf, bc[e & 1]);
         } else {
             // Per-token keys: one group's k-steps into acc2, then its rows scaled by each
             // token's scale (×2^24, the subnormal factor) plus min · Σq of the group.
