@@ -5,10 +5,13 @@
 //   key codes    [stream][block = token / G][channel][G codes packed]     (KIVI: per channel)
 //   key params   [stream][block][channel]  half2 (min, scale)
 //   value codes  [stream][token][D codes packed]                          (per token)
+// except that KIVI's codes (keys and values) are held in tiles of 32 tokens laid out for
+// the tensor-core attention (mma_tile.cuh): the same bytes permuted within each tile.
 //   value params [stream][token][D / Gv]   half2 (min, scale)
 //   tails        [stream][ring slot = token % ring][D] f16: tokens not yet quantized
 // Bytes of one stream are exactly the bytes kvq's CPU stores hold (crates/kvq/src/cache/
-// store.rs): codes packed least significant bit first, params f16 rounded outward.
+// store.rs; for KIVI's codes, through the permutation kvq::mma_tile defines): codes packed
+// least significant bit first, params f16 rounded outward.
 //
 // Quantization follows kvq::quant::uniform bit for bit: min = f16_floor(lo),
 // scale = f16_ceil((hi − min) / qmax), q = clamp(floor((x − min) · (1/scale) + 0.5)),
@@ -20,6 +23,7 @@
 #define FULL_MASK 0xffffffffu
 
 #include "f16_round.cuh"
+#include "mma_tile.cuh"
 #include "warp.cuh"
 
 // Affine parameters covering [lo, hi] (kvq: Affine::fit).
@@ -58,10 +62,13 @@ extern "C" __global__ void append_ring_f32(const float* __restrict__ src, long s
 // ---------------------------------------------------------------- quantize + pack
 // Per-token groups (KIVI values; both K and V of the per-token cache): tokens
 // [t0, t1) of every stream, one thread per (stream, token, group of `group` channels).
+// `mma`: store the codes in KIVI's MMA tile layout (cap a multiple of 32), where the
+// token's channels g8 + 8cc, cc = 4k.. (2-bit) or 2k.. (4-bit), make one byte
+// (the token owns it whole); otherwise as a row.
 template <int BITS>
 __device__ void quant_token_groups(const __half* __restrict__ ring, int ring_len, int D, int group,
                                    long t0, long t1, int streams, uint8_t* __restrict__ codes,
-                                   __half2* __restrict__ params, long cap) {
+                                   __half2* __restrict__ params, long cap, int mma) {
     const int gpt = D / group;
     const long n = t1 - t0;
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -80,18 +87,31 @@ __device__ void quant_token_groups(const __half* __restrict__ ring, int ring_len
     const float qmax = (float)((1 << BITS) - 1);
     __half2 a = fit_affine(lo, hi, qmax);
     float mn = __low2float(a), inv = inv_scale(__high2float(a));
-    uint8_t* out = codes + ((long)s * cap + t) * (D * BITS / 8) + g * group * BITS / 8;
     constexpr int PER_BYTE = 8 / BITS;
-    for (int j = 0; j < group; j += PER_BYTE) {
-        uint32_t b = 0;
-        for (int k = 0; k < PER_BYTE; k++) b |= quant_code(__half2float(x[j + k]), mn, inv, qmax) << (BITS * k);
-        out[j / PER_BYTE] = (uint8_t)b;
+    if (mma) {
+        uint8_t* tile = codes + ((long)s * cap + (t & ~31L)) * (D * BITS / 8);
+        for (int g8 = 0; g8 < 8; g8++)
+            for (int cc = g * group / 8; cc < (g + 1) * group / 8; cc += PER_BYTE) {
+                uint32_t b = 0;
+                for (int k = 0; k < PER_BYTE; k++)
+                    b |= quant_code(__half2float(x[g8 + 8 * (cc + k) - g * group]), mn, inv, qmax) << (BITS * k);
+                int bit;
+                tile[mma_value_pos<BITS>((int)(t & 31), g8 + 8 * cc, &bit)] = (uint8_t)b;
+            }
+    } else {
+        uint8_t* out = codes + ((long)s * cap + t) * (D * BITS / 8) + g * group * BITS / 8;
+        for (int j = 0; j < group; j += PER_BYTE) {
+            uint32_t b = 0;
+            for (int k = 0; k < PER_BYTE; k++) b |= quant_code(__half2float(x[j + k]), mn, inv, qmax) << (BITS * k);
+            out[j / PER_BYTE] = (uint8_t)b;
+        }
     }
     params[((long)s * cap + t) * gpt + g] = a;
 }
 
 // Per-channel blocks (KIVI keys): blocks [b0, b1) of G tokens, one thread per
-// (stream, block, channel); the G codes of a channel are packed together.
+// (stream, block, channel), written in the MMA tile layout: in each tile of the block the
+// channel's tokens g8 + 8i, i = 0..3, make one byte (2-bit) or two (4-bit).
 template <int BITS>
 __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_len, int D, int G,
                                      long b0, long b1, int streams, uint8_t* __restrict__ codes,
@@ -115,14 +135,21 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
     const float qmax = (float)((1 << BITS) - 1);
     __half2 a = fit_affine(lo, hi, qmax);
     float mn = __low2float(a), inv = inv_scale(__high2float(a));
-    long at = ((long)s * blocks_per_stream + blk) * D + c;
-    uint8_t* out = codes + at * (G * BITS / 8);
+    const long at = ((long)s * blocks_per_stream + blk) * D + c;
     constexpr int PER_BYTE = 8 / BITS;
-    for (int j = 0, slot = first; j < G; j += PER_BYTE) {
-        uint32_t b = 0;
-        for (int k = 0; k < PER_BYTE; k++, slot = slot + 1 == ring_len ? 0 : slot + 1)
-            b |= quant_code(__half2float(x[(long)slot * D]), mn, inv, qmax) << (BITS * k);
-        out[j / PER_BYTE] = (uint8_t)b;
+    for (int tt = 0; tt < G / 32; tt++) {
+        uint8_t* tile = codes + ((long)s * cap + blk * G + 32 * tt) * (D * BITS / 8);
+        for (int g8 = 0; g8 < 8; g8++)
+            for (int i0 = 0; i0 < 4; i0 += PER_BYTE) {
+                uint32_t b = 0;
+                for (int k = 0; k < PER_BYTE; k++) {
+                    int slot = first + 32 * tt + g8 + 8 * (i0 + k);
+                    slot = slot >= ring_len ? slot - ring_len : slot;
+                    b |= quant_code(__half2float(x[(long)slot * D]), mn, inv, qmax) << (BITS * k);
+                }
+                int bit;
+                tile[mma_key_pos<BITS>(D, g8 + 8 * i0, c, &bit)] = (uint8_t)b;
+            }
     }
     params[at] = a;
 }
@@ -135,7 +162,7 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
 template <int BITS, int GROUP>
 __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int ring_len, int D, long t0, long t1,
                                         int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
-                                        long cap) {
+                                        long cap, int mma) {
     // 32-bit index math (the host keeps streams · tokens · groups below 2^31): 64-bit
     // division costs more than quantizing the group.
     const int gpt = D / GROUP;
@@ -166,22 +193,43 @@ __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int rin
     const float qmax = (float)((1 << BITS) - 1);
     const __half2 a = fit_affine(lo, hi, qmax);
     const float mn = __low2float(a), inv = inv_scale(__high2float(a));
-    constexpr int WORDS = GROUP * BITS / 32, PER_WORD = 32 / BITS;
-    uint32_t w[WORDS];
+    if (mma) {
+        // The MMA tile layout (see quant_token_groups): a byte per (g8, run of cc).
+        constexpr int PER_BYTE = 8 / BITS;
+        uint8_t* tile = codes + ((long)s * cap + (t & ~31L)) * (D * BITS / 8);
+        const int cc0 = g * GROUP / 8;
 #pragma unroll
-    for (int k = 0; k < WORDS; k++) {
-        uint32_t b = 0;
+        for (int g8 = 0; g8 < 8; g8++)
 #pragma unroll
-        for (int e = 0; e < PER_WORD; e += 2) {
-            const float2 f = __half22float2(x[(k * PER_WORD + e) / 2]);
-            b |= quant_code(f.x, mn, inv, qmax) << (BITS * e);
-            b |= quant_code(f.y, mn, inv, qmax) << (BITS * (e + 1));
+            for (int cc = 0; cc < GROUP / 8; cc += PER_BYTE) {
+                uint32_t b = 0;
+#pragma unroll
+                for (int k = 0; k < PER_BYTE; k++) {
+                    const int j = g8 + 8 * (cc + k);  // channel in the group
+                    const __half v = j & 1 ? __high2half(x[j / 2]) : __low2half(x[j / 2]);
+                    b |= quant_code(__half2float(v), mn, inv, qmax) << (BITS * k);
+                }
+                int bit;
+                tile[mma_value_pos<BITS>((int)(t & 31), g8 + 8 * (cc0 + cc), &bit)] = (uint8_t)b;
+            }
+    } else {
+        constexpr int WORDS = GROUP * BITS / 32, PER_WORD = 32 / BITS;
+        uint32_t w[WORDS];
+#pragma unroll
+        for (int k = 0; k < WORDS; k++) {
+            uint32_t b = 0;
+#pragma unroll
+            for (int e = 0; e < PER_WORD; e += 2) {
+                const float2 f = __half22float2(x[(k * PER_WORD + e) / 2]);
+                b |= quant_code(f.x, mn, inv, qmax) << (BITS * e);
+                b |= quant_code(f.y, mn, inv, qmax) << (BITS * (e + 1));
+            }
+            w[k] = b;
         }
-        w[k] = b;
-    }
-    uint32_t* out = (uint32_t*)(codes + ((long)s * cap + t) * (D * BITS / 8) + g * GROUP * BITS / 8);
+        uint32_t* out = (uint32_t*)(codes + ((long)s * cap + t) * (D * BITS / 8) + g * GROUP * BITS / 8);
 #pragma unroll
-    for (int k = 0; k < WORDS; k++) out[k] = w[k];
+        for (int k = 0; k < WORDS; k++) out[k] = w[k];
+    }
     params[((long)s * cap + t) * gpt + g] = a;
 }
 
@@ -218,34 +266,39 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
     }
     const float qmax = (float)((1 << BITS) - 1);
     const long at = ((long)s * (cap / G) + blk) * D + c;
+    uint8_t* tile = codes + ((long)s * cap + blk * G) * (D * BITS / 8);  // the block is one tile
+    constexpr int PER_BYTE = 8 / BITS;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const float lo = h == 0 ? __low2float(lo2) : __high2float(lo2);
         const float hi = h == 0 ? __low2float(hi2) : __high2float(hi2);
         const __half2 a = fit_affine(lo, hi, qmax);
         const float mn = __low2float(a), inv = inv_scale(__high2float(a));
-        constexpr int WORDS = G * BITS / 32, PER_WORD = 32 / BITS;
-        uint32_t* out = (uint32_t*)(codes + (at + h) * (G * BITS / 8));
+        // The MMA tile layout: tokens g8 + 8i, i = 0..3, of the channel make a byte (two at 4 bits).
 #pragma unroll
-        for (int k = 0; k < WORDS; k++) {
-            uint32_t b = 0;
+        for (int g8 = 0; g8 < 8; g8++)
 #pragma unroll
-            for (int e = 0; e < PER_WORD; e++) {
-                const __half v = h == 0 ? __low2half(x[k * PER_WORD + e]) : __high2half(x[k * PER_WORD + e]);
-                b |= quant_code(__half2float(v), mn, inv, qmax) << (BITS * e);
+            for (int i0 = 0; i0 < 4; i0 += PER_BYTE) {
+                uint32_t b = 0;
+#pragma unroll
+                for (int k = 0; k < PER_BYTE; k++) {
+                    const __half2 xv = x[g8 + 8 * (i0 + k)];
+                    const __half v = h == 0 ? __low2half(xv) : __high2half(xv);
+                    b |= quant_code(__half2float(v), mn, inv, qmax) << (BITS * k);
+                }
+                int bit;
+                tile[mma_key_pos<BITS>(D, g8 + 8 * i0, c + h, &bit)] = (uint8_t)b;
             }
-            out[k] = b;
-        }
         params[at + h] = a;
     }
 }
 
 #define QUANT_ENTRY(BITS)                                                                               \
     extern "C" __global__ void quant_token_groups_b##BITS(const __half* ring, int ring_len, int D,      \
-        int group, long t0, long t1, int streams, uint8_t* codes, __half2* params, long cap) {          \
-        if (group == 32) quant_token_groups_fast<BITS, 32>(ring, ring_len, D, t0, t1, streams, codes, params, cap); \
-        else if (group == 64) quant_token_groups_fast<BITS, 64>(ring, ring_len, D, t0, t1, streams, codes, params, cap); \
-        else quant_token_groups<BITS>(ring, ring_len, D, group, t0, t1, streams, codes, params, cap);   \
+        int group, long t0, long t1, int streams, uint8_t* codes, __half2* params, long cap, int mma) { \
+        if (group == 32) quant_token_groups_fast<BITS, 32>(ring, ring_len, D, t0, t1, streams, codes, params, cap, mma); \
+        else if (group == 64) quant_token_groups_fast<BITS, 64>(ring, ring_len, D, t0, t1, streams, codes, params, cap, mma); \
+        else quant_token_groups<BITS>(ring, ring_len, D, group, t0, t1, streams, codes, params, cap, mma); \
     }                                                                                                   \
     extern "C" __global__ void quant_channel_blocks_b##BITS(const __half* ring, int ring_len, int D,    \
         int G, long b0, long b1, int streams, uint8_t* codes, __half2* params, long cap) {              \
@@ -318,13 +371,27 @@ __device__ __forceinline__ void load_token_tile(const uint8_t* codes, const __ha
     }
 }
 
+// KIVI's value codes of token t, channels c0 .. c0 + C, from its MMA tile (kvq::mma_tile),
+// packed as a row's bits would be (code i at bit VB·i). `stream_t0` = stream · cap.
+template <int D, int VB, int C>
+__device__ __forceinline__ uint32_t mma_value_codes(const uint8_t* vcodes, long stream_t0, long t, int c0) {
+    const uint8_t* tile = vcodes + (stream_t0 + (t & ~31L)) * (D * VB / 8);
+    uint32_t x = 0;
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        int bit;
+        const int o = mma_value_pos<VB>((int)(t & 31), c0 + i, &bit);
+        x |= (uint32_t)((tile[o] >> bit) & ((1u << VB) - 1)) << (VB * i);
+    }
+    return x;
+}
+
 // TK: keys per token (the per-token cache: `G` is then the keys' channel group, and a
 // token's score is Σ_g min_g · Σ_{c∈g} q_c + Σ_g scale_g · Σ_{c∈g} q_c · code_c, a lane's
 // channels lying in one group); otherwise per channel in blocks of G tokens (KIVI).
 template <int D, int KB, int VB, int REP, bool TK>
 __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
     constexpr int C = D / 32;          // channels per lane
-    constexpr int KW = 32 * KB / 32;   // u32 words of one channel's codes in a 32-token tile
     constexpr int JB = JB_OF(D);       // window tokens whose loads are in flight together
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
     const int b = s / a.Hkv, h = s % a.Hkv;
@@ -436,22 +503,20 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 }
             }
         } else if (t0 + 32 <= a.nqk) {
-            // Packed keys: the tile lies inside one block of G tokens.
+            // Packed keys (the tile lies inside one block of G tokens), from KIVI's MMA tile:
+            // channel c's tokens g8 + 8i, i = 0..3, are one byte (2-bit) or two (4-bit).
             const long blk = t0 / a.G;
-            const int jj0 = (int)(t0 % a.G);
             const long at = ((long)s * kblocks + blk) * D + c0;
-            const int cbytes = a.G * KB / 8;
+            const uint8_t* ktile = a.kcodes + ((long)s * a.cap + t0) * (D * KB / 8);
 #pragma unroll
             for (int i = 0; i < C; i++) {
                 const float2 p = __half22float2(a.kparams[at + i]);
-                const uint32_t* cw = (const uint32_t*)(a.kcodes + (at + i) * cbytes + jj0 * KB / 8);
-                uint32_t w[KW];
-                if constexpr (KW == 2) {
-                    uint2 x = *(const uint2*)cw;
-                    w[0] = x.x; w[1] = x.y;
-                } else {
-                    uint4 x = *(const uint4*)cw;
-                    w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
+                uint32_t w8[8];  // token g8 + 8i' at bit KB·i'
+#pragma unroll
+                for (int g8 = 0; g8 < 8; g8++) {
+                    int bit;
+                    const int o = mma_key_pos<KB>(D, g8, c0 + i, &bit);
+                    w8[g8] = KB == 2 ? (uint32_t)ktile[o] : (uint32_t)*(const uint16_t*)(ktile + o);
                 }
                 float qs[REP];
 #pragma unroll
@@ -461,7 +526,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 }
 #pragma unroll
                 for (int j = 0; j < 32; j++) {
-                    const float cf = code_to_float((w[j * KB / 32] >> ((j * KB) % 32)) & ((1u << KB) - 1));
+                    const float cf = code_to_float((w8[j & 7] >> (KB * (j >> 3))) & ((1u << KB) - 1));
 #pragma unroll
                     for (int r = 0; r < REP; r++) part[r][j] = fmaf(qs[r], cf, part[r][j]);
                 }
@@ -516,11 +581,20 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
             // memory per tile, not one per token), then accumulate.
             uint32_t w[32];
             __half2 pr[32];
-            load_token_tile(a.vcodes, a.vparams, (long)s * a.cap + t0, vrow, vgpt, vbit, vg, w, pr);
+            if constexpr (TK) {
+                load_token_tile(a.vcodes, a.vparams, (long)s * a.cap + t0, vrow, vgpt, vbit, vg, w, pr);
+            } else {
+                // KIVI's MMA tile (only the tiles the tensor-core kernel leaves: the window's edge).
+#pragma unroll
+                for (int j = 0; j < 32; j++) {
+                    w[j] = mma_value_codes<D, VB, C>(a.vcodes, (long)s * a.cap, t0 + j, c0);
+                    pr[j] = a.vparams[((long)s * a.cap + t0 + j) * vgpt + vg];
+                }
+            }
 #pragma unroll
             for (int j = 0; j < 32; j++) {
                 const float2 mp = __half22float2(pr[j]);
-                const uint32_t x = w[j] >> (vbit % 32);
+                const uint32_t x = TK ? w[j] >> (vbit % 32) : w[j];
 #pragma unroll
                 for (int r = 0; r < REP; r++) {
                     const float pv = __shfl_sync(FULL_MASK, p[r], j);
@@ -547,7 +621,8 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 pos = pos >= a.vring ? pos - a.vring : pos;
                 const bool packed = t < a.nqv, live = !packed && t < a.n;
                 const uint8_t* row = a.vcodes + ((long)s * a.cap + t) * vrow;
-                w[jj] = packed ? ((const uint32_t*)row)[vbit / 32] >> (vbit % 32) : 0u;
+                if constexpr (TK) w[jj] = packed ? ((const uint32_t*)row)[vbit / 32] >> (vbit % 32) : 0u;
+                else w[jj] = packed ? mma_value_codes<D, VB, C>(a.vcodes, (long)s * a.cap, t, c0) : 0u;
                 pr[jj] = packed ? a.vparams[((long)s * a.cap + t) * vgpt + vg] : __half2{};
                 const __half2* vp = (const __half2*)(a.vtail + ((long)s * a.vring + pos) * D + c0);
 #pragma unroll
@@ -701,6 +776,27 @@ __device__ __forceinline__ uint32_t pair4(uint32_t u, uint32_t v, uint32_t sel, 
     return __byte_perm(u, v, sel) & mask;
 }
 
+// KIVI's MMA tiles (mma_tile.cuh, kvq::mma_tile) hold a register's eight or four codes at
+// one slot of a word's halves: slot j at bit j·BITS. The f16 mantissa has 10 bits, so the
+// slots whose codes lie in bits 0–9 are an operand after one AND (code·2^(p−24), p = j·BITS);
+// the others after a shift by 10 (2-bit) or 8 (4-bit) first.
+template <int BITS>
+__device__ __forceinline__ uint32_t slot_operand(uint32_t w, int j) {
+    if constexpr (BITS == 2) return j <= 4 ? w & (0x00030003u << (2 * j)) : (w >> 10) & (0x00030003u << (2 * j - 10));
+    else return j <= 1 ? w & (0x000F000Fu << (4 * j)) : (w >> 8) & (0x000F000Fu << (4 * j - 8));
+}
+// Where slot j's code sits once it is an operand (the p of code·2^(p−24)).
+template <int BITS>
+__host__ __device__ constexpr int slot_pos(int j) {
+    return BITS == 2 ? (j <= 4 ? 2 * j : 2 * j - 10) : 4 * (j & 1);
+}
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
+// Key slot of score rows (m-tile mt, row half rh) in channel half kg (2-bit: two halves).
+template <int KB>
+__host__ __device__ constexpr int key_slot(int kg, int mt, int rh) {
+    return KB == 2 ? 4 * kg + 2 * mt + rh : 2 * mt + rh;
+}
+
 // Where 16-byte chunk w of value row r sits in a stage (CPR chunks a row). The rows a
 // quarter-warp reads together (2tq + const, tq = 0..3) would share banks for CPR 2 and 4:
 // an XOR of the chunk index with bits of the row spreads them over the 128-byte line.
@@ -732,7 +828,6 @@ template <int D, int KB, int VB, int GPT, bool TK>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
-    constexpr int CB = 4 * KB;        // bytes of one channel's codes in a tile
     constexpr int VROW = D * VB / 8;  // bytes of one value row
     static_assert(2 * WARPS * NQ * 4 + WARPS * NQ * D * 4 <= WARPS * T::STAGES * T::BYTES, "merge area");
     __shared__ __align__(16) unsigned char sm[WARPS * T::STAGES * T::BYTES];
@@ -743,7 +838,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     constexpr int QROW = 4 * KS + 4;  // uint4s a query row
     __shared__ __align__(16) uint4 sq[NQ][QROW];
     __shared__ float sqsum[NQ][GPT];  // TK: Σ q·scale_log2 over each key group's channels
-    constexpr int KROW = D * KB / 8;  // TK: bytes of one key row
+    constexpr int KROW = D * KB / 8;  // bytes of one key row (TK); KIVI's key tile is 32 · KROW bytes too
 
     // Block z serves queries r0 .. r0 + 8 of the KV head's `rep`.
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * NQ;
@@ -783,7 +878,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     __syncthreads();
 
     const long kblocks = a.cap / a.G;
-    const int kstride = a.G * KB / 8;  // bytes between channels in a key block
     const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
     const long te = min((long)a.tile_end, tb + a.tiles_per_split);
     const int count = te > tb + warp ? (int)((te - tb - warp + WARPS - 1) / WARPS) : 0;
@@ -794,11 +888,11 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     int off = (int)(t_first % a.G);                          // token offset in its key block
     const int doff = (WARPS * 32) % a.G, dblk = (WARPS * 32) / a.G;
     const long kat0 = ((long)s * kblocks + t_first / a.G) * D;
-    const uint8_t* ld_kc = TK ? a.kcodes + ((long)s * a.cap + t_first) * KROW : a.kcodes + kat0 * kstride + off * KB / 8;
+    // Key codes: KIVI's MMA tiles, or (TK) rows; either way 32 tokens are KROW·32 bytes in a row.
+    const uint8_t* ld_kc = a.kcodes + ((long)s * a.cap + t_first) * KROW;
     const __half2* ld_kp = TK ? a.kparams + ((long)s * a.cap + t_first) * GPT : a.kparams + kat0;
     const uint8_t* ld_vc = a.vcodes + ((long)s * a.cap + t_first) * VROW;
     const __half2* ld_vp = a.vparams + ((long)s * a.cap + t_first) * GPT;
-    const int kc_step = dblk * D * kstride + doff * KB / 8, kc_wrap = D * kstride - a.G * KB / 8;
     int ld_stage = 0;
     auto load = [&]() {
         unsigned char* st = mine + ld_stage * T::BYTES;
@@ -807,29 +901,26 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
             const unsigned char* kp = (const unsigned char*)ld_kp;
             for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
-            ld_kc += WARPS * 32 * KROW, ld_kp += WARPS * 32 * GPT;
-        } else if (kstride == CB) {
-            // Blocks of 32 tokens: the tile's key codes are one run of bytes.
+            ld_kp += WARPS * 32 * GPT;
+            for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
+        } else {
+            // The MMA tiles as they are: lane l's chunk i lands at 16(32i + l), conflict-free.
 #pragma unroll
             for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * j, ld_kc + 16 * j);
-        } else {
-#pragma unroll
-            for (int c = lane; c < D; c += 32) cp_async<CB>(st + c * CB, ld_kc + (long)c * kstride);
-        }
-        if constexpr (!TK) {
             const unsigned char* kp = (const unsigned char*)ld_kp;
             for (int j = lane; j < T::KP / 16; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
+#pragma unroll
+            for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * j, ld_vc + 16 * j);
         }
-        for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
         const unsigned char* vp = (const unsigned char*)ld_vp;
         for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + T::KP + T::VC + 16 * j, vp + 16 * j);
         // On to this warp's next tile.
         ld_stage = ld_stage == T::STAGES - 1 ? 0 : ld_stage + 1;
         if constexpr (!TK) {
-            off += doff, ld_kc += kc_step, ld_kp += dblk * D;
-            if (off >= a.G) off -= a.G, ld_kc += kc_wrap, ld_kp += D;
+            off += doff, ld_kp += dblk * D;
+            if (off >= a.G) off -= a.G, ld_kp += D;
         }
-        ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT;
+        ld_kc += WARPS * 32 * KROW, ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT;
     };
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // queries 2tq, 2tq + 1
@@ -856,7 +947,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
     for (int gr = 0; gr < GPT; gr++) qsum[gr][0] = sqsum[2 * tq][gr], qsum[gr][1] = sqsum[2 * tq + 1][gr];
     // 2^(24 − pos), built from its exponent bits.
-    const float kf = __int_as_float((127 + 24 - (KB == 2 ? pos2 : pos4)) << 23);
     const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23);
 
 #pragma unroll
@@ -882,6 +972,16 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         // cores too: an A whose 16 rows all hold the mins (rows of `bc` are equal).
         float sc[2][4] = {};
         if constexpr (!TK) {
+            // This lane's key words (word w: chunk w / 4 at 16(32(w / 4) + lane)): register r
+            // of m-tile mt at k-step ks is word 2ks' + (r >> 1) at slot key_slot(kg, mt, r & 1),
+            // kg the half of the channels (2-bit: ks' = ks % (KS / 2)), see kvq::mma_tile.
+            constexpr int KWL = D * KB / 32;
+            uint32_t kw[KWL];
+#pragma unroll
+            for (int i = 0; i < KWL / 4; i++) {
+                const uint4 v = *(const uint4*)(kc8 + 16 * (32 * i + lane));
+                kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
+            }
             float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
@@ -894,31 +994,23 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const __half2 h01 = __hmul2(qh01, as_h2(s01)), h89 = __hmul2(qh89, as_h2(s89));
                 const uint32_t l01 = bits(__hfma2(ql01, as_h2(s01), __hfma2(qh01, as_h2(s01), __hneg2(h01))));
                 const uint32_t l89 = bits(__hfma2(ql89, as_h2(s89), __hfma2(qh89, as_h2(s89), __hneg2(h89))));
-                uint32_t A0[4], A1[4];  // tokens 0–15, 16–31
-                if constexpr (KB == 2) {
-                    // A channel's 32 codes are two words (tokens 0–15, 16–31).
-                    const uint4 wa = *(const uint4*)(kc + 2 * c0), wb = *(const uint4*)(kc + 2 * (c0 + 8));
-                    pair2(wa.x, wa.z, sel2, mask2, A0[0], A0[1]);
-                    pair2(wb.x, wb.z, sel2, mask2, A0[2], A0[3]);
-                    pair2(wa.y, wa.w, sel2, mask2, A1[0], A1[1]);
-                    pair2(wb.y, wb.w, sel2, mask2, A1[2], A1[3]);
-                } else {
-                    // Four words (tokens 0–7, 8–15, 16–23, 24–31).
-                    const uint4 w0 = *(const uint4*)(kc + 4 * c0), w1 = *(const uint4*)(kc + 4 * (c0 + 1));
-                    const uint4 w8 = *(const uint4*)(kc + 4 * (c0 + 8)), w9 = *(const uint4*)(kc + 4 * (c0 + 9));
-                    A0[0] = pair4(w0.x, w1.x, sel4, mask4);
-                    A0[1] = pair4(w0.y, w1.y, sel4, mask4);
-                    A0[2] = pair4(w8.x, w9.x, sel4, mask4);
-                    A0[3] = pair4(w8.y, w9.y, sel4, mask4);
-                    A1[0] = pair4(w0.z, w1.z, sel4, mask4);
-                    A1[1] = pair4(w0.w, w1.w, sel4, mask4);
-                    A1[2] = pair4(w8.z, w9.z, sel4, mask4);
-                    A1[3] = pair4(w8.w, w9.w, sel4, mask4);
+                const int kg = KB == 2 ? ks / (KS / 2) : 0, wi = KB == 2 ? 2 * (ks % (KS / 2)) : 2 * ks;
+                if (KB == 2 && ks == KS / 2) {
+                    // The second half of the channels puts each row at another slot: bring
+                    // the sums so far to its scale (a power of 2: exact).
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) sc[mt][e] *= pow2(slot_pos<KB>(key_slot<KB>(1, mt, e >> 1)) - slot_pos<KB>(key_slot<KB>(0, mt, e >> 1)));
                 }
-                mma(sc[0], A0, bits(h01), bits(h89));
-                mma(sc[0], A0, l01, l89);
-                mma(sc[1], A1, bits(h01), bits(h89));
-                mma(sc[1], A1, l01, l89);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    uint32_t A[4];
+#pragma unroll
+                    for (int r = 0; r < 4; r++) A[r] = slot_operand<KB>(kw[wi + (r >> 1)], key_slot<KB>(kg, mt, r & 1));
+                    mma(sc[mt], A, bits(h01), bits(h89));
+                    mma(sc[mt], A, l01, l89);
+                }
                 const uint32_t M[4] = {m01, m01, m89, m89};
                 mma(bc, M, qv.x, qv.y);
                 mma(bc, M, qv.z, qv.w);
@@ -926,7 +1018,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], kf, bc[e & 1]);
+                for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], pow2(24 - slot_pos<KB>(key_slot<KB>(KB == 2, mt, e >> 1))), bc[e & 1]);
         } else {
             // Per-token keys: one group's k-steps into acc2, then its rows scaled by each
             // token's scale (×2^24, the subnormal factor) plus min · Σq of the group.
@@ -1022,6 +1114,16 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         // p goes to f16 once and through movmatrix to the B layout (k = tokens), then is
         // scaled by each value group's per-token scale in f16; Σ p·min_v is an MMA whose
         // A rows all hold the mins.
+        constexpr int VS = 16 / VB;         // KIVI: slots a half of a value word
+        constexpr int VWL = D * VB / 32;    // KIVI: value words a lane
+        uint32_t vw[TK ? 1 : VWL];          // KIVI: this lane's value words (chunk i at 16(32i + lane))
+        if constexpr (!TK) {
+#pragma unroll
+            for (int i = 0; i < VWL / 4; i++) {
+                const uint4 v = *(const uint4*)(vc + 16 * (32 * i + lane));
+                vw[4 * i] = v.x, vw[4 * i + 1] = v.y, vw[4 * i + 2] = v.z, vw[4 * i + 3] = v.w;
+            }
+        }
 #pragma unroll
         for (int ks = 0; ks < 2; ks++) {
             // B fragments of p: tokens 2tq, 2tq + 1 (pt0) and 2tq + 8, 2tq + 9 (pt8) of the k-step, query g.
@@ -1048,32 +1150,48 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const uint32_t M[4] = {m01, m01, m89, m89};
                 mma(extra, M, pt0, pt8);
             }
-            // Value rows (tokens) 2tq, +1, +8, +9 of the k-step; for all four vchunk's XOR is vsw.
-            const unsigned char* rows = vc + (16 * ks + 2 * tq) * VROW;
-            auto row = [&](int dr, int w4) { return *(const uint4*)(rows + dr * VROW + 16 * (w4 ^ vsw)); };
+            if constexpr (!TK) {
+                // KIVI's MMA tile: register r of m-tile mt is word 4(cc / VS) + 2ks + (r >> 1)
+                // at slot cc % VS, cc = 2mt + (r & 1) (kvq::mma_tile): a row keeps its slot.
 #pragma unroll
-            for (int w4 = 0; w4 < VROW / 16; w4++) {
-                const uint4 ra = row(0, w4), rb = row(1, w4), r8 = row(8, w4), r9 = row(9, w4);
-                const uint32_t wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
-                const uint32_t w8[4] = {r8.x, r8.y, r8.z, r8.w}, w9[4] = {r9.x, r9.y, r9.z, r9.w};
-                if constexpr (VB == 2) {
-                    // A word holds 16 channels: one m-tile.
+                for (int mt = 0; mt < KS; mt++) {
+                    const int gr = mt * GPT / KS;
+                    uint32_t A[4];
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int mt = 4 * w4 + e, gr = mt * GPT / KS;
-                        uint32_t A[4];
-                        pair2(wa[e], wb[e], sel2, mask2, A[0], A[1]);
-                        pair2(w8[e], w9[e], sel2, mask2, A[2], A[3]);
-                        mma(acc[mt], A, b0[gr], b1[gr]);
+                    for (int r = 0; r < 4; r++) {
+                        const int cc = 2 * mt + (r & 1);
+                        A[r] = slot_operand<VB>(vw[4 * (cc / VS) + 2 * ks + (r >> 1)], cc % VS);
                     }
-                } else {
-                    // Two words (channels 0–7, 8–15) per m-tile.
+                    mma(acc[mt], A, b0[gr], b1[gr]);
+                }
+            } else {
+                // Value rows (tokens) 2tq, +1, +8, +9 of the k-step; for all four vchunk's XOR is vsw.
+                const unsigned char* rows = vc + (16 * ks + 2 * tq) * VROW;
+                auto row = [&](int dr, int w4) { return *(const uint4*)(rows + dr * VROW + 16 * (w4 ^ vsw)); };
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int mt = 2 * w4 + e, gr = mt * GPT / KS;
-                        const uint32_t A[4] = {pair4(wa[2 * e], wb[2 * e], sel4, mask4), pair4(wa[2 * e + 1], wb[2 * e + 1], sel4, mask4),
-                                               pair4(w8[2 * e], w9[2 * e], sel4, mask4), pair4(w8[2 * e + 1], w9[2 * e + 1], sel4, mask4)};
-                        mma(acc[mt], A, b0[gr], b1[gr]);
+                for (int w4 = 0; w4 < VROW / 16; w4++) {
+                    const uint4 ra = row(0, w4), rb = row(1, w4), r8 = row(8, w4), r9 = row(9, w4);
+                    const uint32_t wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
+                    const uint32_t w8[4] = {r8.x, r8.y, r8.z, r8.w}, w9[4] = {r9.x, r9.y, r9.z, r9.w};
+                    if constexpr (VB == 2) {
+                        // A word holds 16 channels: one m-tile.
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int mt = 4 * w4 + e, gr = mt * GPT / KS;
+                            uint32_t A[4];
+                            pair2(wa[e], wb[e], sel2, mask2, A[0], A[1]);
+                            pair2(w8[e], w9[e], sel2, mask2, A[2], A[3]);
+                            mma(acc[mt], A, b0[gr], b1[gr]);
+                        }
+                    } else {
+                        // Two words (channels 0–7, 8–15) per m-tile.
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int mt = 2 * w4 + e, gr = mt * GPT / KS;
+                            const uint32_t A[4] = {pair4(wa[2 * e], wb[2 * e], sel4, mask4), pair4(wa[2 * e + 1], wb[2 * e + 1], sel4, mask4),
+                                                   pair4(w8[2 * e], w9[2 * e], sel4, mask4), pair4(w8[2 * e + 1], w9[2 * e + 1], sel4, mask4)};
+                            mma(acc[mt], A, b0[gr], b1[gr]);
+                        }
                     }
                 }
             }
@@ -1110,10 +1228,13 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #pragma unroll
     for (int mt = 0; mt < KS; mt++) {
         const int gr = mt * GPT / KS;
+        // Back from subnormals: KIVI's rows by their slot, the per-token rows by this lane's bit.
+        constexpr int VS = 16 / VB;
+        const float vf0 = TK ? vf : pow2(24 - slot_pos<VB>((2 * mt) % VS)), vf1 = TK ? vf : pow2(24 - slot_pos<VB>((2 * mt + 1) % VS));
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            sm_acc[warp][2 * tq + j][16 * mt + g] = fmaf(acc[mt][j], vf, ex[gr][j]);
-            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = fmaf(acc[mt][j + 2], vf, ex[gr][j]);
+            sm_acc[warp][2 * tq + j][16 * mt + g] = fmaf(acc[mt][j], vf0, ex[gr][j]);
+            sm_acc[warp][2 * tq + j][16 * mt + g + 8] = fmaf(acc[mt][j + 2], vf1, ex[gr][j]);
         }
     }
     __syncthreads();

@@ -380,8 +380,8 @@ impl PackedGpuLayer {
             let (t0, t1) = (self.nqk as i64, nqk as i64);
             let n = threads_i32(s * (nqk - self.nqk) * (d / g))?;
             let name = format!("quant_token_groups_b{}", self.k_bits);
-            let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
-            launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+            let (kr, di, gi, si, cap, rows) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64, 0i32);
+            launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap, &rows);
             self.nqk = nqk;
         } else if nqk > self.nqk {
             let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
@@ -395,8 +395,8 @@ impl PackedGpuLayer {
             let (t0, t1) = (self.nqv as i64, nqv as i64);
             let n = threads_i32(s * (nqv - self.nqv) * (d / self.value_group))?;
             let name = format!("quant_token_groups_b{}", self.v_bits);
-            let (vr, di, gv, si, cap) = (self.vring as i32, d as i32, self.value_group as i32, s as i32, self.capacity as i64);
-            launch!(dev, &name, grid_1d(n), &self.vtail, &vr, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
+            let (vr, di, gv, si, cap, mma) = (self.vring as i32, d as i32, self.value_group as i32, s as i32, self.capacity as i64, i32::from(!self.layout.token_keys));
+            launch!(dev, &name, grid_1d(n), &self.vtail, &vr, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap, &mma);
             self.nqv = nqv;
         }
         Ok(())
@@ -571,7 +571,9 @@ impl PackedGpuLayer {
         (self.len, self.nqk, self.nqv) = (0, 0, 0);
     }
 
-    /// Copies one stream's quantized codes and params back (for the byte-for-byte check).
+    /// Copies one stream's quantized codes and params back (for the byte-for-byte check),
+    /// KIVI's codes taken out of their MMA tiles into the CPU store's layout
+    /// ([`crate::mma_tile`]).
     pub fn download_stream(&self, stream: usize) -> Result<StreamBytes> {
         let d = self.head_dim;
         if stream >= self.streams {
@@ -587,6 +589,14 @@ impl PackedGpuLayer {
         let vp0 = stream * self.capacity * vgpt;
         let kcodes = st.clone_dtoh(&self.kcodes.slice(kc0..kc0 + self.nqk * kb)).map_err(gpu)?;
         let kparams = st.clone_dtoh(&self.kparams.slice(kp0..kp0 + self.layout.key_params(self.nqk))).map_err(gpu)?;
+        if !self.layout.token_keys {
+            // Whole tiles of values (the last may be partly quantized: only its first rows count).
+            let tiles = st.clone_dtoh(&self.vcodes.slice(vc0..vc0 + self.nqv.div_ceil(TILE) * TILE * vb)).map_err(gpu)?;
+            let vcodes = crate::mma_tile::values_to_rows(self.v_bits, d, &tiles, self.nqv)?;
+            let kcodes = crate::mma_tile::keys_to_blocks(self.k_bits, d, self.group, &kcodes)?;
+            let vparams = st.clone_dtoh(&self.vparams.slice(vp0..vp0 + self.nqv * vgpt)).map_err(gpu)?;
+            return Ok(StreamBytes { kcodes, kparams, vcodes, vparams });
+        }
         let vcodes = st.clone_dtoh(&self.vcodes.slice(vc0..vc0 + self.nqv * vb)).map_err(gpu)?;
         let vparams = st.clone_dtoh(&self.vparams.slice(vp0..vp0 + self.nqv * vgpt)).map_err(gpu)?;
         Ok(StreamBytes { kcodes, kparams, vcodes, vparams })
@@ -714,7 +724,7 @@ impl PackedGpuLayer {
         let (t0, t1) = (0i64, tokens as i64);
         if self.layout.token_keys {
             let name = format!("quant_token_groups_b{}", self.k_bits);
-            launch!(dev, &name, grid_1d(threads_i32(s * tokens * (d / g))?), keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap);
+            launch!(dev, &name, grid_1d(threads_i32(s * tokens * (d / g))?), keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap, &0i32);
         } else {
             let (b0, b1) = (0i64, (tokens / g) as i64);
             let name = format!("quant_channel_blocks_b{}", self.k_bits);
@@ -724,7 +734,8 @@ impl PackedGpuLayer {
         let vthreads = threads_i32(s * tokens * (d / self.value_group))?;
         let gv = self.value_group as i32;
         let name = format!("quant_token_groups_b{}", self.v_bits);
-        launch!(dev, &name, grid_1d(vthreads), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap);
+        let mma = i32::from(!self.layout.token_keys);
+        launch!(dev, &name, grid_1d(vthreads), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap, &mma);
         // Every token is now held quantized (no window): what download_stream reads.
         (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
         let read = 2 * s * tokens * d * 2;

@@ -13,6 +13,7 @@ pub mod analysis;
 pub mod cache;
 pub mod error;
 pub mod gpu_plan;
+pub mod mma_tile;
 pub mod quant;
 pub mod rng;
 pub mod rope;

@@ -93,6 +93,29 @@ fn pair4(u: u32, v: u32, sel: u32, mask: u32) -> u32 {
     byte_perm(u, v, sel) & mask
 }
 
+/// `slot_operand`: slot j of an MMA-tile word as an f16 operand register (kernels/kivi.cu).
+fn slot_operand(w: u32, j: usize, bits: usize) -> u32 {
+    if bits == 2 {
+        if j <= 4 { w & (0x0003_0003 << (2 * j)) } else { (w >> 10) & (0x0003_0003 << (2 * j - 10)) }
+    } else if j <= 1 {
+        w & (0x000F_000F << (4 * j))
+    } else {
+        (w >> 8) & (0x000F_000F << (4 * j - 8))
+    }
+}
+/// Where slot j's code sits in the operand (code · 2^(p − 24)).
+fn slot_pos(j: usize, bits: usize) -> i32 {
+    (if bits == 2 { if j <= 4 { 2 * j } else { 2 * j - 10 } } else { 4 * (j & 1) }) as i32
+}
+/// Key slot of score rows (m-tile mt, row half rh) in channel half kg.
+fn key_slot(kg: usize, mt: usize, rh: usize, bits: usize) -> usize {
+    if bits == 2 { 4 * kg + 2 * mt + rh } else { 2 * mt + rh }
+}
+/// Word w of lane ln in an MMA tile (chunk w / 4 at 16(32(w / 4) + ln)).
+fn lane_word(tile: &[u8], ln: usize, w: usize) -> u32 {
+    word(tile, 16 * (32 * (w / 4) + ln) + 4 * (w % 4))
+}
+
 /// What the kernel sees of one stream: the CPU cache's packed bytes.
 struct Stream<'a> {
     /// Keys per token (the per-token cache) rather than per channel (KIVI).
@@ -109,11 +132,13 @@ struct Stream<'a> {
 }
 
 impl Stream<'_> {
-    /// One tile's shared-memory stage, laid out as the kernel's cp.async copies it.
+    /// One tile's shared-memory stage, laid out as the kernel's cp.async copies it: the
+    /// per-token cache's rows, or KIVI's MMA tiles (the GPU cache's layout: the CPU
+    /// cache's bytes through kvq::mma_tile's permutation).
     fn stage(&self, tile: usize) -> (Vec<u8>, Vec<(f32, f32)>, Vec<u8>, Vec<(f32, f32)>) {
         let (d, t0) = (self.d, tile * 32);
         let vrow = d * self.vb / 8;
-        let vc = self.vcodes[t0 * vrow..(t0 + 32) * vrow].to_vec();
+        let mut vc = self.vcodes[t0 * vrow..(t0 + 32) * vrow].to_vec();
         let vp = self.vparams[t0 * self.gpt..(t0 + 32) * self.gpt].to_vec();
         if self.tk {
             let krow = d * self.kb / 8;
@@ -121,13 +146,12 @@ impl Stream<'_> {
             let kp = self.kparams[t0 * self.gpt..(t0 + 32) * self.gpt].to_vec();
             return (kc, kp, vc, vp);
         }
-        let (blk, cb, kstride) = (t0 / self.group, 4 * self.kb, self.group * self.kb / 8);
-        let first = (t0 % self.group) * self.kb / 8;
-        let mut kc = Vec::with_capacity(d * cb);
-        for c in 0..d {
-            let at = (blk * d + c) * kstride + first;
-            kc.extend_from_slice(&self.kcodes[at..at + cb]);
-        }
+        vc = kvq::mma_tile::rows_to_values(self.vb as u8, d, &vc).unwrap();
+        let blk = t0 / self.group;
+        let block_bytes = d * self.group * self.kb / 8;
+        let tiles = kvq::mma_tile::blocks_to_keys(self.kb as u8, d, self.group, &self.kcodes[blk * block_bytes..(blk + 1) * block_bytes]).unwrap();
+        let tb = kvq::mma_tile::tile_bytes(self.kb as u8, d);
+        let kc = tiles[(t0 % self.group) / 32 * tb..][..tb].to_vec();
         let kp = self.kparams[blk * d..(blk + 1) * d].to_vec();
         (kc, kp, vc, vp)
     }
@@ -216,7 +240,6 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
     let sel4 = |l: usize| ((l / 4) >> 1) as u32 | ((4 + ((l / 4) >> 1)) as u32) << 8;
     let mask4 = |l: usize| (15u32 << (4 * ((l / 4) & 1))) * 0x0001_0001;
     let pos = |l: usize, bits: usize| if bits == 2 { 2 * ((l / 4) & 3) } else { 4 * ((l / 4) & 1) } as i32;
-    let kf = |l: usize| 2f32.powi(24 - pos(l, kb));
     let vf = |l: usize| 2f32.powi(24 - pos(l, vb));
     // The queries as the kernel keeps them in shared memory: f16 hi + lo.
     let sq_hi: Vec<Vec<f16>> = sq.iter().map(|r| r.iter().map(|&x| f16::from_f32(x)).collect()).collect();
@@ -265,18 +288,20 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                 (ql0[ln], ql1[ln]) = (h2h(ql[c0], ql[c0 + 1]), h2h(ql[c0 + 8], ql[c0 + 9]));
                 let (m01, m89) = (h2(p0.0, p1.0), h2(p8.0, p9.0));
                 mins[ln] = [m01, m01, m89, m89];
-                if kb == 2 {
-                    let w = |c: usize, i: usize| word(&kc, c * 8 + 4 * i);
-                    let p = |u: u32, v: u32| pair2(u, v, sel2(ln), mask2(ln));
-                    (a0[ln][0], a0[ln][1]) = p(w(c0, 0), w(c0 + 1, 0));
-                    (a0[ln][2], a0[ln][3]) = p(w(c0 + 8, 0), w(c0 + 9, 0));
-                    (a1[ln][0], a1[ln][1]) = p(w(c0, 1), w(c0 + 1, 1));
-                    (a1[ln][2], a1[ln][3]) = p(w(c0 + 8, 1), w(c0 + 9, 1));
-                } else {
-                    let w = |c: usize, i: usize| word(&kc, c * 16 + 4 * i);
-                    let p = |u: u32, v: u32| pair4(u, v, sel4(ln), mask4(ln));
-                    a0[ln] = [p(w(c0, 0), w(c0 + 1, 0)), p(w(c0, 1), w(c0 + 1, 1)), p(w(c0 + 8, 0), w(c0 + 9, 0)), p(w(c0 + 8, 1), w(c0 + 9, 1))];
-                    a1[ln] = [p(w(c0, 2), w(c0 + 1, 2)), p(w(c0, 3), w(c0 + 1, 3)), p(w(c0 + 8, 2), w(c0 + 9, 2)), p(w(c0 + 8, 3), w(c0 + 9, 3))];
+                // Register r of m-tile mt: word wi + (r >> 1) at slot key_slot(kg, mt, r & 1).
+                let (kg, wi) = if kb == 2 { (ks / (ks_n / 2), 2 * (ks % (ks_n / 2))) } else { (0, 2 * ks) };
+                let reg = |mt: usize, r: usize| slot_operand(lane_word(&kc, ln, wi + (r >> 1)), key_slot(kg, mt, r & 1, kb), kb);
+                a0[ln] = std::array::from_fn(|r| reg(0, r));
+                a1[ln] = std::array::from_fn(|r| reg(1, r));
+            }
+            if kb == 2 && ks == ks_n / 2 {
+                // The second half of the channels: each row at another slot (a power of 2).
+                for (mt, s) in sc.iter_mut().enumerate() {
+                    for lane in s.iter_mut() {
+                        for (e, x) in lane.iter_mut().enumerate() {
+                            *x *= 2f32.powi(slot_pos(key_slot(1, mt, e >> 1, kb), kb) - slot_pos(key_slot(0, mt, e >> 1, kb), kb));
+                        }
+                    }
                 }
             }
             mma(&mut sc[0], &a0, &bh0, &bh1);
@@ -286,10 +311,11 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             mma(&mut bc, &mins, &qh0, &qh1);
             mma(&mut bc, &mins, &ql0, &ql1);
         }
-        for s in sc.iter_mut() {
+        for (mt, s) in sc.iter_mut().enumerate() {
             for ln in 0..32 {
                 for e in 0..4 {
-                    s[ln][e] = s[ln][e].mul_add(kf(ln), bc[ln][e & 1]);
+                    let kf = 2f32.powi(24 - slot_pos(key_slot(usize::from(kb == 2), mt, e >> 1, kb), kb));
+                    s[ln][e] = s[ln][e].mul_add(kf, bc[ln][e & 1]);
                 }
             }
         }
@@ -344,6 +370,22 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                 [m01, m01, m89, m89]
             });
             mma(&mut extra, &mins, &pt0, &pt8);
+            if !st.tk {
+                // KIVI's MMA tile: register r of m-tile mt is word 4(cc / vs) + 2ks + (r >> 1)
+                // at slot cc % vs, cc = 2mt + (r & 1).
+                let vs = 16 / vb;
+                for mt in 0..ks_n {
+                    let gr = mt * gpt / ks_n;
+                    let a: Lanes<[u32; 4]> = lanes(|ln| {
+                        std::array::from_fn(|r| {
+                            let cc = 2 * mt + (r & 1);
+                            slot_operand(lane_word(&vc, ln, 4 * (cc / vs) + 2 * ks + (r >> 1)), cc % vs, vb)
+                        })
+                    });
+                    mma(&mut acc[mt], &a, &b0s[gr], &b1s[gr]);
+                }
+                continue;
+            }
             for w4 in 0..vrow / 16 {
                 let row = |ln: usize, dt: usize, e: usize| word(&vc, (16 * ks + 2 * (ln % 4) + dt) * vrow + 16 * w4 + 4 * e);
                 if vb == 2 {
@@ -396,8 +438,11 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             }
             for mt in 0..ks_n {
                 let e = extra[4 * (mt * gpt / ks_n) + tq][j];
-                ws.out[2 * tq + j][16 * mt + g] = acc[mt][ln][j].mul_add(vf(ln), e);
-                ws.out[2 * tq + j][16 * mt + g + 8] = acc[mt][ln][j + 2].mul_add(vf(ln), e);
+                // Back from subnormals: KIVI's rows by their slot, per-token rows by the lane's bit.
+                let vs = 16 / vb;
+                let (vf0, vf1) = if st.tk { (vf(ln), vf(ln)) } else { (2f32.powi(24 - slot_pos(2 * mt % vs, vb)), 2f32.powi(24 - slot_pos((2 * mt + 1) % vs, vb))) };
+                ws.out[2 * tq + j][16 * mt + g] = acc[mt][ln][j].mul_add(vf0, e);
+                ws.out[2 * tq + j][16 * mt + g + 8] = acc[mt][ln][j + 2].mul_add(vf1, e);
             }
         }
     }

@@ -1,0 +1,34 @@
+// The MMA tile layout of KIVI's codes on the GPU: where code (token t of a 32-token tile,
+// channel c) sits. The definition, with the reasons, is crates/kvq/src/mma_tile.rs;
+// this is its twin (the host's byte-for-byte check undoes the permutation with that file,
+// so a change here that is not made there fails every benchmark's check).
+#pragma once
+
+// Byte offset in the tile of a lane's word w, half h, slot `slot` (the bit in that byte: *bit).
+template <int BITS>
+__device__ __forceinline__ int mma_place(int lane, int w, int h, int slot, int* bit) {
+    const int b = 16 * h + slot * BITS;
+    *bit = b & 7;
+    return 16 * (32 * (w >> 2) + lane) + 4 * (w & 3) + (b >> 3);
+}
+
+template <int BITS>
+__device__ __forceinline__ int mma_key_pos(int D, int t, int c, int* bit) {
+    const int mt = t >> 4, rh = (t >> 3) & 1, g = t & 7;
+    const int ks = c >> 4, khalf = (c >> 3) & 1, tq = (c >> 1) & 3, h = c & 1;
+    if constexpr (BITS == 2) {
+        const int half_ks = D / 32;  // k-steps in each half of the channels
+        return mma_place<BITS>(4 * g + tq, 2 * (ks % half_ks) + khalf, h, 4 * (ks / half_ks) + 2 * mt + rh, bit);
+    } else {
+        return mma_place<BITS>(4 * g + tq, 2 * ks + khalf, h, 2 * mt + rh, bit);
+    }
+}
+
+template <int BITS>
+__device__ __forceinline__ int mma_value_pos(int t, int c, int* bit) {
+    const int ks = t >> 4, khalf = (t >> 3) & 1, tq = (t >> 1) & 3, h = t & 1;
+    const int mt = c >> 4, rh = (c >> 3) & 1, g = c & 7;
+    const int cc = 2 * mt + rh;
+    constexpr int SLOTS = 16 / BITS;
+    return mma_place<BITS>(4 * g + tq, 4 * (cc / SLOTS) + 2 * ks + khalf, h, cc % SLOTS, bit);
+}
