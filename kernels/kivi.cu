@@ -154,21 +154,12 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
     params[at] = a;
 }
 
-// Fast paths for the common groups: the group's f16 values are loaded once, 16 bytes at
-// a time, and kept in registers *as f16 pairs* (half the registers of f32: more threads
-// per SM, more loads in flight; the kernels wait on memory). min/max of f16 are exact,
-// and each value is widened to f32 only to be coded, so the arithmetic, and every byte,
-// is the generic path's. The codes are stored as whole words.
+// One (stream, token, group) of quant_token_groups_fast.
 template <int BITS, int GROUP>
-__device__ void quant_token_groups_fast(const __half* __restrict__ ring, int ring_len, int D, long t0, long t1,
-                                        int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
-                                        long cap, int mma) {
-    // 32-bit index math (the host keeps streams · tokens · groups below 2^31): 64-bit
-    // division costs more than quantizing the group.
+__device__ __forceinline__ void quant_token_group_fast_one(const __half* __restrict__ ring, int ring_len, int D, long t0, int n,
+                                                           int i, uint8_t* __restrict__ codes, __half2* __restrict__ params,
+                                                           long cap, int mma, uint8_t* stage) {
     const int gpt = D / GROUP;
-    const int n = (int)(t1 - t0);
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= streams * n * gpt) return;
     const int g = i % gpt;
     const int r = i / gpt;
     const long t = t0 + r % n;
@@ -194,9 +185,11 @@ __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int rin
     const __half2 a = fit_affine(lo, hi, qmax);
     const float mn = __low2float(a), inv = inv_scale(__high2float(a));
     if (mma) {
-        // The MMA tile layout (see quant_token_groups): a byte per (g8, run of cc).
+        // The MMA tile layout (see quant_token_groups): a byte per (g8, run of cc), into
+        // the tile itself or (mma == 2: the block holds whole tiles) into shared memory first.
         constexpr int PER_BYTE = 8 / BITS;
-        uint8_t* tile = codes + ((long)s * cap + (t & ~31L)) * (D * BITS / 8);
+        uint8_t* tile = mma == 2 ? stage + (threadIdx.x / gpt / 32) * (32 * D * BITS / 8)
+                                 : codes + ((long)s * cap + (t & ~31L)) * (D * BITS / 8);
         const int cc0 = g * GROUP / 8;
 #pragma unroll
         for (int g8 = 0; g8 < 8; g8++)
@@ -233,8 +226,49 @@ __device__ void quant_token_groups_fast(const __half* __restrict__ ring, int rin
     params[((long)s * cap + t) * gpt + g] = a;
 }
 
+// Fast paths for the common groups: the group's f16 values are loaded once, 16 bytes at
+// a time, and kept in registers *as f16 pairs* (half the registers of f32: more threads
+// per SM, more loads in flight; the kernels wait on memory). min/max of f16 are exact,
+// and each value is widened to f32 only to be coded, so the arithmetic, and every byte,
+// is the generic path's. Rows are stored as whole words; KIVI's MMA tiles byte by byte,
+// or, for whole tiles, made in shared memory and stored 16 bytes at a time.
+template <int BITS, int GROUP>
+__device__ void quant_token_groups_fast(const __half* __restrict__ ring, int ring_len, int D, long t0, long t1,
+                                        int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
+                                        long cap, int mma) {
+    // 32-bit index math (the host keeps streams · tokens · groups below 2^31): 64-bit
+    // division costs more than quantizing the group.
+    const int gpt = D / GROUP;
+    const int n = (int)(t1 - t0);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    // mma == 2: [t0, t1) is whole tiles and the block's 256 threads make 256 / gpt / 32
+    // of them in shared memory, then write them out 16 bytes a thread.
+    __shared__ __align__(16) uint8_t stage[8192];
+    if (mma == 2) {
+        if (i < streams * n * gpt) quant_token_group_fast_one<BITS, GROUP>(ring, ring_len, D, t0, n, i, codes, params, cap, mma, stage);
+        __syncthreads();
+        // 32-bit index math (streams · tiles < 2^31): a 64-bit division per store was slow.
+        const int cpt = 2 * D * BITS / 8, tiles = 256 / gpt / 32;  // 16-byte chunks a tile
+        const int first = blockIdx.x * tiles, total = streams * (n / 32), per = n / 32;
+        for (int j = threadIdx.x; j < tiles * cpt; j += blockDim.x) {
+            const int tile = first + j / cpt;
+            if (tile >= total) break;
+            const int sidx = tile / per;
+            const long tt = t0 / 32 + (tile - sidx * per);
+            ((uint4*)(codes + ((long)sidx * cap + 32 * tt) * (D * BITS / 8)))[j % cpt] = ((const uint4*)stage)[j];
+        }
+        return;
+    }
+    if (i >= streams * n * gpt) return;
+    quant_token_group_fast_one<BITS, GROUP>(ring, ring_len, D, t0, n, i, codes, params, cap, mma, nullptr);
+}
+
 // KIVI keys with blocks of 32 tokens: a thread takes two adjacent channels (one half2
-// per token: a warp reads 128 contiguous bytes of each token row).
+// per token: a warp reads 128 contiguous bytes of each token row) and stores whole 32-bit
+// words of the MMA tile. A word holds, per half, 16 bits of codes: at 4 bits, one channel's
+// tokens g8 + 8i, so channels c and c + 1 make a word; at 2 bits, a byte each of channels
+// c and c + D/2 (the two halves of the channels), so lanes l and l ^ 16 take those and
+// swap bytes with a shuffle.
 template <int BITS>
 __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int ring_len, int D, long b0, long b1,
                                         int streams, uint8_t* __restrict__ codes, __half2* __restrict__ params,
@@ -243,8 +277,11 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
     const int pairs = D / 2;
     const int nb = (int)(b1 - b0);
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= streams * nb * pairs) return;
-    const int c = 2 * (i % pairs);
+    if (i >= streams * nb * pairs) return;  // whole warps (pairs is 32 or 64)
+    const int j = i % pairs, l = j % 32;
+    // At 2 bits lane l ^ 16 takes the pair D/4 further: the other half of the channels.
+    const int p = BITS == 2 ? (j / 32) * 16 + (l % 16) + (l / 16) * (pairs / 2) : j;
+    const int c = 2 * p;
     const int r = i / pairs;
     const long blk = b0 + r % nb;
     const int s = r / nb;
@@ -254,42 +291,47 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
     int slot = (int)((blk * G) % ring_len);
     __half2 x[G];  // token j: channels c (low) and c + 1 (high)
 #pragma unroll
-    for (int j = 0; j < G; j++) {
-        x[j] = *(const __half2*)(base + (long)slot * D);
+    for (int t = 0; t < G; t++) {
+        x[t] = *(const __half2*)(base + (long)slot * D);
         slot = slot + 1 == ring_len ? 0 : slot + 1;
     }
     __half2 lo2 = x[0], hi2 = x[0];
 #pragma unroll
-    for (int j = 1; j < G; j++) {
-        lo2 = __hmin2(lo2, x[j]);
-        hi2 = __hmax2(hi2, x[j]);
+    for (int t = 1; t < G; t++) {
+        lo2 = __hmin2(lo2, x[t]);
+        hi2 = __hmax2(hi2, x[t]);
     }
     const float qmax = (float)((1 << BITS) - 1);
     const long at = ((long)s * (cap / G) + blk) * D + c;
-    uint8_t* tile = codes + ((long)s * cap + blk * G) * (D * BITS / 8);  // the block is one tile
-    constexpr int PER_BYTE = 8 / BITS;
+    float mn[2], inv[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const float lo = h == 0 ? __low2float(lo2) : __high2float(lo2);
-        const float hi = h == 0 ? __low2float(hi2) : __high2float(hi2);
-        const __half2 a = fit_affine(lo, hi, qmax);
-        const float mn = __low2float(a), inv = inv_scale(__high2float(a));
-        // The MMA tile layout: tokens g8 + 8i, i = 0..3, of the channel make a byte (two at 4 bits).
-#pragma unroll
-        for (int g8 = 0; g8 < 8; g8++)
-#pragma unroll
-            for (int i0 = 0; i0 < 4; i0 += PER_BYTE) {
-                uint32_t b = 0;
-#pragma unroll
-                for (int k = 0; k < PER_BYTE; k++) {
-                    const __half2 xv = x[g8 + 8 * (i0 + k)];
-                    const __half v = h == 0 ? __low2half(xv) : __high2half(xv);
-                    b |= quant_code(__half2float(v), mn, inv, qmax) << (BITS * k);
-                }
-                int bit;
-                tile[mma_key_pos<BITS>(D, g8 + 8 * i0, c + h, &bit)] = (uint8_t)b;
-            }
+        const __half2 a = fit_affine(h == 0 ? __low2float(lo2) : __high2float(lo2), h == 0 ? __low2float(hi2) : __high2float(hi2), qmax);
+        mn[h] = __low2float(a), inv[h] = inv_scale(__high2float(a));
         params[at + h] = a;
+    }
+    uint32_t* tile = (uint32_t*)(codes + ((long)s * cap + blk * G) * (D * BITS / 8));  // the block is one tile
+#pragma unroll
+    for (int g8 = 0; g8 < 8; g8++) {
+        // Tokens g8 + 8k of channel c in the low half, of c + 1 in the high half.
+        uint32_t v = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float2 f = __half22float2(x[g8 + 8 * k]);
+            v |= quant_code(f.x, mn[0], inv[0], qmax) << (BITS * k);
+            v |= quant_code(f.y, mn[1], inv[1], qmax) << (16 + BITS * k);
+        }
+        int bit;
+        if constexpr (BITS == 4) {
+            tile[mma_key_pos<BITS>(D, g8, c, &bit) / 4] = v;
+        } else {
+            // Lane l < 16 holds the first half of the channels (byte 0 of each half), l ^ 16
+            // the second (byte 1); each stores the words of four g8.
+            const uint32_t o = __shfl_xor_sync(FULL_MASK, v, 16);
+            const bool first = l < 16;
+            const uint32_t w = first ? v | o << 8 : o | v << 8;
+            if ((g8 < 4) == first) tile[mma_key_pos<BITS>(D, g8, first ? c : c - D / 2, &bit) / 4] = w;
+        }
     }
 }
 
@@ -371,20 +413,26 @@ __device__ __forceinline__ void load_token_tile(const uint8_t* codes, const __ha
     }
 }
 
-// KIVI's value codes of token t, channels c0 .. c0 + C, from its MMA tile (kvq::mma_tile),
-// packed as a row's bits would be (code i at bit VB·i). `stream_t0` = stream · cap.
+// A lane's C channels c0 .. in KIVI's value MMA tiles: a code's byte is a channel part
+// plus a token part (mma_value_pos split in two), so each token costs C byte loads.
 template <int D, int VB, int C>
-__device__ __forceinline__ uint32_t mma_value_codes(const uint8_t* vcodes, long stream_t0, long t, int c0) {
-    const uint8_t* tile = vcodes + (stream_t0 + (t & ~31L)) * (D * VB / 8);
-    uint32_t x = 0;
+struct MmaValueLane {
+    int off[C], bit[C];
+    __device__ __forceinline__ explicit MmaValueLane(int c0) {
 #pragma unroll
-    for (int i = 0; i < C; i++) {
-        int bit;
-        const int o = mma_value_pos<VB>((int)(t & 31), c0 + i, &bit);
-        x |= (uint32_t)((tile[o] >> bit) & ((1u << VB) - 1)) << (VB * i);
+        for (int i = 0; i < C; i++) off[i] = mma_value_pos<VB>(0, c0 + i, &bit[i]);
     }
-    return x;
-}
+    // Token t's codes, packed as a row's bits would be (code i at bit VB·i). `stream_t0` = stream · cap.
+    __device__ __forceinline__ uint32_t codes(const uint8_t* vcodes, long stream_t0, long t) const {
+        const int tt = (int)(t & 31);
+        int unused;
+        const uint8_t* at = vcodes + (stream_t0 + (t & ~31L)) * (D * VB / 8) + mma_value_pos<VB>(tt, 0, &unused);
+        uint32_t x = 0;
+#pragma unroll
+        for (int i = 0; i < C; i++) x |= (uint32_t)((at[off[i]] >> bit[i]) & ((1u << VB) - 1)) << (VB * i);
+        return x;
+    }
+};
 
 // TK: keys per token (the per-token cache: `G` is then the keys' channel group, and a
 // token's score is Σ_g min_g · Σ_{c∈g} q_c + Σ_g scale_g · Σ_{c∈g} q_c · code_c, a lane's
@@ -434,6 +482,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
     const int vgpt = D / a.Gv;            // value groups per token
     const int vg = c0 / a.Gv;             // this lane's value group
     const int vbit = c0 * VB;             // bit offset of this lane's codes in a row
+    const MmaValueLane<D, VB, C> vlane(c0);  // KIVI: where this lane's value codes sit in a tile
 
     for (long tile = tb + warp; tile < te; tile += WARPS) {
         const long t0 = tile * 32;
@@ -587,7 +636,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 // KIVI's MMA tile (only the tiles the tensor-core kernel leaves: the window's edge).
 #pragma unroll
                 for (int j = 0; j < 32; j++) {
-                    w[j] = mma_value_codes<D, VB, C>(a.vcodes, (long)s * a.cap, t0 + j, c0);
+                    w[j] = vlane.codes(a.vcodes, (long)s * a.cap, t0 + j);
                     pr[j] = a.vparams[((long)s * a.cap + t0 + j) * vgpt + vg];
                 }
             }
@@ -622,7 +671,7 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
                 const bool packed = t < a.nqv, live = !packed && t < a.n;
                 const uint8_t* row = a.vcodes + ((long)s * a.cap + t) * vrow;
                 if constexpr (TK) w[jj] = packed ? ((const uint32_t*)row)[vbit / 32] >> (vbit % 32) : 0u;
-                else w[jj] = packed ? mma_value_codes<D, VB, C>(a.vcodes, (long)s * a.cap, t, c0) : 0u;
+                else w[jj] = packed ? vlane.codes(a.vcodes, (long)s * a.cap, t) : 0u;
                 pr[jj] = packed ? a.vparams[((long)s * a.cap + t) * vgpt + vg] : __half2{};
                 const __half2* vp = (const __half2*)(a.vtail + ((long)s * a.vring + pos) * D + c0);
 #pragma unroll

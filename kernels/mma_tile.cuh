@@ -17,8 +17,8 @@ __device__ __forceinline__ int mma_key_pos(int D, int t, int c, int* bit) {
     const int mt = t >> 4, rh = (t >> 3) & 1, g = t & 7;
     const int ks = c >> 4, khalf = (c >> 3) & 1, tq = (c >> 1) & 3, h = c & 1;
     if constexpr (BITS == 2) {
-        const int half_ks = D / 32;  // k-steps in each half of the channels
-        return mma_place<BITS>(4 * g + tq, 2 * (ks % half_ks) + khalf, h, 4 * (ks / half_ks) + 2 * mt + rh, bit);
+        const int sh = __ffs(D) - 6;  // log2 of the k-steps in each half of the channels (D = 64 or 128)
+        return mma_place<BITS>(4 * g + tq, 2 * (ks & ((1 << sh) - 1)) + khalf, h, 4 * (ks >> sh) + 2 * mt + rh, bit);
     } else {
         return mma_place<BITS>(4 * g + tq, 2 * ks + khalf, h, 2 * mt + rh, bit);
     }

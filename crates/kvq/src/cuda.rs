@@ -247,6 +247,31 @@ pub fn check_supported(config: &CacheConfig, head_dim: usize) -> Result<PackedGp
     PackedGpuLayout::of(config, head_dim, 1).ok_or_else(|| KvqError::Unsupported(format!("no GPU layout for {}", config.label())))
 }
 
+/// Quantizes values `[t0, t1)` of every stream from `src` (f16 rings of `ring` slots)
+/// into a layer's value codes and params. KIVI's MMA tiles: the whole tiles of the range
+/// are made in shared memory and stored 16 bytes at a time (kernel mode 2), the tokens of
+/// partial tiles byte by byte (mode 1); the per-token cache's rows in one launch (mode 0).
+#[allow(clippy::too_many_arguments)]
+fn quantize_values(dev: &CudaDevice, layout: PackedGpuLayout, streams: usize, (src, ring): (&CudaSlice<f16>, usize), t0: usize, t1: usize, vcodes: &mut CudaSlice<u8>, vparams: &mut CudaSlice<u32>) -> Result<()> {
+    let d = layout.head_dim;
+    let name = format!("quant_token_groups_b{}", layout.v_bits);
+    let (vr, di, gv, si, cap) = (ring as i32, d as i32, layout.value_group as i32, streams as i32, layout.capacity as i64);
+    let (a, b) = (t0.next_multiple_of(TILE), t1 / TILE * TILE);
+    let parts: Vec<(usize, usize, i32)> = if layout.token_keys {
+        vec![(t0, t1, 0)]
+    } else if a < b {
+        vec![(t0, a, 1), (a, b, 2), (b, t1, 1)]
+    } else {
+        vec![(t0, t1, 1)]
+    };
+    for (x, y, mode) in parts.into_iter().filter(|&(x, y, _)| x < y) {
+        let n = threads_i32(streams * (y - x) * (d / layout.value_group))?;
+        let (x, y) = (x as i64, y as i64);
+        launch!(dev, &name, grid_1d(n), src, &vr, &di, &gv, &x, &y, &si, &mut *vcodes, &mut *vparams, &cap, &mode);
+    }
+    Ok(())
+}
+
 impl PackedGpuLayer {
     /// A layer for `streams` = batch × KV heads streams of up to `capacity` tokens.
     pub fn new(dev: &CudaDevice, config: &CacheConfig, streams: usize, head_dim: usize, capacity: usize) -> Result<Self> {
@@ -392,15 +417,13 @@ impl PackedGpuLayer {
             self.nqk = nqk;
         }
         if nqv > self.nqv {
-            let (t0, t1) = (self.nqv as i64, nqv as i64);
-            let n = threads_i32(s * (nqv - self.nqv) * (d / self.value_group))?;
-            let name = format!("quant_token_groups_b{}", self.v_bits);
-            let (vr, di, gv, si, cap, mma) = (self.vring as i32, d as i32, self.value_group as i32, s as i32, self.capacity as i64, i32::from(!self.layout.token_keys));
-            launch!(dev, &name, grid_1d(n), &self.vtail, &vr, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap, &mma);
+            let (layout, streams) = (self.layout, self.streams);
+            quantize_values(&self.dev, layout, streams, (&self.vtail, self.vring), self.nqv, nqv, &mut self.vcodes, &mut self.vparams)?;
             self.nqv = nqv;
         }
         Ok(())
     }
+
 
     /// Decode attention: one query token per sequence, `q` `[batch][q_heads][D]` (f32),
     /// over every token held; writes `out` (same shape). `splits` = 0 picks a split count.
@@ -731,11 +754,8 @@ impl PackedGpuLayer {
             let threads = threads_i32(s * tokens / g * d / if g == 32 { 2 } else { 1 })?;
             launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
         }
-        let vthreads = threads_i32(s * tokens * (d / self.value_group))?;
-        let gv = self.value_group as i32;
-        let name = format!("quant_token_groups_b{}", self.v_bits);
-        let mma = i32::from(!self.layout.token_keys);
-        launch!(dev, &name, grid_1d(vthreads), values, &ring, &di, &gv, &t0, &t1, &si, &mut self.vcodes, &mut self.vparams, &cap, &mma);
+        let (layout, streams) = (self.layout, self.streams);
+        quantize_values(&self.dev, layout, streams, (values, src_tokens), 0, tokens, &mut self.vcodes, &mut self.vparams)?;
         // Every token is now held quantized (no window): what download_stream reads.
         (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
         let read = 2 * s * tokens * d * 2;

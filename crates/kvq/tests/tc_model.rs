@@ -3,8 +3,8 @@
 //!
 //! CI has no GPU, and the GPU benchmark (`bench/gpu.sh run`) checks the kernel itself
 //! only where a GPU is lent. This test replays the kernel's arithmetic for each of a
-//! warp's 32 lanes on the bytes the CPU cache packs: the bit tricks that turn packed
-//! codes into f16 MMA operands, the fragment layouts of `mma.m16n8k16` and `movmatrix`
+//! warp's 32 lanes on the bytes the CPU cache packs (KIVI's through `kvq::mma_tile`, the
+//! GPU cache's tile layout): the bit tricks that turn packed codes into f16 MMA operands, the fragment layouts of `mma.m16n8k16` and `movmatrix`
 //! (as the PTX ISA defines them), the shuffles, the subnormal scale factors, the online softmax and
 //! the merge of the warps. Its output must match the CPU cache's attention. It is a
 //! model, not the kernel: a change to one must be made to the other.
