@@ -405,8 +405,9 @@ impl PackedGpuLayer {
             let (t0, t1) = (self.nqk as i64, nqk as i64);
             let n = threads_i32(s * (nqk - self.nqk) * (d / g))?;
             let name = format!("quant_token_groups_b{}", self.k_bits);
-            let (kr, di, gi, si, cap, rows) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64, 0i32);
-            launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap, &rows);
+            let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
+            // Mode 0: the per-token cache's keys as rows.
+            launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap, &0i32);
             self.nqk = nqk;
         } else if nqk > self.nqk {
             let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
@@ -417,13 +418,11 @@ impl PackedGpuLayer {
             self.nqk = nqk;
         }
         if nqv > self.nqv {
-            let (layout, streams) = (self.layout, self.streams);
-            quantize_values(&self.dev, layout, streams, (&self.vtail, self.vring), self.nqv, nqv, &mut self.vcodes, &mut self.vparams)?;
+            quantize_values(&self.dev, self.layout, self.streams, (&self.vtail, self.vring), self.nqv, nqv, &mut self.vcodes, &mut self.vparams)?;
             self.nqv = nqv;
         }
         Ok(())
     }
-
 
     /// Decode attention: one query token per sequence, `q` `[batch][q_heads][D]` (f32),
     /// over every token held; writes `out` (same shape). `splits` = 0 picks a split count.
@@ -757,8 +756,7 @@ impl PackedGpuLayer {
             let threads = threads_i32(s * tokens / g * d / if g == 32 { 2 } else { 1 })?;
             launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
         }
-        let (layout, streams) = (self.layout, self.streams);
-        quantize_values(&self.dev, layout, streams, (values, src_tokens), 0, tokens, &mut self.vcodes, &mut self.vparams)?;
+        quantize_values(&self.dev, self.layout, self.streams, (values, src_tokens), 0, tokens, &mut self.vcodes, &mut self.vparams)?;
         // Every token is now held quantized (no window): what download_stream reads.
         (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
         let read = 2 * s * tokens * d * 2;

@@ -55,7 +55,7 @@ fn place(bits: u8, lane: usize, w: usize, h: usize, slot: usize) -> (usize, u32)
 
 /// Where the code of token `t` (0..32) and channel `c` of a key tile sits: (byte, bit).
 /// `bits` must be 2 or 4 and `head_dim` 64 or 128 (see [`tile_bytes`]).
-pub fn key_pos(bits: u8, head_dim: usize, t: usize, c: usize) -> (usize, u32) {
+fn key_pos(bits: u8, head_dim: usize, t: usize, c: usize) -> (usize, u32) {
     let (mt, rh, g) = (t / 16, (t / 8) % 2, t % 8);
     let (ks, khalf, tq, h) = (c / 16, (c / 8) % 2, (c / 2) % 4, c % 2);
     let (slot, w) = if bits == 2 {
@@ -68,7 +68,7 @@ pub fn key_pos(bits: u8, head_dim: usize, t: usize, c: usize) -> (usize, u32) {
 }
 
 /// Where the code of token `t` (0..32) and channel `c` of a value tile sits: (byte, bit).
-pub fn value_pos(bits: u8, _head_dim: usize, t: usize, c: usize) -> (usize, u32) {
+fn value_pos(bits: u8, _head_dim: usize, t: usize, c: usize) -> (usize, u32) {
     let (ks, khalf, tq, h) = (t / 16, (t / 8) % 2, (t / 2) % 4, t % 2);
     let (mt, rh, g) = (c / 16, (c / 8) % 2, c % 8);
     let cc = 2 * mt + rh;
@@ -80,58 +80,58 @@ fn get(bytes: &[u8], (byte, bit): (usize, u32), bits: u8) -> u8 {
     (bytes[byte] >> bit) & ((1u8 << bits) - 1)
 }
 
-fn put(bytes: &mut [u8], (byte, bit): (usize, u32), code: u8) {
-    bytes[byte] |= code << bit;
+/// A CPU store's code: the `i`-th code of a buffer packed least significant bit first.
+fn packed(i: usize, bits: u8) -> (usize, u32) {
+    let bit = i * bits as usize;
+    (bit / 8, (bit % 8) as u32)
 }
 
-/// A CPU code row (`codes` packed least significant bit first): code `i`.
-fn row_code(row: &[u8], i: usize, bits: u8) -> u8 {
-    let bit = i * bits as usize;
-    (row[bit / 8] >> (bit % 8)) & ((1u8 << bits) - 1)
+/// `out_len` bytes holding each code of `src` moved from its first place to its second.
+fn move_codes(src: &[u8], out_len: usize, bits: u8, moves: impl Iterator<Item = ((usize, u32), (usize, u32))>) -> Vec<u8> {
+    let mut out = vec![0u8; out_len];
+    for (from, (byte, bit)) in moves {
+        out[byte] |= get(src, from, bits) << bit;
+    }
+    out
 }
 
-fn set_row_code(row: &mut [u8], i: usize, bits: u8, code: u8) {
-    let bit = i * bits as usize;
-    row[bit / 8] |= code << (bit % 8);
+/// Every key code of `len` bytes of whole blocks: (its place in the MMA tiles, in the CPU blocks).
+fn key_places(bits: u8, head_dim: usize, group: usize, len: usize) -> Result<impl Iterator<Item = ((usize, u32), (usize, u32))>> {
+    check(bits, head_dim)?;
+    let block_bytes = head_dim * group * bits as usize / 8;
+    if group == 0 || group % TILE != 0 || len % block_bytes != 0 {
+        return Err(KvqError::Shape(format!("{len} bytes are not whole key blocks of {group} tokens")));
+    }
+    let tb = tile_bytes(bits, head_dim);
+    Ok((0..len / block_bytes * group).flat_map(move |t| {
+        (0..head_dim).map(move |c| {
+            let (byte, bit) = key_pos(bits, head_dim, t % TILE, c);
+            ((t / TILE * tb + byte, bit), packed((t / group * head_dim + c) * group + t % group, bits))
+        })
+    }))
+}
+
+/// Every value code of `tokens` tokens: (its place in the MMA tiles, in the CPU rows).
+fn value_places(bits: u8, head_dim: usize, tokens: usize) -> Result<impl Iterator<Item = ((usize, u32), (usize, u32))>> {
+    check(bits, head_dim)?;
+    let tb = tile_bytes(bits, head_dim);
+    Ok((0..tokens).flat_map(move |t| {
+        (0..head_dim).map(move |c| {
+            let (byte, bit) = value_pos(bits, head_dim, t % TILE, c);
+            ((t / TILE * tb + byte, bit), packed(t * head_dim + c, bits))
+        })
+    }))
 }
 
 /// KIVI key codes as the CPU store packs them (blocks of `group` tokens, each channel's
 /// `group` codes together) → MMA tiles (tile `i` = tokens 32i .. 32i + 32).
 pub fn blocks_to_keys(bits: u8, head_dim: usize, group: usize, blocks: &[u8]) -> Result<Vec<u8>> {
-    check(bits, head_dim)?;
-    let block_bytes = head_dim * group * bits as usize / 8;
-    if group == 0 || group % TILE != 0 || blocks.len() % block_bytes != 0 {
-        return Err(KvqError::Shape(format!("{} bytes are not whole key blocks of {group} tokens", blocks.len())));
-    }
-    let tb = tile_bytes(bits, head_dim);
-    let mut tiles = vec![0u8; blocks.len()];
-    for t in 0..blocks.len() / block_bytes * group {
-        let (blk, j) = (t / group, t % group);
-        for c in 0..head_dim {
-            let channel = &blocks[(blk * head_dim + c) * group * bits as usize / 8..];
-            put(&mut tiles[t / TILE * tb..], key_pos(bits, head_dim, t % TILE, c), row_code(channel, j, bits));
-        }
-    }
-    Ok(tiles)
+    Ok(move_codes(blocks, blocks.len(), bits, key_places(bits, head_dim, group, blocks.len())?.map(|(tile, cpu)| (cpu, tile))))
 }
 
 /// MMA key tiles → the CPU store's key blocks (the inverse of [`blocks_to_keys`]).
 pub fn keys_to_blocks(bits: u8, head_dim: usize, group: usize, tiles: &[u8]) -> Result<Vec<u8>> {
-    check(bits, head_dim)?;
-    let block_bytes = head_dim * group * bits as usize / 8;
-    if group == 0 || group % TILE != 0 || tiles.len() % block_bytes != 0 {
-        return Err(KvqError::Shape(format!("{} bytes are not whole key blocks of {group} tokens", tiles.len())));
-    }
-    let tb = tile_bytes(bits, head_dim);
-    let mut blocks = vec![0u8; tiles.len()];
-    for t in 0..tiles.len() / block_bytes * group {
-        let (blk, j) = (t / group, t % group);
-        for c in 0..head_dim {
-            let code = get(&tiles[t / TILE * tb..], key_pos(bits, head_dim, t % TILE, c), bits);
-            set_row_code(&mut blocks[(blk * head_dim + c) * group * bits as usize / 8..], j, bits, code);
-        }
-    }
-    Ok(blocks)
+    Ok(move_codes(tiles, tiles.len(), bits, key_places(bits, head_dim, group, tiles.len())?))
 }
 
 /// Value codes as the CPU store packs them (one row of `head_dim` codes a token) →
@@ -143,32 +143,17 @@ pub fn rows_to_values(bits: u8, head_dim: usize, rows: &[u8]) -> Result<Vec<u8>>
         return Err(KvqError::Shape(format!("{} bytes are not whole rows of {row}", rows.len())));
     }
     let tokens = rows.len() / row;
-    let tb = tile_bytes(bits, head_dim);
-    let mut tiles = vec![0u8; tokens.div_ceil(TILE) * tb];
-    for t in 0..tokens {
-        for c in 0..head_dim {
-            put(&mut tiles[t / TILE * tb..], value_pos(bits, head_dim, t % TILE, c), row_code(&rows[t * row..], c, bits));
-        }
-    }
-    Ok(tiles)
+    let out_len = tokens.div_ceil(TILE) * tile_bytes(bits, head_dim);
+    Ok(move_codes(rows, out_len, bits, value_places(bits, head_dim, tokens)?.map(|(tile, cpu)| (cpu, tile))))
 }
 
 /// The first `tokens` value rows held in MMA tiles (the inverse of [`rows_to_values`]).
 pub fn values_to_rows(bits: u8, head_dim: usize, tiles: &[u8], tokens: usize) -> Result<Vec<u8>> {
     check(bits, head_dim)?;
-    let tb = tile_bytes(bits, head_dim);
-    if tiles.len() < tokens.div_ceil(TILE) * tb {
+    if tiles.len() < tokens.div_ceil(TILE) * tile_bytes(bits, head_dim) {
         return Err(KvqError::Shape(format!("{} bytes hold fewer than {tokens} tokens of value tiles", tiles.len())));
     }
-    let row = head_dim * bits as usize / 8;
-    let mut rows = vec![0u8; tokens * row];
-    for t in 0..tokens {
-        for c in 0..head_dim {
-            let code = get(&tiles[t / TILE * tb..], value_pos(bits, head_dim, t % TILE, c), bits);
-            set_row_code(&mut rows[t * row..], c, bits, code);
-        }
-    }
-    Ok(rows)
+    Ok(move_codes(tiles, tokens * head_dim * bits as usize / 8, bits, value_places(bits, head_dim, tokens)?))
 }
 
 #[cfg(test)]
