@@ -135,7 +135,7 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
     const float qmax = (float)((1 << BITS) - 1);
     __half2 a = fit_affine(lo, hi, qmax);
     float mn = __low2float(a), inv = inv_scale(__high2float(a));
-    const long at = ((long)s * blocks_per_stream + blk) * D + c;
+    const long at = ((long)s * blocks_per_stream + blk) * D + c;  // in the CPU store's order
     constexpr int PER_BYTE = 8 / BITS;
     for (int tt = 0; tt < G / 32; tt++) {
         uint8_t* tile = codes + ((long)s * cap + blk * G + 32 * tt) * (D * BITS / 8);
@@ -151,7 +151,9 @@ __device__ void quant_channel_blocks(const __half* __restrict__ ring, int ring_l
                 tile[mma_key_pos<BITS>(D, g8 + 8 * i0, c, &bit)] = (uint8_t)b;
             }
     }
-    params[at] = a;
+    __half* blk_params = (__half*)(params + at - c);  // the block's params, in mma_key_param's order
+    blk_params[mma_key_param(c, false)] = __low2half(a);
+    blk_params[mma_key_param(c, true)] = __high2half(a);
 }
 
 // One (stream, token, group) of quant_token_groups_fast.
@@ -302,18 +304,21 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
         hi2 = __hmax2(hi2, x[t]);
     }
     const float qmax = (float)((1 << BITS) - 1);
-    const long at = ((long)s * (cap / G) + blk) * D + c;
     float mn[2], inv[2];
+    __half2 fit[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const __half2 a = fit_affine(h == 0 ? __low2float(lo2) : __high2float(lo2), h == 0 ? __low2float(hi2) : __high2float(hi2), qmax);
-        mn[h] = __low2float(a), inv[h] = inv_scale(__high2float(a));
-        params[at + h] = a;
+        fit[h] = fit_affine(h == 0 ? __low2float(lo2) : __high2float(lo2), h == 0 ? __low2float(hi2) : __high2float(hi2), qmax);
+        mn[h] = __low2float(fit[h]), inv[h] = inv_scale(__high2float(fit[h]));
     }
+    // Channels c and c + 1 (c even) are adjacent f16s of the block's mins and of its scales.
+    __half2* blk_params = params + ((long)s * (cap / G) + blk) * D;
+    const __half2 mins = __lows2half2(fit[0], fit[1]), scales = __highs2half2(fit[0], fit[1]);
+    blk_params[mma_key_param(c, false) / 2] = mins;
+    blk_params[mma_key_param(c, true) / 2] = scales;
     uint32_t* tile = (uint32_t*)(codes + ((long)s * cap + blk * G) * (D * BITS / 8));  // the block is one tile
-#pragma unroll
-    for (int g8 = 0; g8 < 8; g8++) {
-        // Tokens g8 + 8k of channel c in the low half, of c + 1 in the high half.
+    // Tokens g8 + 8k of channel c in the low half, of c + 1 in the high half.
+    auto codes_of = [&](int g8) {
         uint32_t v = 0;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
@@ -321,32 +326,59 @@ __device__ void quant_channel_blocks_32(const __half* __restrict__ ring, int rin
             v |= quant_code(f.x, mn[0], inv[0], qmax) << (BITS * k);
             v |= quant_code(f.y, mn[1], inv[1], qmax) << (16 + BITS * k);
         }
-        int bit;
-        if constexpr (BITS == 4) {
-            tile[mma_key_pos<BITS>(D, g8, c, &bit) / 4] = v;
-        } else {
-            // Lane l < 16 holds the first half of the channels (byte 0 of each half), l ^ 16
-            // the second (byte 1); each stores the words of four g8.
-            const uint32_t o = __shfl_xor_sync(FULL_MASK, v, 16);
-            const bool first = l < 16;
-            const uint32_t w = first ? v | o << 8 : o | v << 8;
-            if ((g8 < 4) == first) tile[mma_key_pos<BITS>(D, g8, first ? c : c - D / 2, &bit) / 4] = w;
+        return v;
+    };
+    int bit;
+    if constexpr (BITS == 4) {
+#pragma unroll
+        for (int g8 = 0; g8 < 8; g8++) tile[mma_key_pos<BITS>(D, g8, c, &bit) / 4] = codes_of(g8);
+    } else {
+        // Lane l < 16 holds the first half of the channels (byte 0 of each half), l ^ 16
+        // the second (byte 1). Per g8 and g8 + 4, the first stores g8's word and the second
+        // g8 + 4's, each sending the other its byte of that word: one shuffle, no idle lane.
+        const bool first = l < 16;
+#pragma unroll
+        for (int g8 = 0; g8 < 4; g8++) {
+            const uint32_t va = codes_of(g8), vb = codes_of(g8 + 4);
+            const uint32_t o = __shfl_xor_sync(FULL_MASK, first ? vb : va, 16);
+            if (first) tile[mma_key_pos<BITS>(D, g8, c, &bit) / 4] = va | o << 8;
+            else tile[mma_key_pos<BITS>(D, g8 + 4, c - D / 2, &bit) / 4] = o | vb << 8;
         }
     }
 }
 
+// Quantize kernels wait on memory: at least 4 blocks of 256 an SM (64 registers a thread)
+// keeps enough loads in flight (kivi-2's keys took 72 registers, 3 blocks: 76% of copy;
+// with 4, 87%), except 4-bit groups of 64, which ran at 67% of copy in 64 registers and
+// 85% in 80 (3 blocks). The fast paths are kernels of their own so that the generic
+// paths' registers do not count against them (one kernel for all spilled at 64).
 #define QUANT_ENTRY(BITS)                                                                               \
-    extern "C" __global__ void quant_token_groups_b##BITS(const __half* ring, int ring_len, int D,      \
+    extern "C" __global__ void __launch_bounds__(256, QUANT_BLOCKS) quant_token_groups_b##BITS(const __half* ring, int ring_len, int D,      \
         int group, long t0, long t1, int streams, uint8_t* codes, __half2* params, long cap, int mma) { \
-        if (group == 32) quant_token_groups_fast<BITS, 32>(ring, ring_len, D, t0, t1, streams, codes, params, cap, mma); \
-        else if (group == 64) quant_token_groups_fast<BITS, 64>(ring, ring_len, D, t0, t1, streams, codes, params, cap, mma); \
-        else quant_token_groups<BITS>(ring, ring_len, D, group, t0, t1, streams, codes, params, cap, mma); \
+        quant_token_groups<BITS>(ring, ring_len, D, group, t0, t1, streams, codes, params, cap, mma);  \
     }                                                                                                   \
-    extern "C" __global__ void quant_channel_blocks_b##BITS(const __half* ring, int ring_len, int D,    \
+    /* Groups of 32 and 64 channels: kernels of their own (their registers are not the generic path's). */ \
+    extern "C" __global__ void __launch_bounds__(256, QUANT_BLOCKS) quant_token_groups32_b##BITS(const __half* ring, int ring_len, int D,      \
+        int group, long t0, long t1, int streams, uint8_t* codes, __half2* params, long cap, int mma) { \
+        quant_token_groups_fast<BITS, 32>(ring, ring_len, D, t0, t1, streams, codes, params, cap, mma); \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, BITS == 4 ? 3 : QUANT_BLOCKS) quant_token_groups64_b##BITS(const __half* ring, int ring_len, int D,      \
+        int group, long t0, long t1, int streams, uint8_t* codes, __half2* params, long cap, int mma) { \
+        quant_token_groups_fast<BITS, 64>(ring, ring_len, D, t0, t1, streams, codes, params, cap, mma); \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, QUANT_BLOCKS) quant_channel_blocks_b##BITS(const __half* ring, int ring_len, int D,    \
         int G, long b0, long b1, int streams, uint8_t* codes, __half2* params, long cap) {              \
-        if (G == 32) quant_channel_blocks_32<BITS>(ring, ring_len, D, b0, b1, streams, codes, params, cap); \
-        else quant_channel_blocks<BITS>(ring, ring_len, D, G, b0, b1, streams, codes, params, cap);     \
+        quant_channel_blocks<BITS>(ring, ring_len, D, G, b0, b1, streams, codes, params, cap);          \
+    }                                                                                                   \
+    /* Blocks of 32 tokens, a kernel of its own: its registers are not the generic path's. */         \
+    extern "C" __global__ void __launch_bounds__(256, QUANT_BLOCKS) quant_channel_blocks32_b##BITS(const __half* ring, int ring_len, int D,  \
+        int G, long b0, long b1, int streams, uint8_t* codes, __half2* params, long cap) {              \
+        quant_channel_blocks_32<BITS>(ring, ring_len, D, b0, b1, streams, codes, params, cap);          \
     }
+#ifndef QUANT_BLOCKS
+#define QUANT_BLOCKS 4
+#endif
+
 QUANT_ENTRY(2)
 QUANT_ENTRY(4)
 
@@ -555,11 +587,11 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
             // Packed keys (the tile lies inside one block of G tokens), from KIVI's MMA tile:
             // channel c's tokens g8 + 8i, i = 0..3, are one byte (2-bit) or two (4-bit).
             const long blk = t0 / a.G;
-            const long at = ((long)s * kblocks + blk) * D + c0;
+            const __half* kpb = (const __half*)(a.kparams + ((long)s * kblocks + blk) * D);  // mma_key_param's order
             const uint8_t* ktile = a.kcodes + ((long)s * a.cap + t0) * (D * KB / 8);
 #pragma unroll
             for (int i = 0; i < C; i++) {
-                const float2 p = __half22float2(a.kparams[at + i]);
+                const float2 p = make_float2(__half2float(kpb[mma_key_param(c0 + i, false)]), __half2float(kpb[mma_key_param(c0 + i, true)]));
                 uint32_t w8[8];  // token g8 + 8i' at bit KB·i'
 #pragma unroll
                 for (int g8 = 0; g8 < 8; g8++) {
@@ -873,8 +905,14 @@ constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's column
 // (min, scale) per token and group of G = D/GPT channels. A score is then
 //   S[t][q] = Σ_g scale[t][g] · Σ_{c∈g} code[t][c]·q[c] + Σ_g min[t][g] · Σ_{c∈g} q[c]:
 // an MMA per group over its channels (A = the token's codes, B = q), its rows scaled after.
-template <int D, int KB, int VB, int GPT, bool TK>
+// HALF (KIVI, at most 4 query heads a KV head): the score MMAs' columns 0–3 take x's hi
+// part and columns 4–7 its lo part, of queries 0–3 (so do those of Σ q·min: q's hi and
+// lo), and a shuffle adds the halves: one MMA where two were, since 4 of the 8 columns
+// would be padding anyway. Lanes tq and tq + 2 then hold the same scores (bit for bit:
+// the sum is commutative), and the output's columns 4–7 repeat 0–3 (never written).
+template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
+    static_assert(!(TK && HALF), "HALF is KIVI's");
     using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int VROW = D * VB / 8;  // bytes of one value row
@@ -896,9 +934,10 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const int g = lane >> 2, tq = lane & 3;
     for (int i = threadIdx.x; i < NQ * 4 * KS; i += WARPS * 32) {
         const int r = i / (4 * KS), ks = i / 4 % KS, t = i % 4;
-        const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + r) * D + 16 * ks + 2 * t;
+        const int qi = HALF ? r & 3 : r;  // HALF: rows r and r + 4 both hold query r
+        const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + qi) * D + 16 * ks + 2 * t;
         float x[4] = {0.f, 0.f, 0.f, 0.f};  // channels 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step
-        if (r0 + r < a.rep) {
+        if (r0 + qi < a.rep) {
             x[0] = qr[0] * a.scale_log2, x[1] = qr[1] * a.scale_log2;
             x[2] = qr[8] * a.scale_log2, x[3] = qr[9] * a.scale_log2;
         }
@@ -911,8 +950,9 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         }
         const __half2 h01 = __floats2half2_rn(x[0], x[1]), h89 = __floats2half2_rn(x[2], x[3]);
         const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
-        sq[r][4 * ks + t] = make_uint4(bits(h01), bits(h89), bits(__floats2half2_rn(x[0] - f01.x, x[1] - f01.y)),
-                                       bits(__floats2half2_rn(x[2] - f89.x, x[3] - f89.y)));
+        const uint32_t l01 = bits(__floats2half2_rn(x[0] - f01.x, x[1] - f01.y)), l89 = bits(__floats2half2_rn(x[2] - f89.x, x[3] - f89.y));
+        // HALF: row r < 4 (the hi columns) holds {0, 0, hi} (see the score loop), row r + 4 {hi, lo}.
+        sq[r][4 * ks + t] = HALF && r < 4 ? make_uint4(0u, 0u, bits(h01), bits(h89)) : make_uint4(bits(h01), bits(h89), l01, l89);
     }
     if constexpr (TK) {
         for (int i = threadIdx.x; i < NQ * GPT; i += WARPS * 32) {
@@ -1036,11 +1076,13 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             for (int ks = 0; ks < KS; ks++) {
                 const int c0 = 16 * ks + 2 * tq;
                 const uint4 qv = sq[g][4 * ks + tq];
-                const uint2 pa = *(const uint2*)&kp[c0], pb = *(const uint2*)&kp[c0 + 8];  // (min, scale) of c0, c0 + 1; c0 + 8, + 9
-                const uint32_t s01 = __byte_perm(pa.x, pa.y, 0x7632), s89 = __byte_perm(pb.x, pb.y, 0x7632);
-                const uint32_t m01 = __byte_perm(pa.x, pa.y, 0x5410), m89 = __byte_perm(pb.x, pb.y, 0x5410);
+                // Scales and mins of channels c0, c0 + 1 and c0 + 8, c0 + 9 (mma_key_param's order).
+                const uint4 pv = *(const uint4*)&kp[4 * (4 * ks + tq)];
+                const uint32_t s01 = pv.x, s89 = pv.y, m01 = pv.z, m89 = pv.w;
                 const __half2 qh01 = as_h2(qv.x), qh89 = as_h2(qv.y), ql01 = as_h2(qv.z), ql89 = as_h2(qv.w);
                 const __half2 h01 = __hmul2(qh01, as_h2(s01)), h89 = __hmul2(qh89, as_h2(s89));
+                // HALF: a hi lane holds q's hi where the lo part goes and 0 where the hi part
+                // goes, so its h and residual are 0 and its "lo" is q_hi·s rounded once.
                 const uint32_t l01 = bits(__hfma2(ql01, as_h2(s01), __hfma2(qh01, as_h2(s01), __hneg2(h01))));
                 const uint32_t l89 = bits(__hfma2(ql89, as_h2(s89), __hfma2(qh89, as_h2(s89), __hneg2(h89))));
                 const int kg = KB == 2 ? ks / (KS / 2) : 0, wi = KB == 2 ? 2 * (ks % (KS / 2)) : 2 * ks;
@@ -1057,17 +1099,29 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                     uint32_t A[4];
 #pragma unroll
                     for (int r = 0; r < 4; r++) A[r] = slot_operand<KB>(kw[wi + (r >> 1)], key_slot<KB>(kg, mt, r & 1));
-                    mma(sc[mt], A, bits(h01), bits(h89));
+                    if constexpr (!HALF) mma(sc[mt], A, bits(h01), bits(h89));
                     mma(sc[mt], A, l01, l89);
                 }
                 const uint32_t M[4] = {m01, m01, m89, m89};
-                mma(bc, M, qv.x, qv.y);
-                mma(bc, M, qv.z, qv.w);
+                if constexpr (HALF) {
+                    // Σ q·min: q's hi (hi lanes) or lo (lo lanes), both where the lo part goes.
+                    mma(bc, M, qv.z, qv.w);
+                } else {
+                    mma(bc, M, qv.x, qv.y);
+                    mma(bc, M, qv.z, qv.w);
+                }
             }
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], pow2(24 - slot_pos<KB>(key_slot<KB>(KB == 2, mt, e >> 1))), bc[e & 1]);
+            if constexpr (HALF) {
+                // Column n + 4 (lo) sits in lane tq + 2 of column n (hi).
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[mt][e] += __shfl_xor_sync(FULL_MASK, sc[mt][e], 2);
+            }
         } else {
             // Per-token keys: one group's k-steps into acc2, then its rows scaled by each
             // token's scale (×2^24, the subnormal factor) plus min · Σq of the group.
@@ -1297,12 +1351,16 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
-        tc::decode_attn<D, KB, VB, GPT, false>(a);                                           \
+        tc::decode_attn<D, KB, VB, GPT, false, false>(a);                                    \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
+        kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT##_half(const AttnArgs a) {         \
+        tc::decode_attn<D, KB, VB, GPT, false, true>(a);                                     \
     }
 #define TOKEN_TC_ENTRY(D, B, GPT)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
         token_decode_attn_tc_d##D##_b##B##_g##GPT(const AttnArgs a) {                        \
-        tc::decode_attn<D, B, B, GPT, true>(a);                                              \
+        tc::decode_attn<D, B, B, GPT, true, false>(a);                                              \
     }
 #define TC_BITS(D, GPT) TC_ENTRY(D, 2, 2, GPT) TC_ENTRY(D, 4, 4, GPT) TC_ENTRY(D, 2, 4, GPT) TC_ENTRY(D, 4, 2, GPT)
 TC_BITS(64, 1)

@@ -32,3 +32,11 @@ __device__ __forceinline__ int mma_value_pos(int t, int c, int* bit) {
     constexpr int SLOTS = 16 / BITS;
     return mma_place<BITS>(4 * g + tq, 4 * (cc / SLOTS) + 2 * ks + khalf, h, cc % SLOTS, bit);
 }
+
+// Half index of channel c's key min (scale = false) or scale among its block's 2D f16 params:
+// chunk 4ks + tq of the block holds (scale c0 | c0 + 1, scale c0 + 8 | + 9, min c0 | c0 + 1,
+// min c0 + 8 | + 9), c0 = 16ks + 2tq.
+__device__ __forceinline__ int mma_key_param(int c, bool scale) {
+    const int ks = c >> 4, khalf = (c >> 3) & 1, tq = (c >> 1) & 3, h = c & 1;
+    return 2 * (4 * (4 * ks + tq) + (scale ? 0 : 2) + khalf) + h;
+}

@@ -280,6 +280,14 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
                     failures.push(format!("{} {name}: bulk quantization differs from the cache's", sh.name));
                 }
                 push(&format!("{name} quantize+pack"), moved, ms, Some(equal), None, &mut t);
+                // The two kernels apart (their bytes: checked in the row above).
+                for (part, parts) in [("keys", (true, false)), ("values", (false, true))] {
+                    let ms = cuda::time_ms(&dev, 2, iters, || {
+                        moved = bulk.quantize_bulk_parts(&kf, &vf, n, tokens, parts)?;
+                        Ok(())
+                    })?;
+                    push(&format!("{name} quantize+pack {part}"), moved, ms, None, None, &mut t);
+                }
             }
         }
     }

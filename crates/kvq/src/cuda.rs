@@ -252,9 +252,27 @@ pub fn check_supported(config: &CacheConfig, head_dim: usize) -> Result<PackedGp
 /// are made in shared memory and stored 16 bytes at a time (kernel mode 2), the tokens of
 /// partial tiles byte by byte (mode 1); the per-token cache's rows in one launch (mode 0).
 #[allow(clippy::too_many_arguments)]
+/// The kernel that quantizes tokens in groups of `group` channels (32 and 64: kernels of their own).
+fn token_groups_kernel(bits: u8, group: usize) -> String {
+    match group {
+        32 | 64 => format!("quant_token_groups{group}_b{bits}"),
+        _ => format!("quant_token_groups_b{bits}"),
+    }
+}
+
+/// The kernel that quantizes KIVI's key blocks of `group` tokens, and the channels each of
+/// its threads takes (blocks of 32: a pair, in a kernel of its own).
+fn channel_blocks_kernel(k_bits: u8, group: usize) -> (String, usize) {
+    if group == 32 {
+        (format!("quant_channel_blocks32_b{k_bits}"), 2)
+    } else {
+        (format!("quant_channel_blocks_b{k_bits}"), 1)
+    }
+}
+
 fn quantize_values(dev: &CudaDevice, layout: PackedGpuLayout, streams: usize, (src, ring): (&CudaSlice<f16>, usize), t0: usize, t1: usize, vcodes: &mut CudaSlice<u8>, vparams: &mut CudaSlice<u32>) -> Result<()> {
     let d = layout.head_dim;
-    let name = format!("quant_token_groups_b{}", layout.v_bits);
+    let name = token_groups_kernel(layout.v_bits, layout.value_group);
     let (vr, di, gv, si, cap) = (ring as i32, d as i32, layout.value_group as i32, streams as i32, layout.capacity as i64);
     let (a, b) = (t0.next_multiple_of(TILE), t1 / TILE * TILE);
     let parts: Vec<(usize, usize, i32)> = if layout.token_keys {
@@ -404,15 +422,15 @@ impl PackedGpuLayer {
         if nqk > self.nqk && self.layout.token_keys {
             let (t0, t1) = (self.nqk as i64, nqk as i64);
             let n = threads_i32(s * (nqk - self.nqk) * (d / g))?;
-            let name = format!("quant_token_groups_b{}", self.k_bits);
+            let name = token_groups_kernel(self.k_bits, g);
             let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
             // Mode 0: the per-token cache's keys as rows.
             launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap, &0i32);
             self.nqk = nqk;
         } else if nqk > self.nqk {
             let (b0, b1) = ((self.nqk / g) as i64, (nqk / g) as i64);
-            let n = threads_i32(s * (nqk - self.nqk) / g * d / if g == 32 { 2 } else { 1 })?; // pairs of channels at g = 32
-            let name = format!("quant_channel_blocks_b{}", self.k_bits);
+            let (name, per_thread) = channel_blocks_kernel(self.k_bits, g);
+            let n = threads_i32(s * (nqk - self.nqk) / g * d / per_thread)?;
             let (kr, di, gi, si, cap) = (self.kring as i32, d as i32, g as i32, s as i32, self.capacity as i64);
             launch!(dev, &name, grid_1d(n), &self.ktail, &kr, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
             self.nqk = nqk;
@@ -506,7 +524,9 @@ impl PackedGpuLayer {
         let tc_name = if self.layout.token_keys {
             format!("token_decode_attn_tc_d{d}_b{}_g{}", self.k_bits, d / self.value_group)
         } else {
-            format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}", self.k_bits, self.v_bits, d / self.value_group)
+            // At most 4 query heads a KV head: x's hi and lo parts share one MMA (kivi.cu: HALF).
+            let half = if rep <= TC_QUERIES / 2 { "_half" } else { "" };
+            format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}{half}", self.k_bits, self.v_bits, d / self.value_group)
         };
         let cc_name = if self.layout.token_keys {
             format!("token_decode_attn_d{d}_b{}_r{rep_chunk}", self.k_bits)
@@ -597,7 +617,7 @@ impl PackedGpuLayer {
     }
 
     /// Copies one stream's quantized codes and params back (for the byte-for-byte check),
-    /// KIVI's codes taken out of their MMA tiles into the CPU store's layout
+    /// KIVI's codes and key params taken out of their MMA tile order into the CPU store's layout
     /// ([`crate::mma_tile`]).
     pub fn download_stream(&self, stream: usize) -> Result<StreamBytes> {
         let d = self.head_dim;
@@ -619,6 +639,7 @@ impl PackedGpuLayer {
             let tiles = st.clone_dtoh(&self.vcodes.slice(vc0..vc0 + self.nqv.div_ceil(TILE) * TILE * vb)).map_err(gpu)?;
             let vcodes = crate::mma_tile::values_to_rows(self.v_bits, d, &tiles, self.nqv)?;
             let kcodes = crate::mma_tile::keys_to_blocks(self.k_bits, d, self.group, &kcodes)?;
+            let kparams = crate::mma_tile::key_tiles_to_params(d, &kparams)?;
             let vparams = st.clone_dtoh(&self.vparams.slice(vp0..vp0 + self.nqv * vgpt)).map_err(gpu)?;
             return Ok(StreamBytes { kcodes, kparams, vcodes, vparams });
         }
@@ -738,6 +759,12 @@ impl PackedGpuLayer {
     /// kernels (a benchmark; the cache's own path is [`PackedGpuLayer::append`]).
     /// Returns the bytes read and written.
     pub fn quantize_bulk(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, src_tokens: usize, tokens: usize) -> Result<usize> {
+        self.quantize_bulk_parts(keys, values, src_tokens, tokens, (true, true))
+    }
+
+    /// [`PackedGpuLayer::quantize_bulk`] of the keys only, the values only, or both
+    /// (`(keys, values)`): to time the two kernels apart. Returns the bytes the parts moved.
+    pub fn quantize_bulk_parts(&mut self, keys: &CudaSlice<f16>, values: &CudaSlice<f16>, src_tokens: usize, tokens: usize, (do_keys, do_values): (bool, bool)) -> Result<usize> {
         let (s, d, g) = (self.streams, self.head_dim, self.group);
         let block = if self.layout.token_keys { 1 } else { g };
         if tokens > self.capacity || tokens > src_tokens || src_tokens > i32::MAX as usize || tokens % block != 0 || keys.len() < s * src_tokens * d || values.len() < s * src_tokens * d {
@@ -747,21 +774,25 @@ impl PackedGpuLayer {
         // The source as one long "ring" per stream: token t of stream s at s·src_tokens + t.
         let (ring, di, gi, si, cap) = (src_tokens as i32, d as i32, g as i32, s as i32, self.capacity as i64);
         let (t0, t1) = (0i64, tokens as i64);
-        if self.layout.token_keys {
-            let name = format!("quant_token_groups_b{}", self.k_bits);
+        if !do_keys {
+        } else if self.layout.token_keys {
+            let name = token_groups_kernel(self.k_bits, g);
             launch!(dev, &name, grid_1d(threads_i32(s * tokens * (d / g))?), keys, &ring, &di, &gi, &t0, &t1, &si, &mut self.kcodes, &mut self.kparams, &cap, &0i32);
         } else {
             let (b0, b1) = (0i64, (tokens / g) as i64);
-            let name = format!("quant_channel_blocks_b{}", self.k_bits);
-            let threads = threads_i32(s * tokens / g * d / if g == 32 { 2 } else { 1 })?;
+            let (name, per_thread) = channel_blocks_kernel(self.k_bits, g);
+            let threads = threads_i32(s * tokens / g * d / per_thread)?;
             launch!(dev, &name, grid_1d(threads), keys, &ring, &di, &gi, &b0, &b1, &si, &mut self.kcodes, &mut self.kparams, &cap);
         }
-        quantize_values(&self.dev, self.layout, self.streams, (values, src_tokens), 0, tokens, &mut self.vcodes, &mut self.vparams)?;
+        if do_values {
+            quantize_values(&self.dev, self.layout, self.streams, (values, src_tokens), 0, tokens, &mut self.vcodes, &mut self.vparams)?;
+        }
         // Every token is now held quantized (no window): what download_stream reads.
         (self.len, self.nqk, self.nqv) = (tokens, tokens, tokens);
-        let read = 2 * s * tokens * d * 2;
-        let written = s * tokens * (packed_len(d, self.k_bits) + packed_len(d, self.v_bits)) + s * self.layout.key_params(tokens) * 4 + s * tokens * (d / self.value_group) * 4;
-        Ok(read + written)
+        let read = s * tokens * d * 2;  // f16 keys or values
+        let key_bytes = read + s * tokens * packed_len(d, self.k_bits) + s * self.layout.key_params(tokens) * 4;
+        let value_bytes = read + s * tokens * packed_len(d, self.v_bits) + s * tokens * (d / self.value_group) * 4;
+        Ok(if do_keys { key_bytes } else { 0 } + if do_values { value_bytes } else { 0 })
     }
 }
 

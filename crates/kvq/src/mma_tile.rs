@@ -29,6 +29,12 @@
 //!
 //! So one value token owns whole bytes (the per-token quantize kernel stores them
 //! without races), and so does one key channel.
+//!
+//! Key params (a block's `(min, scale)` per channel, f16 each) are permuted too: the score
+//! loop's lane `tq` needs, at k-step `ks`, the scales and mins of channels `c0, c0 + 1,
+//! c0 + 8, c0 + 9` (`c0 = 16 ks + 2 tq`) as f16 pairs, so 16-byte chunk `4 ks + tq` of the
+//! block's params holds the words (scale c0 | c0 + 1, scale c0 + 8 | c0 + 9, min c0 | c0 + 1,
+//! min c0 + 8 | c0 + 9): one shared load and no byte permutes a k-step.
 
 use crate::error::{KvqError, Result};
 
@@ -121,6 +127,44 @@ fn value_places(bits: u8, head_dim: usize, tokens: usize) -> Result<impl Iterato
             ((t / TILE * tb + byte, bit), packed(t * head_dim + c, bits))
         })
     }))
+}
+
+/// Where channel `c`'s key min (`scale == false`) or scale sits among its block's
+/// `2 · head_dim` f16 params (the CPU store has them at `2c` and `2c + 1`).
+fn key_param_pos(c: usize, scale: bool) -> usize {
+    let (ks, khalf, tq, h) = (c / 16, (c / 8) % 2, (c / 2) % 4, c % 2);
+    2 * (4 * (4 * ks + tq) + 2 * usize::from(!scale) + khalf) + h
+}
+
+/// `words` of key params, whole blocks of `head_dim` channels, each word as the CPU store
+/// has it (min in the low half, scale in the high half), with their f16s moved into the GPU order (`to_tiles`) or back.
+fn move_key_params(head_dim: usize, words: &[u32], to_tiles: bool) -> Result<Vec<u32>> {
+    if !matches!(head_dim, 64 | 128) || words.len() % head_dim != 0 {
+        return Err(KvqError::Shape(format!("{} key params are not whole blocks of {head_dim} channels (head dim 64 or 128)", words.len())));
+    }
+    let half = |w: &[u32], i: usize| (w[i / 2] >> (16 * (i % 2))) & 0xFFFF;
+    let mut out = vec![0u32; words.len()];
+    for (src, dst) in words.chunks(head_dim).zip(out.chunks_mut(head_dim)) {
+        for c in 0..head_dim {
+            for scale in [false, true] {
+                let (cpu, gpu) = (2 * c + usize::from(scale), key_param_pos(c, scale));
+                let (from, to) = if to_tiles { (cpu, gpu) } else { (gpu, cpu) };
+                dst[to / 2] |= half(src, from) << (16 * (to % 2));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Key params as the CPU store keeps them (a word per channel: min | scale << 16) → the
+/// GPU cache's order (see the module's doc).
+pub fn params_to_key_tiles(head_dim: usize, words: &[u32]) -> Result<Vec<u32>> {
+    move_key_params(head_dim, words, true)
+}
+
+/// The GPU cache's key params → the CPU store's order (the inverse of [`params_to_key_tiles`]).
+pub fn key_tiles_to_params(head_dim: usize, words: &[u32]) -> Result<Vec<u32>> {
+    move_key_params(head_dim, words, false)
 }
 
 /// KIVI key codes as the CPU store packs them (blocks of `group` tokens, each channel's
@@ -240,6 +284,23 @@ mod tests {
                 assert_eq!(values_to_rows(bits, d, &tiles, 45).unwrap(), rows);
             }
         }
+        for d in [64usize, 128] {
+            let words: Vec<u32> = (0..3 * d).map(|_| rng.next_u64() as u32).collect();
+            let tiles = params_to_key_tiles(d, &words).unwrap();
+            assert_ne!(tiles, words);
+            assert_eq!(key_tiles_to_params(d, &tiles).unwrap(), words);
+            // The words the score loop loads for lane tq at k-step ks.
+            let f16_at = |c: usize, scale: bool| (words[c] >> (16 * usize::from(scale))) & 0xFFFF;
+            for ks in 0..d / 16 {
+                for tq in 0..4 {
+                    let c0 = 16 * ks + 2 * tq;
+                    let pair = |c: usize, scale: bool| f16_at(c, scale) | f16_at(c + 1, scale) << 16;
+                    assert_eq!(tiles[4 * (4 * ks + tq)..4 * (4 * ks + tq) + 4], [pair(c0, true), pair(c0 + 8, true), pair(c0, false), pair(c0 + 8, false)]);
+                }
+            }
+        }
+        assert!(params_to_key_tiles(96, &[0; 96]).is_err());
+        assert!(key_tiles_to_params(64, &[0; 65]).is_err());
         assert!(blocks_to_keys(3, 128, 32, &[]).is_err());
         assert!(keys_to_blocks(2, 128, 48, &[0; 1536]).is_err());
         assert!(values_to_rows(2, 64, &[0; 16], 1).is_err());

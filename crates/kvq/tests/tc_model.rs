@@ -134,7 +134,7 @@ struct Stream<'a> {
 impl Stream<'_> {
     /// One tile's shared-memory stage, laid out as the kernel's cp.async copies it: the
     /// per-token cache's rows, or KIVI's MMA tiles (the GPU cache's layout: the CPU
-    /// cache's bytes through kvq::mma_tile's permutation).
+    /// cache's bytes through kvq::mma_tile's permutation; key params as words in its order).
     fn stage(&self, tile: usize) -> (Vec<u8>, Vec<(f32, f32)>, Vec<u8>, Vec<(f32, f32)>) {
         let (d, t0) = (self.d, tile * 32);
         let vrow = d * self.vb / 8;
@@ -152,7 +152,9 @@ impl Stream<'_> {
         let tiles = kvq::mma_tile::blocks_to_keys(self.kb as u8, d, self.group, &self.kcodes[blk * block_bytes..(blk + 1) * block_bytes]).unwrap();
         let tb = kvq::mma_tile::tile_bytes(self.kb as u8, d);
         let kc = tiles[(t0 % self.group) / 32 * tb..][..tb].to_vec();
-        let kp = self.kparams[blk * d..(blk + 1) * d].to_vec();
+        // The block's key params in the GPU cache's order: word i as an (f16, f16) pair.
+        let words: Vec<u32> = self.kparams[blk * d..(blk + 1) * d].iter().map(|&(mn, sc)| h2(mn, sc)).collect();
+        let kp = kvq::mma_tile::params_to_key_tiles(d, &words).unwrap().into_iter().map(unh2).collect();
         (kc, kp, vc, vp)
     }
 }
@@ -224,8 +226,9 @@ struct WarpState {
 }
 
 /// The kernel's loop body for every tile of `tiles`, one warp. `sq`: [NQ][D] queries
-/// times the softmax scale in log2 units (zero rows past `rep`).
-fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
+/// times the softmax scale in log2 units (zero rows past `rep`). `half` (KIVI, at most 4
+/// queries): the score MMAs' columns 0–3 take x's hi part, 4–7 its lo part, of queries 0–3.
+fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize], half: bool) -> WarpState {
     let (d, kb, vb, gpt) = (st.d, st.kb, st.vb, st.gpt);
     let ks_n = d / 16;
     let vrow = d * vb / 8;
@@ -272,14 +275,23 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
             for ln in 0..32 {
                 let (g, tq) = (ln / 4, ln % 4);
                 let c0 = 16 * ks + 2 * tq;
-                let (qh, ql) = (&sq_hi[g], &sq_lo[g]);
-                let (p0, p1, p8, p9) = (kp[c0], kp[c0 + 1], kp[c0 + 8], kp[c0 + 9]);
+                // half: lane g < 4 holds query g's hi where the lo part goes and 0 where the hi
+                // part goes (its "lo" is then its hi), lane g ≥ 4 query g − 4's hi and lo.
+                let (qh, ql) = match (half, g) {
+                    (true, 0..4) => (vec![f16::ZERO; d], sq_hi[g].clone()),
+                    (true, _) => (sq_hi[g - 4].clone(), sq_lo[g - 4].clone()),
+                    (false, _) => (sq_hi[g].clone(), sq_lo[g].clone()),
+                };
+                // One 16-byte chunk: (scale c0 | c0 + 1, scale c0 + 8 | c0 + 9, min c0 | c0 + 1, min c0 + 8 | c0 + 9).
+                let u = 4 * (4 * ks + tq);
+                let (p0, p1) = ((kp[u + 2].0, kp[u].0), (kp[u + 2].1, kp[u].1));
+                let (p8, p9) = ((kp[u + 3].0, kp[u + 1].0), (kp[u + 3].1, kp[u + 1].1));
                 let pair = |q: &[f16], c: usize, s: (f32, f32), t: (f32, f32)| {
                     let (h, l) = (hmul(q[c], s.1), hmul(q[c + 1], t.1));
                     (h2h(h, l), [h, l])
                 };
-                let (h01, hi01) = pair(qh, c0, p0, p1);
-                let (h89, hi89) = pair(qh, c0 + 8, p8, p9);
+                let (h01, hi01) = pair(&qh, c0, p0, p1);
+                let (h89, hi89) = pair(&qh, c0 + 8, p8, p9);
                 let lo = |c: usize, s: f32, hi: f16| hfma(ql[c], s, hfma(qh[c], s, -hi));
                 (bh0[ln], bh1[ln]) = (h01, h89);
                 bl0[ln] = h2h(lo(c0, p0.1, hi01[0]), lo(c0 + 1, p1.1, hi01[1]));
@@ -304,18 +316,33 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize]) -> WarpState {
                     }
                 }
             }
-            mma(&mut sc[0], &a0, &bh0, &bh1);
-            mma(&mut sc[0], &a0, &bl0, &bl1);
-            mma(&mut sc[1], &a1, &bh0, &bh1);
-            mma(&mut sc[1], &a1, &bl0, &bl1);
-            mma(&mut bc, &mins, &qh0, &qh1);
-            mma(&mut bc, &mins, &ql0, &ql1);
+            if half {
+                mma(&mut sc[0], &a0, &bl0, &bl1);
+                mma(&mut sc[1], &a1, &bl0, &bl1);
+                mma(&mut bc, &mins, &ql0, &ql1);
+            } else {
+                mma(&mut sc[0], &a0, &bh0, &bh1);
+                mma(&mut sc[0], &a0, &bl0, &bl1);
+                mma(&mut sc[1], &a1, &bh0, &bh1);
+                mma(&mut sc[1], &a1, &bl0, &bl1);
+                mma(&mut bc, &mins, &qh0, &qh1);
+                mma(&mut bc, &mins, &ql0, &ql1);
+            }
         }
         for (mt, s) in sc.iter_mut().enumerate() {
             for ln in 0..32 {
                 for e in 0..4 {
                     let kf = 2f32.powi(24 - slot_pos(key_slot(usize::from(kb == 2), mt, e >> 1, kb), kb));
                     s[ln][e] = s[ln][e].mul_add(kf, bc[ln][e & 1]);
+                }
+            }
+            if half {
+                // Column n + 4 (lo) sits in lane tq + 2 of column n (hi): a shuffle adds them.
+                let before = *s;
+                for ln in 0..32 {
+                    for e in 0..4 {
+                        s[ln][e] += before[ln ^ 2][e];
+                    }
                 }
             }
         }
@@ -502,7 +529,8 @@ fn model_vs_cpu(spec: &str, kv_heads: usize, rep: usize, d: usize, n: usize, see
         let blocks: Vec<Vec<WarpState>> = (0..rep.div_ceil(NQ))
             .map(|z| {
                 let sq: Vec<Vec<f32>> = (0..NQ).map(|r| (0..d).map(|c| if z * NQ + r < rep { q[(h * rep + z * NQ + r) * d + c] * scale_log2 } else { 0.0 }).collect()).collect();
-                (0..WARPS).map(|w| warp_tiles(&st, &sq, &(w..packed).step_by(WARPS).collect::<Vec<_>>())).collect()
+                let half = !tk && rep <= NQ / 2;
+                (0..WARPS).map(|w| warp_tiles(&st, &sq, &(w..packed).step_by(WARPS).collect::<Vec<_>>(), half)).collect()
             })
             .collect();
         for r in 0..rep {
