@@ -1074,9 +1074,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
-                const int c0 = 16 * ks + 2 * tq;
                 const uint4 qv = sq[g][4 * ks + tq];
-                // Scales and mins of channels c0, c0 + 1 and c0 + 8, c0 + 9 (mma_key_param's order).
+                // Scales and mins of channels c0, c0 + 1 and c0 + 8, c0 + 9, c0 = 16ks + 2tq (mma_key_param's order).
                 const uint4 pv = *(const uint4*)&kp[4 * (4 * ks + tq)];
                 const uint32_t s01 = pv.x, s89 = pv.y, m01 = pv.z, m89 = pv.w;
                 const __half2 qh01 = as_h2(qv.x), qh89 = as_h2(qv.y), ql01 = as_h2(qv.z), ql89 = as_h2(qv.w);
