@@ -774,6 +774,132 @@ ATTN_REPS(128, 4, 4)
 ATTN_REPS(128, 2, 4)
 ATTN_REPS(128, 4, 2)
 
+// ---------------------------------------------------------------- the residual window
+// Tiles of 32 tokens whose keys and values all sit in the f16 rings (the last
+// ceil(window / 32) tiles of a stream, the ragged last one included). A stream has a few,
+// each read once: the cost is round trips to memory and instruction fetch, not bandwidth.
+// (kivi_decode_attn on these tiles ran 13k straight-line instructions and one round trip
+// per 16 tokens: 38 us at Llama-3-8B B16 32k on an H100.) So a warp issues every load of
+// its tile at once, keys and values, before q is even in shared memory: one round trip.
+// Then, as in full.cu's fp16_attn, lane j scores token j from its key row (the queries
+// broadcast from shared memory), and lane c accumulates channels c·D/32.. of Σ p_j·v_j.
+// Grid (stream, split, query chunk of REP).
+template <int D, int REP>
+__device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
+    constexpr int C = D / 32;  // channels a lane accumulates
+    __shared__ __align__(16) float sq[REP][D];
+    __shared__ float sp[WARPS][REP][32];
+    __shared__ float sm_m[WARPS][REP], sm_l[WARPS][REP];
+    __shared__ float sm_acc[WARPS][REP][D];
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
+    const int b = s / a.Hkv, h = s % a.Hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
+    const long te = min((long)a.tile_end, tb + a.tiles_per_split);
+    const __half* kring = a.ktail + (long)s * a.kring * D;
+    const __half* vring = a.vtail + (long)s * a.vring * D + lane * C;
+
+    // A tile's loads: lane j's key row (token j), and this lane's C channels of every
+    // token's value row; zeros past the last token.
+    uint4 kr[D / 8];
+    __half2 vr[32][C / 2];
+    auto load = [&](long tile) {
+        const long t0 = tile * 32;
+        const int count = tile < te ? (int)min(32L, a.n - t0) : 0;
+        long kp = t0 % a.kring + lane;  // < 2·kring: one step wraps it
+        kp = kp >= a.kring ? kp - a.kring : kp;
+        const uint4* row = reinterpret_cast<const uint4*>(kring + kp * D);
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) kr[i] = lane < count ? __ldg(row + i) : make_uint4(0, 0, 0, 0);
+        const long v0 = t0 % a.vring;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            long vp = v0 + j;
+            vp = vp >= a.vring ? vp - a.vring : vp;
+            const __half2* at = reinterpret_cast<const __half2*>(vring + vp * D);
+#pragma unroll
+            for (int i = 0; i < C / 2; i++) vr[j][i] = j < count ? at[i] : __half2{};
+        }
+    };
+    load(tb + warp);
+    for (int i = threadIdx.x; i < REP * D; i += WARPS * 32) {
+        const int r = i / D, c = i % D;
+        sq[r][c] = r0 + r < a.rep ? a.q[((long)b * a.Hq + h * a.rep + r0 + r) * D + c] * a.scale_log2 : 0.f;
+    }
+    __syncthreads();
+
+    float m[REP], l[REP], acc[REP][C];
+#pragma unroll
+    for (int r = 0; r < REP; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+#pragma unroll
+        for (int c = 0; c < C; c++) acc[r][c] = 0.f;
+    }
+    for (long tile = tb + warp; tile < te; tile += WARPS) {
+        if (tile != tb + warp) load(tile);
+        const bool live = tile * 32 + lane < a.n;
+        float sc[REP];
+#pragma unroll
+        for (int r = 0; r < REP; r++) sc[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            const __half2* k2 = reinterpret_cast<const __half2*>(&kr[i]);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float2 kf = __half22float2(k2[e]);
+#pragma unroll
+                for (int r = 0; r < REP; r++) {
+                    const float2 qf = *reinterpret_cast<const float2*>(&sq[r][8 * i + 2 * e]);
+                    sc[r] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[r]));
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < REP; r++) {
+            const float x = live ? sc[r] : -INFINITY;
+            const float mn = fmaxf(m[r], warp_max(x)), corr = exp2f(m[r] - mn);
+            const float p = exp2f(x - mn);  // 0 for the tile's missing tokens
+            l[r] = l[r] * corr + p;
+#pragma unroll
+            for (int c = 0; c < C; c++) acc[r][c] *= corr;
+            m[r] = mn;
+            sp[warp][r][lane] = p;
+        }
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+#pragma unroll
+            for (int r = 0; r < REP; r++) {
+                const float p = sp[warp][r][j];
+#pragma unroll
+                for (int i = 0; i < C / 2; i++) {
+                    const float2 v = __half22float2(vr[j][i]);
+                    acc[r][2 * i] = fmaf(p, v.x, acc[r][2 * i]);
+                    acc[r][2 * i + 1] = fmaf(p, v.y, acc[r][2 * i + 1]);
+                }
+            }
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int r = 0; r < REP; r++) {
+        const float ls = warp_sum(l[r]);
+        if (lane == 0) sm_m[warp][r] = m[r], sm_l[warp][r] = ls;
+#pragma unroll
+        for (int c = 0; c < C; c++) sm_acc[warp][r][lane * C + c] = acc[r][c];
+    }
+    __syncthreads();
+    write_split<D, REP>(a, sm_m, sm_l, sm_acc, s, split, r0);
+}
+#define WINDOW_ENTRY(D, REP)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
+        window_decode_attn_d##D##_r##REP(const AttnArgs a) {                               \
+        window_decode_attn<D, REP>(a);                                                     \
+    }
+WINDOW_ENTRY(64, 1) WINDOW_ENTRY(64, 2) WINDOW_ENTRY(64, 3) WINDOW_ENTRY(64, 4)
+WINDOW_ENTRY(128, 1) WINDOW_ENTRY(128, 2) WINDOW_ENTRY(128, 3) WINDOW_ENTRY(128, 4)
+
 // ---------------------------------------------------------------- decode attention on tensor cores
 // The same attention over whole tiles of 32 tokens whose keys and values are both packed,
 // with both products on tensor cores (mma.sync m16n8k16: f16 in, f32 accumulate):

@@ -154,7 +154,8 @@ pub enum AttnKernel {
     /// The default: tensor cores for the packed tiles.
     Auto,
     /// Both products on tensor cores (`tc::decode_attn` in kivi.cu) for the tiles whose
-    /// keys and values are all packed; the window's tiles go to the CUDA-core kernel.
+    /// keys and values are all packed; the tile across the window's edge goes to the
+    /// CUDA-core kernel, the window's own tiles to `window_decode_attn`.
     TensorCores,
     /// Everything on CUDA cores, `heads_per_block` (1..=4) query heads a block: the
     /// first kernel, kept as a second implementation to check and time against.
@@ -514,6 +515,8 @@ impl PackedGpuLayer {
         };
         let ntiles = n.div_ceil(TILE);
         let packed = if tensor_cores { self.nqk.min(self.nqv).min(n) / TILE } else { 0 };
+        // From `window` on, a tile's keys and values all sit in the f16 rings: a kernel of its own.
+        let window = self.nqk.max(self.nqv).min(n).div_ceil(TILE).max(packed);
         let rep_chunk = rep.min(heads_per_block);
         let chunks = rep.div_ceil(rep_chunk);
         let tc_chunks = rep.div_ceil(TC_QUERIES);
@@ -533,18 +536,24 @@ impl PackedGpuLayer {
         } else {
             format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits)
         };
+        let window_name = format!("window_decode_attn_d{d}_r{rep_chunk}");
         let w = WARPS as usize;
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
             t if splits > 0 => fixed(t),
             t => plan_splits(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)? * self.sms, w),
         };
-        let (cc_splits, cc_per) = match ntiles - packed {
+        let (cc_splits, cc_per) = match window - packed {
             0 => (0, 1),
             t if splits > 0 && packed == 0 => fixed(t),
             t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &cc_name)? * self.sms, w),
         };
-        let total = tc_splits + cc_splits + usize::from(fresh.is_some());
+        let (win_splits, win_per) = match ntiles - window {
+            0 => (0, 1),
+            t if splits > 0 && window == 0 => fixed(t),
+            t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &window_name)? * self.sms, w),
+        };
+        let total = tc_splits + cc_splits + win_splits + usize::from(fresh.is_some());
         let need_acc = s * total * rep * d;
         if self.part_acc.len() < need_acc {
             self.part_acc = self.dev.alloc_zeros::<f32>(need_acc).map_err(gpu)?;
@@ -596,9 +605,15 @@ impl PackedGpuLayer {
             launch!(self.dev, &tc_name, cfg, &args);
         }
         if cc_splits > 0 {
-            let args = AttnArgs { tiles_per_split: cc_per as i32, tile0: packed as i32, tile_end: ntiles as i32, split0: tc_splits as i32, ..args };
+            let args = AttnArgs { tiles_per_split: cc_per as i32, tile0: packed as i32, tile_end: window as i32, split0: tc_splits as i32, ..args };
             let cfg = LaunchConfig { grid_dim: (s as u32, cc_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &cc_name, cfg, &args);
+        }
+        if win_splits > 0 {
+            let split0 = (tc_splits + cc_splits) as i32;
+            let args = AttnArgs { tiles_per_split: win_per as i32, tile0: window as i32, tile_end: ntiles as i32, split0, ..args };
+            let cfg = LaunchConfig { grid_dim: (s as u32, win_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
+            launch!(self.dev, &window_name, cfg, &args);
         }
         if let Some((fk, fv, t)) = fresh {
             let cfg = LaunchConfig { grid_dim: (s as u32, rep as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
