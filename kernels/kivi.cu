@@ -422,6 +422,16 @@ struct AttnArgs {
     int split0;              // its first split's index among `splits`
 };
 
+// Programmatic dependent launch (sm_90). A step's attention kernels (tensor cores, the
+// window's edge, the window) write disjoint splits, and only combine_splits reads them, so
+// each lets the next one start as soon as all its own blocks run (pdl_trigger, first
+// thing), and the host launches the later ones with that allowed (cuda.rs: launch_after).
+// pdl_wait returns once the kernel ahead has ended and its writes are visible (at once
+// for a kernel launched the ordinary way). The window's few blocks then run beside the
+// packed tiles' instead of after them, and launches overlap.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 // After every warp of the block has left its online-softmax state (max, sum,
 // unnormalized output per query) in shared memory: merges them and writes the split's
 // partial result for queries r0 .. r0 + NQ of stream s.
@@ -429,6 +439,9 @@ template <int D, int NQ>
 __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
                                             const float (*sm_acc)[NQ][D], int s, int split, int r0) {
     merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
+    // End no earlier than the kernel ahead: combine_splits waits for the last kernel
+    // alone, and this makes that one's end mean every split is written.
+    pdl_wait();
 }
 
 // 32 consecutive rows of a per-token layout, from `row0`: the u32 word of each row that
@@ -471,6 +484,7 @@ struct MmaValueLane {
 // channels lying in one group); otherwise per channel in blocks of G tokens (KIVI).
 template <int D, int KB, int VB, int REP, bool TK>
 __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
+    pdl_trigger();
     constexpr int C = D / 32;          // channels per lane
     constexpr int JB = JB_OF(D);       // window tokens whose loads are in flight together
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
@@ -786,6 +800,7 @@ ATTN_REPS(128, 4, 2)
 // Grid (stream, split, query chunk of REP).
 template <int D, int REP>
 __device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
+    pdl_trigger();
     constexpr int C = D / 32;  // channels a lane accumulates
     __shared__ __align__(16) float sq[REP][D];
     __shared__ float sp[WARPS][REP][32];
@@ -1039,6 +1054,7 @@ constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's column
 template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     static_assert(!(TK && HALF), "HALF is KIVI's");
+    pdl_trigger();
     using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int VROW = D * VB / 8;  // bytes of one value row
@@ -1545,6 +1561,7 @@ extern "C" __global__ void fresh_attn(const float* __restrict__ q, const float* 
 // Grid: streams · rep blocks of D threads. out: [batch][Hq][D].
 extern "C" __global__ void combine_splits(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                           float* __restrict__ out, int splits, int rep, int Hkv, int D) {
+    pdl_wait();  // the attention kernels' splits (cuda.rs may launch this one early)
     const int sr = blockIdx.x;
     const int s = sr / rep, r = sr % rep;
     const int c = threadIdx.x;

@@ -248,16 +248,16 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             if c.max_rel_error > MAX_REL_ERROR {
                 failures.push(format!("{} {name}: attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c.max_rel_error));
             }
-            // The first kernel, all on CUDA cores: a second implementation checked the same way.
-            {
+            // The same kernels launched one after another (no early start), and the first
+            // kernel, all on CUDA cores: a second implementation, checked the same way.
+            for (kernel, label) in [(AttnKernel::TensorCores, "no early launch"), (AttnKernel::CudaCores { heads_per_block: 4 }, "CUDA cores")] {
                 let mut o2 = dev.alloc_zeros::<f32>(b * hq * d)?;
-                let simt = AttnKernel::CudaCores { heads_per_block: 4 };
-                let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, simt))?;
+                let ms2 = cuda::time_ms(&dev, 3, iters, || layer.attend_with(&qd, hq, &mut o2, 0, kernel))?;
                 let got2 = dev.clone_dtoh(&o2)?;
                 let c2 = cuda::check_packed(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got2)?;
-                push(&format!("{name} attend, CUDA cores"), layer.bytes_read(), ms2, Some(c2.packed_bytes_equal), Some(c2.max_rel_error), &mut t);
+                push(&format!("{name} attend, {label}"), layer.bytes_read(), ms2, Some(c2.packed_bytes_equal), Some(c2.max_rel_error), &mut t);
                 if c2.max_rel_error > MAX_REL_ERROR {
-                    failures.push(format!("{} {name} (CUDA cores): attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c2.max_rel_error));
+                    failures.push(format!("{} {name} ({label}): attention error {:.2e} > {MAX_REL_ERROR:e}", sh.name, c2.max_rel_error));
                 }
             }
 

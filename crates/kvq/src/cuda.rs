@@ -15,7 +15,7 @@ use crate::gpu_plan::plan_splits;
 use crate::quant::packed_len;
 use crate::rng::SplitMix64;
 use crate::size::PackedGpuLayout;
-use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::CudaDevice;
 use half::f16;
@@ -110,6 +110,40 @@ macro_rules! launch {
     }};
 }
 
+/// Launches kernel `name` of kvq's module so that it may start before the kernel ahead of it
+/// in the stream has ended: once every block of that one has run `pdl_trigger` (programmatic
+/// dependent launch, sm_90; kivi.cu says which kernels allow it). `params`: a pointer to
+/// each argument, in the kernel's order.
+fn launch_after(dev: &CudaDevice, name: &str, cfg: LaunchConfig, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    let f = module(dev)?.load_function(name).map_err(gpu)?;
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().map_err(gpu)?;
+    // SAFETY: an all-zero launch attribute is valid (id 0 is "ignore"); id and value are then set.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: `params` point at live values of the kernel's parameter types, in its order
+    // (the callers below mirror kivi.cu's signatures); `f` outlives the call.
+    unsafe { sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(gpu)
+}
+
+/// `x` as a kernel parameter for [`launch_after`].
+fn param<T>(x: &T) -> *mut std::ffi::c_void {
+    x as *const T as *mut std::ffi::c_void
+}
+
 fn grid_1d(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
@@ -151,11 +185,13 @@ unsafe impl DeviceRepr for AttnArgs {}
 /// Which decode-attention kernel reads the packed tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// The default: tensor cores for the packed tiles.
+    /// The default: [`AttnKernel::TensorCores`]' kernels, each after the first launched so
+    /// that it may start before the one ahead of it ends (programmatic dependent launch).
     Auto,
     /// Both products on tensor cores (`tc::decode_attn` in kivi.cu) for the tiles whose
     /// keys and values are all packed; the tile across the window's edge goes to the
-    /// CUDA-core kernel, the window's own tiles to `window_decode_attn`.
+    /// CUDA-core kernel, the window's own tiles to `window_decode_attn`; each kernel
+    /// launched the ordinary way, after the one ahead of it.
     TensorCores,
     /// Everything on CUDA cores, `heads_per_block` (1..=4) query heads a block: the
     /// first kernel, kept as a second implementation to check and time against.
@@ -604,17 +640,27 @@ impl PackedGpuLayer {
             let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &tc_name, cfg, &args);
         }
-        if cc_splits > 0 {
-            let args = AttnArgs { tiles_per_split: cc_per as i32, tile0: packed as i32, tile_end: window as i32, split0: tc_splits as i32, ..args };
-            let cfg = LaunchConfig { grid_dim: (s as u32, cc_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
-            launch!(self.dev, &cc_name, cfg, &args);
+        // The first attention kernel starts after the appends that filled the cache; the
+        // others and combine_splits may start early (kivi.cu: pdl_trigger, pdl_wait).
+        let early = matches!(kernel, AttnKernel::Auto);
+        let mut started = tc_splits > 0;
+        for (splits_here, per, tile0, tile_end, split0, name) in [
+            (cc_splits, cc_per, packed, window, tc_splits, &cc_name),
+            (win_splits, win_per, window, ntiles, tc_splits + cc_splits, &window_name),
+        ] {
+            if splits_here == 0 {
+                continue;
+            }
+            let args = AttnArgs { tiles_per_split: per as i32, tile0: tile0 as i32, tile_end: tile_end as i32, split0: split0 as i32, ..args };
+            let cfg = LaunchConfig { grid_dim: (s as u32, splits_here as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
+            if started && early {
+                launch_after(&self.dev, name, cfg, &mut [param(&args)])?;
+            } else {
+                launch!(self.dev, name, cfg, &args);
+            }
+            started = true;
         }
-        if win_splits > 0 {
-            let split0 = (tc_splits + cc_splits) as i32;
-            let args = AttnArgs { tiles_per_split: win_per as i32, tile0: window as i32, tile_end: ntiles as i32, split0, ..args };
-            let cfg = LaunchConfig { grid_dim: (s as u32, win_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
-            launch!(self.dev, &window_name, cfg, &args);
-        }
+        let after = started && early && fresh.is_none();
         if let Some((fk, fv, t)) = fresh {
             let cfg = LaunchConfig { grid_dim: (s as u32, rep as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
             let (ti, di, hk, ri, sp, last, sl) = (t as i32, d as i32, kv_heads as i32, (rep / t) as i32, total as i32, (total - 1) as i32, args.scale_log2);
@@ -622,7 +668,14 @@ impl PackedGpuLayer {
         }
         let cfg = LaunchConfig { grid_dim: ((s * rep) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
         let (sp, ri, hk, di) = (total as i32, rep as i32, kv_heads as i32, d as i32);
-        launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
+        if after {
+            let (acc, _g1) = self.part_acc.device_ptr(&stream);
+            let (ml, _g2) = self.part_ml.device_ptr(&stream);
+            let (o, _g3) = out.device_ptr_mut(&stream);
+            launch_after(&self.dev, "combine_splits", cfg, &mut [param(&acc), param(&ml), param(&o), param(&sp), param(&ri), param(&hk), param(&di)])?;
+        } else {
+            launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
+        }
         Ok(())
     }
 
