@@ -802,6 +802,30 @@ pub fn time_ms(dev: &CudaDevice, warmup: usize, iters: usize, mut f: impl FnMut(
     Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
 }
 
+/// Like [`time_ms`] for `variants` ways of doing one thing, timed in turns (each warmed up,
+/// then `rounds` rounds of `iters` calls of each): the median milliseconds a call of each.
+/// Side by side, so that no variant is the one timed first (or last) on a warmer GPU.
+pub fn time_ms_in_turns(dev: &CudaDevice, rounds: usize, iters: usize, variants: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    let mut times = vec![Vec::new(); variants];
+    for v in 0..variants {
+        for _ in 0..3 {
+            f(v)?;
+        }
+    }
+    for _ in 0..rounds.max(1) {
+        for (v, t) in times.iter_mut().enumerate() {
+            t.push(time_ms(dev, 0, iters, || f(v))?);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
 /// Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written
 /// (the yardstick the kernels' bandwidth is compared with).
 pub fn copy_bandwidth(dev: &CudaDevice, bytes: usize) -> Result<f64> {
