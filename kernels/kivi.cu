@@ -942,6 +942,18 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src) {
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES) : "memory");
 }
+// The same with the shared address already in the state space (no conversion a call).
+__device__ __forceinline__ void cp_async_s(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// Chunks 32c + lane of a region of N 16-byte chunks (N < 32: the first N lanes); dst and
+// src already point at this lane's first chunk.
+template <int N>
+__device__ __forceinline__ void copy_chunks(uint32_t dst, const unsigned char* src, int lane) {
+#pragma unroll
+    for (int c = 0; c < (N + 31) / 32; c++)
+        if (N % 32 == 0 || 32 * c + lane < N) cp_async_s(dst + 512 * c, src + 512 * c);
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
@@ -999,18 +1011,20 @@ __device__ __forceinline__ uint32_t pair4(uint32_t u, uint32_t v, uint32_t sel, 
 }
 
 // KIVI's MMA tiles (mma_tile.cuh, kvq::mma_tile) hold a register's eight or four codes at
-// one slot of a word's halves: slot j at bit j·BITS. The f16 mantissa has 10 bits, so the
-// slots whose codes lie in bits 0–9 are an operand after one AND (code·2^(p−24), p = j·BITS);
-// the others after a shift by 10 (2-bit) or 8 (4-bit) first.
+// one slot of a word's halves: slot j at bit j·BITS. The slots in a half's low byte are an
+// operand after one AND (code·2^(p−24), p = j·BITS); those in its high byte after a shift
+// by 8 first (one shift a word serves them all), which puts slot j + 8/BITS at slot j's
+// p: the two halves of a word's slots scale alike (the score loop needs no rescale).
 template <int BITS>
 __device__ __forceinline__ uint32_t slot_operand(uint32_t w, int j) {
-    if constexpr (BITS == 2) return j <= 4 ? w & (0x00030003u << (2 * j)) : (w >> 10) & (0x00030003u << (2 * j - 10));
-    else return j <= 1 ? w & (0x000F000Fu << (4 * j)) : (w >> 8) & (0x000F000Fu << (4 * j - 8));
+    constexpr int LOW = 8 / BITS;  // slots in the low byte
+    const uint32_t mask = (BITS == 2 ? 0x00030003u : 0x000F000Fu) << (BITS * (j % LOW));
+    return j < LOW ? w & mask : (w >> 8) & mask;
 }
 // Where slot j's code sits once it is an operand (the p of code·2^(p−24)).
 template <int BITS>
 __host__ __device__ constexpr int slot_pos(int j) {
-    return BITS == 2 ? (j <= 4 ? 2 * j : 2 * j - 10) : 4 * (j & 1);
+    return BITS * (j % (8 / BITS));
 }
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
 // Key slot of score rows (m-tile mt, row half rh) in channel half kg (2-bit: two halves).
@@ -1120,43 +1134,46 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const int doff = (WARPS * 32) % a.G, dblk = (WARPS * 32) / a.G;
     const long kat0 = ((long)s * kblocks + t_first / a.G) * D;
     // Key codes: KIVI's MMA tiles, or (TK) rows; either way 32 tokens are KROW·32 bytes in a row.
-    const uint8_t* ld_kc = a.kcodes + ((long)s * a.cap + t_first) * KROW;
-    const __half2* ld_kp = TK ? a.kparams + ((long)s * a.cap + t_first) * GPT : a.kparams + kat0;
-    const uint8_t* ld_vc = a.vcodes + ((long)s * a.cap + t_first) * VROW;
-    const __half2* ld_vp = a.vparams + ((long)s * a.cap + t_first) * GPT;
-    int ld_stage = 0;
+    // Sources point at this lane's first chunk (TK's swizzled rows: at the tile) and step by
+    // constants; destinations are one shared address + constant offsets.
+    const uint8_t* ld_kc = a.kcodes + ((long)s * a.cap + t_first) * KROW + (TK ? 0 : 16 * lane);
+    const unsigned char* ld_kp = (const unsigned char*)(TK ? a.kparams + ((long)s * a.cap + t_first) * GPT : a.kparams + kat0) + 16 * lane;
+    const uint8_t* ld_vc = a.vcodes + ((long)s * a.cap + t_first) * VROW + (TK ? 0 : 16 * lane);
+    const unsigned char* ld_vp = (const unsigned char*)(a.vparams + ((long)s * a.cap + t_first) * GPT) + 16 * lane;
+    uint32_t sm_lane = smem_addr(mine) + 16 * lane;
+    uint32_t ld_off = 0;  // the stage being filled, in bytes
+    int ld_lane = lane;
     auto load = [&]() {
-        unsigned char* st = mine + ld_stage * T::BYTES;
+        // Opaque to the compiler: it would rebuild these from the thread index and the
+        // arguments every tile (about 40 instructions) rather than keep them in registers.
+        asm volatile("" : "+r"(sm_lane), "+r"(ld_lane), "+l"(ld_kc), "+l"(ld_kp), "+l"(ld_vc), "+l"(ld_vp));
+        const uint32_t st = sm_lane + ld_off;
         if constexpr (TK) {
             // 32 key rows, swizzled as the value rows; 32 tokens' (min, scale) per group.
-            for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
-            const unsigned char* kp = (const unsigned char*)ld_kp;
-            for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
-            ld_kp += WARPS * 32 * GPT;
-            for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
+            const uint32_t st0 = st - 16 * ld_lane;
+            for (int j = ld_lane; j < T::KC / 16; j += 32) cp_async_s(st0 + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
+            copy_chunks<8 * GPT>(st + T::KC, ld_kp, ld_lane);
+            ld_kp += WARPS * 32 * GPT * 4;
+            for (int j = ld_lane; j < T::VC / 16; j += 32) cp_async_s(st0 + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
         } else {
             // The MMA tiles as they are: lane l's chunk i lands at 16(32i + l), conflict-free.
-#pragma unroll
-            for (int j = lane; j < T::KC / 16; j += 32) cp_async<16>(st + 16 * j, ld_kc + 16 * j);
-            const unsigned char* kp = (const unsigned char*)ld_kp;
-            for (int j = lane; j < T::KP / 16; j += 32) cp_async<16>(st + T::KC + 16 * j, kp + 16 * j);
-#pragma unroll
-            for (int j = lane; j < T::VC / 16; j += 32) cp_async<16>(st + T::KC + T::KP + 16 * j, ld_vc + 16 * j);
+            copy_chunks<T::KC / 16>(st, ld_kc, ld_lane);
+            copy_chunks<T::KP / 16>(st + T::KC, ld_kp, ld_lane);
+            copy_chunks<T::VC / 16>(st + T::KC + T::KP, ld_vc, ld_lane);
         }
-        const unsigned char* vp = (const unsigned char*)ld_vp;
-        for (int j = lane; j < 8 * GPT; j += 32) cp_async<16>(st + T::KC + T::KP + T::VC + 16 * j, vp + 16 * j);
+        copy_chunks<8 * GPT>(st + T::KC + T::KP + T::VC, ld_vp, ld_lane);
         // On to this warp's next tile.
-        ld_stage = ld_stage == T::STAGES - 1 ? 0 : ld_stage + 1;
+        ld_off = ld_off == (T::STAGES - 1) * T::BYTES ? 0 : ld_off + T::BYTES;
         if constexpr (!TK) {
-            off += doff, ld_kp += dblk * D;
-            if (off >= a.G) off -= a.G, ld_kp += D;
+            off += doff, ld_kp += dblk * D * 4;
+            if (off >= a.G) off -= a.G, ld_kp += D * 4;
         }
-        ld_kc += WARPS * 32 * KROW, ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT;
+        ld_kc += WARPS * 32 * KROW, ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT * 4;
     };
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // queries 2tq, 2tq + 1
     float acc[KS][4];     // output fragments: channels 16mt + g (+ 8) × queries 2tq (+ 1)
-    // Σ p·min_v of value group g % GPT (MMA rows g, g + 8), queries 2tq, 2tq + 1 (2, 3 repeat 0, 1).
+    // Σ p·min_v of value group g % GPT (MMA row g), queries 2tq, 2tq + 1 (2, 3: unused rows).
     float extra[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int mt = 0; mt < KS; mt++) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
@@ -1213,13 +1230,13 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const uint4 v = *(const uint4*)(kc8 + 16 * (32 * i + lane));
                 kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
             }
-            float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3 repeat them)
+            float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3: unused rows)
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 const uint4 qv = sq[g][4 * ks + tq];
-                // Scales and mins of channels c0, c0 + 1 and c0 + 8, c0 + 9, c0 = 16ks + 2tq (mma_key_param's order).
+                // Mins and scales of channels c0, c0 + 1 and c0 + 8, c0 + 9, c0 = 16ks + 2tq (mma_key_param's order).
                 const uint4 pv = *(const uint4*)&kp[4 * (4 * ks + tq)];
-                const uint32_t s01 = pv.x, s89 = pv.y, m01 = pv.z, m89 = pv.w;
+                const uint32_t m01 = pv.x, s01 = pv.y, m89 = pv.z, s89 = pv.w;
                 const __half2 qh01 = as_h2(qv.x), qh89 = as_h2(qv.y), ql01 = as_h2(qv.z), ql89 = as_h2(qv.w);
                 const __half2 h01 = __hmul2(qh01, as_h2(s01)), h89 = __hmul2(qh89, as_h2(s89));
                 // HALF: a hi lane holds q's hi where the lo part goes and 0 where the hi part
@@ -1227,14 +1244,10 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const uint32_t l01 = bits(__hfma2(ql01, as_h2(s01), __hfma2(qh01, as_h2(s01), __hneg2(h01))));
                 const uint32_t l89 = bits(__hfma2(ql89, as_h2(s89), __hfma2(qh89, as_h2(s89), __hneg2(h89))));
                 const int kg = KB == 2 ? ks / (KS / 2) : 0, wi = KB == 2 ? 2 * (ks % (KS / 2)) : 2 * ks;
-                if (KB == 2 && ks == KS / 2) {
-                    // The second half of the channels puts each row at another slot: bring
-                    // the sums so far to its scale (a power of 2: exact).
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                        for (int e = 0; e < 4; e++) sc[mt][e] *= pow2(slot_pos<KB>(key_slot<KB>(1, mt, e >> 1)) - slot_pos<KB>(key_slot<KB>(0, mt, e >> 1)));
-                }
+                // 2-bit: the second half of the channels reads slots 4–7 of the same rows,
+                // at the same bit positions as slots 0–3 (slot_operand): the sums add as they are.
+                static_assert(KB != 2 || (slot_pos<KB>(key_slot<KB>(1, 0, 0)) == slot_pos<KB>(key_slot<KB>(0, 0, 0)) &&
+                                          slot_pos<KB>(key_slot<KB>(1, 1, 1)) == slot_pos<KB>(key_slot<KB>(0, 1, 1))), "key slots");
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
                     uint32_t A[4];
@@ -1243,7 +1256,9 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                     if constexpr (!HALF) mma(sc[mt], A, bits(h01), bits(h89));
                     mma(sc[mt], A, l01, l89);
                 }
-                const uint32_t M[4] = {m01, m01, m89, m89};
+                // A's rows g hold the mins, its rows g + 8 the scales (bc[2], bc[3]: never
+                // read): the registers of the params' load as they are, no copies.
+                const uint32_t M[4] = {m01, s01, m89, s89};
                 if constexpr (HALF) {
                     // Σ q·min: q's hi (hi lanes) or lo (lo lanes), both where the lo part goes.
                     mma(bc, M, qv.z, qv.w);
@@ -1391,7 +1406,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const uint32_t m0 = *(const uint32_t*)mp, m1 = *(const uint32_t*)(mp + GPT);
                 const uint32_t m8 = *(const uint32_t*)(mp + 8 * GPT), m9 = *(const uint32_t*)(mp + 9 * GPT);
                 const uint32_t m01 = __byte_perm(m0, m1, 0x5410), m89 = __byte_perm(m8, m9, 0x5410);
-                const uint32_t M[4] = {m01, m01, m89, m89};
+                // Rows g + 8 (extra[2], extra[3]) are never read: any registers do there.
+                const uint32_t M[4] = {m01, m0, m89, m8};
                 mma(extra, M, pt0, pt8);
             }
             if constexpr (!TK) {

@@ -34,9 +34,9 @@ __device__ __forceinline__ int mma_value_pos(int t, int c, int* bit) {
 }
 
 // Half index of channel c's key min (scale = false) or scale among its block's 2D f16 params:
-// chunk 4ks + tq of the block holds (scale c0 | c0 + 1, scale c0 + 8 | + 9, min c0 | c0 + 1,
-// min c0 + 8 | + 9), c0 = 16ks + 2tq.
+// chunk 4ks + tq of the block holds (min c0 | c0 + 1, scale c0 | c0 + 1, min c0 + 8 | + 9,
+// scale c0 + 8 | + 9), c0 = 16ks + 2tq.
 __device__ __forceinline__ int mma_key_param(int c, bool scale) {
     const int ks = c >> 4, khalf = (c >> 3) & 1, tq = (c >> 1) & 3, h = c & 1;
-    return 2 * (4 * (4 * ks + tq) + (scale ? 0 : 2) + khalf) + h;
+    return 2 * (4 * (4 * ks + tq) + 2 * khalf + (scale ? 1 : 0)) + h;
 }

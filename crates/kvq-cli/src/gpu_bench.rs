@@ -86,7 +86,7 @@ fn rel_error(x: &[f32], y: &[f32]) -> f64 {
     }
 }
 
-pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Option<&std::path::Path>, json: Option<&std::path::Path>) -> Result<String> {
+pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usize, peer: Option<&std::path::Path>, json: Option<&std::path::Path>) -> Result<String> {
     let dev = cuda::open(0)?;
     let device = Device::Cuda(dev.clone());
     let peers: Vec<PeerRow> = match peer {
@@ -96,6 +96,9 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
     };
     let copy = cuda::copy_bandwidth(&dev, 1 << 30)?;
     let mut out = format!("- GPU: {}\n\nDevice-to-device copy: {copy:.0} GB/s (bytes read + written).\n\n", cuda::describe(&dev)?);
+    if splits > 0 {
+        out += &format!("Attend rows: each stream's packed tiles in {splits} splits (not the planner's choice).\n\n");
+    }
     let mut t = Table::new(&["shape", "B", "ctx", "variant", "MB read", "µs", "GB/s", "% copy", "× candle fp16", "× SDPA", "check"]);
     let mut rows = Vec::new();
     let mut failures = value_check_probes(&dev)?;
@@ -246,7 +249,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, peer: Optio
             for _ in &kernels {
                 outs.push(dev.alloc_zeros::<f32>(b * hq * d)?);
             }
-            let times = cuda::time_ms_in_turns(&dev, 3, iters, kernels.len(), |i| layer.attend_with(&qd, hq, &mut outs[i], 0, kernels[i].0))?;
+            let times = cuda::time_ms_in_turns(&dev, 3, iters, kernels.len(), |i| layer.attend_with(&qd, hq, &mut outs[i], splits, kernels[i].0))?;
             for (((_, label), od), ms) in kernels.iter().zip(&outs).zip(times) {
                 let got = dev.clone_dtoh(od)?;
                 let c = cuda::check_packed(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got)?;

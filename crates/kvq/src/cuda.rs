@@ -11,7 +11,7 @@
 
 use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, Scheme};
 use crate::error::{KvqError, Result};
-use crate::gpu_plan::plan_splits;
+use crate::gpu_plan::{plan_splits, plan_splits_sm_bound};
 use crate::quant::packed_len;
 use crate::rng::SplitMix64;
 use crate::size::PackedGpuLayout;
@@ -200,6 +200,9 @@ pub enum AttnKernel {
 
 /// Query heads a tensor-core block serves (the MMA's 8 columns); more take more blocks.
 const TC_QUERIES: usize = 8;
+/// Warps past which an SM runs the tensor-core kernels no faster (their issue slots bound
+/// them; H100, gpu_plan.rs): the planner spreads splits for that many, not for every slot.
+const TC_BUSY_WARPS: usize = 8;
 
 /// Blocks of kivi.cu's kernel `name` that fit one SM at once (registers, shared memory, warps).
 fn blocks_per_sm(dev: &CudaDevice, name: &str) -> Result<usize> {
@@ -577,7 +580,7 @@ impl PackedGpuLayer {
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
             t if splits > 0 => fixed(t),
-            t => plan_splits(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)? * self.sms, w),
+            t => plan_splits_sm_bound(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)?, self.sms, w, TC_BUSY_WARPS),
         };
         let (cc_splits, cc_per) = match window - packed {
             0 => (0, 1),

@@ -33,8 +33,10 @@
 //! Key params (a block's `(min, scale)` per channel, f16 each) are permuted too: the score
 //! loop's lane `tq` needs, at k-step `ks`, the scales and mins of channels `c0, c0 + 1,
 //! c0 + 8, c0 + 9` (`c0 = 16 ks + 2 tq`) as f16 pairs, so 16-byte chunk `4 ks + tq` of the
-//! block's params holds the words (scale c0 | c0 + 1, scale c0 + 8 | c0 + 9, min c0 | c0 + 1,
-//! min c0 + 8 | c0 + 9): one shared load and no byte permutes a k-step.
+//! block's params holds the words (min c0 | c0 + 1, scale c0 | c0 + 1, min c0 + 8 | c0 + 9,
+//! scale c0 + 8 | c0 + 9): one shared load and no byte permutes a k-step, and the four
+//! registers it fills are as they are the A operand of the MMA that sums `q · min` (its rows
+//! `g` hold the mins; rows `g + 8`, the scales, are never read).
 
 use crate::error::{KvqError, Result};
 
@@ -133,7 +135,7 @@ fn value_places(bits: u8, head_dim: usize, tokens: usize) -> Result<impl Iterato
 /// `2 · head_dim` f16 params (the CPU store has them at `2c` and `2c + 1`).
 fn key_param_pos(c: usize, scale: bool) -> usize {
     let (ks, khalf, tq, h) = (c / 16, (c / 8) % 2, (c / 2) % 4, c % 2);
-    2 * (4 * (4 * ks + tq) + 2 * usize::from(!scale) + khalf) + h
+    2 * (4 * (4 * ks + tq) + 2 * khalf + usize::from(scale)) + h
 }
 
 /// `words` of key params, whole blocks of `head_dim` channels, each word as the CPU store
@@ -295,7 +297,7 @@ mod tests {
                 for tq in 0..4 {
                     let c0 = 16 * ks + 2 * tq;
                     let pair = |c: usize, scale: bool| f16_at(c, scale) | f16_at(c + 1, scale) << 16;
-                    assert_eq!(tiles[4 * (4 * ks + tq)..4 * (4 * ks + tq) + 4], [pair(c0, true), pair(c0 + 8, true), pair(c0, false), pair(c0 + 8, false)]);
+                    assert_eq!(tiles[4 * (4 * ks + tq)..4 * (4 * ks + tq) + 4], [pair(c0, false), pair(c0, true), pair(c0 + 8, false), pair(c0 + 8, true)]);
                 }
             }
         }
