@@ -1191,6 +1191,14 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const uint32_t selt = (uint32_t)(KB == 2 ? tq >> 1 : tq) * 0x0101u + 0x4040u;
     const uint32_t maskt = KB == 2 ? (3u << (4 * (tq & 1))) | (3u << (16 + 4 * (tq & 1) + 2)) : 0x000Fu | 0x00F00000u;
     const int ksw = KROW == 32 ? (g >> 2) & 1 : KROW == 64 ? (g >> 1) & 3 : 0;
+    // KIVI: this lane's q fragments (query g, every k-step) kept in registers across the
+    // tiles; read from shared memory every tile (cp.async's memory clobbers force that) they
+    // were about a sixth of the tile's shared-memory traffic.
+    uint4 qf[TK ? 1 : KS];
+    if constexpr (!TK) {
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) qf[ks] = sq[g][4 * ks + tq];
+    }
     float qsum[GPT][2];  // TK: Σ q over each key group, queries 2tq, 2tq + 1
 #pragma unroll
     for (int gr = 0; gr < GPT; gr++) qsum[gr][0] = sqsum[2 * tq][gr], qsum[gr][1] = sqsum[2 * tq + 1][gr];
@@ -1233,7 +1241,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3: unused rows)
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
-                const uint4 qv = sq[g][4 * ks + tq];
+                const uint4 qv = qf[ks];
                 // Mins and scales of channels c0, c0 + 1 and c0 + 8, c0 + 9, c0 = 16ks + 2tq (mma_key_param's order).
                 const uint4 pv = *(const uint4*)&kp[4 * (4 * ks + tq)];
                 const uint32_t m01 = pv.x, s01 = pv.y, m89 = pv.z, s89 = pv.w;
@@ -1502,15 +1510,17 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 }
 }  // namespace tc
 
-// At least 4 blocks an SM (128 registers a thread at most). Without the bound the compiler
-// takes 154 registers at head size 128 (3 blocks); with 5 blocks (96) it spills, and at
-// head size 64 it ran no faster (H100, gpu-attn.md).
+// KIVI: at least 4 blocks an SM at head size 64 (128 registers a thread at most), 3 at 128
+// (168: its q fragments alone take 32). An SM runs these kernels no faster past 8 warps
+// (gpu_plan.rs), and the planner asks for 2 or 3 blocks an SM at the goal shapes.
+// Per-token keys: 4 (without the bound the compiler took 154 registers at head size 128;
+// with 5 blocks, 96, it spilled).
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, D == 64 ? 4 : 3)               \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
         tc::decode_attn<D, KB, VB, GPT, false, false>(a);                                    \
     }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, D == 64 ? 4 : 3)               \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT##_half(const AttnArgs a) {         \
         tc::decode_attn<D, KB, VB, GPT, false, true>(a);                                     \
     }
