@@ -94,18 +94,15 @@ fn pair4(u: u32, v: u32, sel: u32, mask: u32) -> u32 {
 }
 
 /// `slot_operand`: slot j of an MMA-tile word as an f16 operand register (kernels/kivi.cu).
+/// The slots of a half's low byte after one AND, those of its high byte after a shift by 8.
 fn slot_operand(w: u32, j: usize, bits: usize) -> u32 {
-    if bits == 2 {
-        if j <= 4 { w & (0x0003_0003 << (2 * j)) } else { (w >> 10) & (0x0003_0003 << (2 * j - 10)) }
-    } else if j <= 1 {
-        w & (0x000F_000F << (4 * j))
-    } else {
-        (w >> 8) & (0x000F_000F << (4 * j - 8))
-    }
+    let low = 8 / bits;
+    let mask = (if bits == 2 { 0x0003_0003 } else { 0x000F_000F }) << (bits * (j % low));
+    if j < low { w & mask } else { (w >> 8) & mask }
 }
 /// Where slot j's code sits in the operand (code · 2^(p − 24)).
 fn slot_pos(j: usize, bits: usize) -> i32 {
-    (if bits == 2 { if j <= 4 { 2 * j } else { 2 * j - 10 } } else { 4 * (j & 1) }) as i32
+    (bits * (j % (8 / bits))) as i32
 }
 /// Key slot of score rows (m-tile mt, row half rh) in channel half kg.
 fn key_slot(kg: usize, mt: usize, rh: usize, bits: usize) -> usize {
@@ -282,10 +279,10 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize], half: bool) -> Warp
                     (true, _) => (sq_hi[g - 4].clone(), sq_lo[g - 4].clone()),
                     (false, _) => (sq_hi[g].clone(), sq_lo[g].clone()),
                 };
-                // One 16-byte chunk: (scale c0 | c0 + 1, scale c0 + 8 | c0 + 9, min c0 | c0 + 1, min c0 + 8 | c0 + 9).
+                // One 16-byte chunk: (min c0 | c0 + 1, scale c0 | c0 + 1, min c0 + 8 | c0 + 9, scale c0 + 8 | c0 + 9).
                 let u = 4 * (4 * ks + tq);
-                let (p0, p1) = ((kp[u + 2].0, kp[u].0), (kp[u + 2].1, kp[u].1));
-                let (p8, p9) = ((kp[u + 3].0, kp[u + 1].0), (kp[u + 3].1, kp[u + 1].1));
+                let (p0, p1) = ((kp[u].0, kp[u + 1].0), (kp[u].1, kp[u + 1].1));
+                let (p8, p9) = ((kp[u + 2].0, kp[u + 3].0), (kp[u + 2].1, kp[u + 3].1));
                 let pair = |q: &[f16], c: usize, s: (f32, f32), t: (f32, f32)| {
                     let (h, l) = (hmul(q[c], s.1), hmul(q[c + 1], t.1));
                     (h2h(h, l), [h, l])
@@ -298,24 +295,17 @@ fn warp_tiles(st: &Stream, sq: &[Vec<f32>], tiles: &[usize], half: bool) -> Warp
                 bl1[ln] = h2h(lo(c0 + 8, p8.1, hi89[0]), lo(c0 + 9, p9.1, hi89[1]));
                 (qh0[ln], qh1[ln]) = (h2h(qh[c0], qh[c0 + 1]), h2h(qh[c0 + 8], qh[c0 + 9]));
                 (ql0[ln], ql1[ln]) = (h2h(ql[c0], ql[c0 + 1]), h2h(ql[c0 + 8], ql[c0 + 9]));
+                // The params' load as it is: rows g get the mins, rows g + 8 the scales (unread).
                 let (m01, m89) = (h2(p0.0, p1.0), h2(p8.0, p9.0));
-                mins[ln] = [m01, m01, m89, m89];
+                mins[ln] = [m01, h2(p0.1, p1.1), m89, h2(p8.1, p9.1)];
                 // Register r of m-tile mt: word wi + (r >> 1) at slot key_slot(kg, mt, r & 1).
                 let (kg, wi) = if kb == 2 { (ks / (ks_n / 2), 2 * (ks % (ks_n / 2))) } else { (0, 2 * ks) };
                 let reg = |mt: usize, r: usize| slot_operand(lane_word(&kc, ln, wi + (r >> 1)), key_slot(kg, mt, r & 1, kb), kb);
                 a0[ln] = std::array::from_fn(|r| reg(0, r));
                 a1[ln] = std::array::from_fn(|r| reg(1, r));
             }
-            if kb == 2 && ks == ks_n / 2 {
-                // The second half of the channels: each row at another slot (a power of 2).
-                for (mt, s) in sc.iter_mut().enumerate() {
-                    for lane in s.iter_mut() {
-                        for (e, x) in lane.iter_mut().enumerate() {
-                            *x *= 2f32.powi(slot_pos(key_slot(1, mt, e >> 1, kb), kb) - slot_pos(key_slot(0, mt, e >> 1, kb), kb));
-                        }
-                    }
-                }
-            }
+            // (2-bit: the second half of the channels reads slots 4–7 at slots 0–3's positions,
+            // so the sums add as they are.)
             if half {
                 mma(&mut sc[0], &a0, &bl0, &bl1);
                 mma(&mut sc[1], &a1, &bl0, &bl1);
