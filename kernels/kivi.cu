@@ -935,15 +935,8 @@ WINDOW_ENTRY(128, 1) WINDOW_ENTRY(128, 2) WINDOW_ENTRY(128, 3) WINDOW_ENTRY(128,
 // keys' error alone passes 1e-3.
 namespace tc {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src) {
-    if constexpr (BYTES == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES) : "memory");
-}
-// The same with the shared address already in the state space (no conversion a call).
-__device__ __forceinline__ void cp_async_s(uint32_t dst, const void* src) {
+// A 16-byte cp.async to a shared-space address (smem_addr), bypassing L1.
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
 // Chunks 32c + lane of a region of N 16-byte chunks (N < 32: the first N lanes); dst and
@@ -952,7 +945,7 @@ template <int N>
 __device__ __forceinline__ void copy_chunks(uint32_t dst, const unsigned char* src, int lane) {
 #pragma unroll
     for (int c = 0; c < (N + 31) / 32; c++)
-        if (N % 32 == 0 || 32 * c + lane < N) cp_async_s(dst + 512 * c, src + 512 * c);
+        if (N % 32 == 0 || 32 * c + lane < N) cp_async(dst + 512 * c, src + 512 * c);
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -1144,17 +1137,18 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     uint32_t ld_off = 0;  // the stage being filled, in bytes
     int ld_lane = lane;
     auto load = [&]() {
-        // Opaque to the compiler: it would rebuild these from the thread index and the
-        // arguments every tile (about 40 instructions) rather than keep them in registers.
-        asm volatile("" : "+r"(sm_lane), "+r"(ld_lane), "+l"(ld_kc), "+l"(ld_kp), "+l"(ld_vc), "+l"(ld_vp));
+        // KIVI: opaque to the compiler, which would rebuild these from the thread index and
+        // the arguments every tile (about 40 instructions) rather than keep them in registers.
+        // (The per-token kernel has no registers to spare for them: it would spill.)
+        if constexpr (!TK) asm volatile("" : "+r"(sm_lane), "+r"(ld_lane), "+l"(ld_kc), "+l"(ld_kp), "+l"(ld_vc), "+l"(ld_vp));
         const uint32_t st = sm_lane + ld_off;
         if constexpr (TK) {
             // 32 key rows, swizzled as the value rows; 32 tokens' (min, scale) per group.
             const uint32_t st0 = st - 16 * ld_lane;
-            for (int j = ld_lane; j < T::KC / 16; j += 32) cp_async_s(st0 + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
+            for (int j = ld_lane; j < T::KC / 16; j += 32) cp_async(st0 + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
             copy_chunks<8 * GPT>(st + T::KC, ld_kp, ld_lane);
             ld_kp += WARPS * 32 * GPT * 4;
-            for (int j = ld_lane; j < T::VC / 16; j += 32) cp_async_s(st0 + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
+            for (int j = ld_lane; j < T::VC / 16; j += 32) cp_async(st0 + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
         } else {
             // The MMA tiles as they are: lane l's chunk i lands at 16(32i + l), conflict-free.
             copy_chunks<T::KC / 16>(st, ld_kc, ld_lane);

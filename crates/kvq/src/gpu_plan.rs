@@ -8,10 +8,10 @@
 //! last wave idles SMs, so the time of a plan is `waves × (⌈tiles a split / warps⌉ + 1)`:
 //! [`plan_splits`] takes the fewest splits within 3% of the best, since every split adds
 //! a partial result for `combine_splits` to merge.
-
 //!
-//! The tensor-core kernels are different: an SM's issue slots, not its warps' latency, bound
-//! them, so extra warps on an SM add no speed past a few. [`plan_splits_sm_bound`] models
+//! The tensor-core kernels are different: an SM's own throughput bounds them (ncu: their
+//! instructions wait on each other, not on memory), so extra warps on an SM add little
+//! speed past a few. [`plan_splits_sm_bound`] models
 //! that: a wave takes as long as its busiest SM's tiles over `min(its warps, busy_warps)`,
 //! plus one tile of set-up. On an H100 (kivi-2, bench attn --splits) both goal shapes ran
 //! fastest at 2 splits, 2 or 3 blocks an SM: Llama-3-8B B16 32k 150.6 µs against 154.2,
@@ -32,8 +32,16 @@ pub fn plan_splits(tiles: usize, blocks_per_split: usize, wave: usize, warps: us
         let waves = (splits * bps).div_ceil(wave);
         (splits, per, waves * (per.div_ceil(warps) + 1))
     };
-    let best = (1..=max_splits).map(|k| plan(k).2).min().unwrap_or(1);
-    let (splits, per, _) = (1..=max_splits).map(plan).find(|p| p.2 as f64 <= best as f64 * 1.03).unwrap_or_else(|| plan(1));
+    fewest_near_best(max_splits, |k| {
+        let (splits, per, time) = plan(k);
+        (splits, per, time as f64)
+    })
+}
+
+/// The plan with the fewest splits whose time is within 3% of the best over 1..=max_splits.
+fn fewest_near_best(max_splits: usize, plan: impl Fn(usize) -> (usize, usize, f64)) -> (usize, usize) {
+    let best = (1..=max_splits).map(|k| plan(k).2).fold(f64::INFINITY, f64::min);
+    let (splits, per, _) = (1..=max_splits).map(&plan).find(|p| p.2 <= best * 1.03).unwrap_or_else(|| plan(1));
     (splits, per)
 }
 
@@ -60,9 +68,7 @@ pub fn plan_splits_sm_bound(tiles: usize, blocks_per_split: usize, blocks_per_sm
         }
         (splits, per, time)
     };
-    let best = (1..=max_splits).map(|k| plan(k).2).fold(f64::INFINITY, f64::min);
-    let (splits, per, _) = (1..=max_splits).map(plan).find(|p| p.2 <= best * 1.03).unwrap_or_else(|| plan(1));
-    (splits, per)
+    fewest_near_best(max_splits, plan)
 }
 
 #[cfg(test)]
