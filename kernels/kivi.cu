@@ -389,7 +389,7 @@ QUANT_ENTRY(4)
 // then a reduce-scatter leaves token j's score in lane j. Values: each lane owns the
 // same channels and accumulates p_j · (min + scale · code). Online softmax in base 2.
 // Writes, per (stream, split, query): the running max, sum and unnormalized output;
-// a stream's last block (write_split) or `combine_splits` merges them.
+// `combine_splits` merges them.
 constexpr int WARPS = 4;
 
 // Window tokens whose loads the CUDA-core kernel puts in flight together (one round trip
@@ -420,12 +420,6 @@ struct AttnArgs {
     float scale_log2;        // softmax scale · log2(e)
     int tile0, tile_end;     // this launch's tiles: [tile0, tile_end)
     int split0;              // its first split's index among `splits`
-    // Null `counters`: combine_splits merges the splits after the kernels. Otherwise the
-    // last of a stream's `stream_blocks` blocks (over every kernel of the step) merges
-    // them into `out` [batch][Hq][D] (merge_stream).
-    float* out;
-    unsigned* counters;      // [stream], zero between launches
-    int stream_blocks;
 };
 
 // Programmatic dependent launch (sm_90). A step's attention kernels (tensor cores, the
@@ -438,58 +432,15 @@ struct AttnArgs {
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
-// Stream s's output from all its splits: out = Σ acc·2^(m−M) / Σ l·2^(m−M), as
-// combine_splits, in one pass (a rescale when a split raises the max). The splits were
-// written by other SMs: read from L2 (ld.global.cg), never from this SM's L1.
-template <int D>
-__device__ __forceinline__ void merge_stream(const AttnArgs& a, int s) {
-    const int b = s / a.Hkv, h = s % a.Hkv;
-    for (int idx = threadIdx.x; idx < a.rep * D; idx += WARPS * 32) {
-        const int r = idx / D, c = idx % D;
-        const float* ml = a.part_ml + ((long)s * a.splits * a.rep + r) * 2;
-        const float* acc = a.part_acc + ((long)s * a.splits * a.rep + r) * D + c;
-        float M = -INFINITY, L = 0.f, A = 0.f;
-        for (int k = 0; k < a.splits; k++) {
-            const float2 mk = __ldcg(reinterpret_cast<const float2*>(ml + (long)k * a.rep * 2));
-            const float ak = __ldcg(acc + (long)k * a.rep * D);
-            if (mk.x == -INFINITY) continue;
-            if (mk.x > M) {
-                const float corr = exp2f(M - mk.x);
-                L *= corr, A *= corr, M = mk.x;
-            }
-            const float e = exp2f(mk.x - M);
-            L = fmaf(mk.y, e, L);
-            A = fmaf(ak, e, A);
-        }
-        a.out[((long)b * a.Hq + h * a.rep + r) * D + c] = L > 0.f ? A / L : 0.f;
-    }
-}
-
 // After every warp of the block has left its online-softmax state (max, sum,
 // unnormalized output per query) in shared memory: merges them and writes the split's
-// partial result for queries r0 .. r0 + NQ of stream s. With `counters`, the stream's
-// last block to get here then merges all its splits (the threadFenceReduction pattern:
-// each thread's writes fenced before the block counts itself), so no kernel has to wait
-// for every stream's last block to start merging the first.
+// partial result for queries r0 .. r0 + NQ of stream s.
 template <int D, int NQ>
 __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
                                             const float (*sm_acc)[NQ][D], int s, int split, int r0) {
     merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
-    if (a.counters != nullptr) {
-        __shared__ bool last;
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(a.counters + s, 1u) == (unsigned)a.stream_blocks - 1;
-        __syncthreads();
-        if (last) {
-            __threadfence();
-            merge_stream<D>(a, s);
-            if (threadIdx.x == 0) a.counters[s] = 0;  // for the next launch (kernel boundaries order it)
-        }
-    }
-    // End no earlier than the kernel ahead: what comes after the step (combine_splits or
-    // the model's next kernel) waits for the last kernel alone, and this makes that one's
-    // end mean every split is written and merged.
+    // End no earlier than the kernel ahead: combine_splits waits for the last kernel
+    // alone, and this makes that one's end mean every split is written.
     pdl_wait();
 }
 
@@ -1627,8 +1578,7 @@ extern "C" __global__ void fresh_attn(const float* __restrict__ q, const float* 
 
 
 // Merges the splits of every (stream, query): out = Σ acc·2^(m−M) / Σ l·2^(m−M).
-// Grid: streams · rep blocks of D threads. out: [batch][Hq][D]. For KVQuant's and the
-// fp16 kernels, and KIVI's with a fresh chunk; KIVI's decode merges in its last blocks.
+// Grid: streams · rep blocks of D threads. out: [batch][Hq][D].
 extern "C" __global__ void combine_splits(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                           float* __restrict__ out, int splits, int rep, int Hkv, int D) {
     pdl_wait();  // the attention kernels' splits (cuda.rs may launch this one early)

@@ -178,9 +178,6 @@ struct AttnArgs {
     tile0: i32,
     tile_end: i32,
     split0: i32,
-    out: u64,
-    counters: u64,
-    stream_blocks: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnArgs {}
@@ -255,9 +252,6 @@ pub struct PackedGpuLayer {
     nqv: usize,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
-    /// A counter a stream for the attention's blocks: the last to finish merges the
-    /// stream's splits (kivi.cu: write_split). Zero between launches.
-    stream_counters: CudaSlice<u32>,
     /// SMs of the GPU: how many blocks the attention should spread over.
     sms: usize,
 }
@@ -355,7 +349,6 @@ impl PackedGpuLayer {
         let vtail = dev.alloc_zeros::<f16>(s * vring * d).map_err(gpu)?;
         let part_acc = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
         let part_ml = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
-        let stream_counters = dev.alloc_zeros::<u32>(s).map_err(gpu)?;
         let sms = sm_count(dev)?;
         Ok(PackedGpuLayer {
             dev: dev.clone(),
@@ -380,7 +373,6 @@ impl PackedGpuLayer {
             nqv: 0,
             part_acc,
             part_ml,
-            stream_counters,
             sms,
         })
     }
@@ -498,8 +490,7 @@ impl PackedGpuLayer {
 
     /// [`PackedGpuLayer::attend`] with a chosen kernel. The tensor-core kernel takes the
     /// tiles of 32 tokens whose keys and values are all packed and the CUDA-core kernel
-    /// the rest (the window), each into its own splits; each stream's last block to finish
-    /// merges the stream's splits into `out`.
+    /// the rest (the window), each into its own splits; `combine_splits` merges them all.
     /// `splits` > 0 fixes the splits of the main part.
     pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize, kernel: AttnKernel) -> Result<()> {
         self.attend_inner(q, q_heads, self.len, None, out, splits, kernel)
@@ -607,9 +598,6 @@ impl PackedGpuLayer {
             self.part_acc = self.dev.alloc_zeros::<f32>(need_acc).map_err(gpu)?;
             self.part_ml = self.dev.alloc_zeros::<f32>(s * total * rep * 2).map_err(gpu)?;
         }
-        // Without a fresh chunk, each stream's last block merges its splits (no combine_splits).
-        let merge_in_blocks = fresh.is_none();
-        let stream_blocks = tc_splits * tc_chunks + (cc_splits + win_splits) * chunks;
         let stream = self.dev.cuda_stream();
         let args = {
             let (q_p, _g1) = q.device_ptr(&stream);
@@ -621,8 +609,6 @@ impl PackedGpuLayer {
             let (vc, _g7) = self.vcodes.device_ptr(&stream);
             let (vp, _g8) = self.vparams.device_ptr(&stream);
             let (vt, _g9) = self.vtail.device_ptr(&stream);
-            let (out_p, _g10) = out.device_ptr_mut(&stream);
-            let (ctr, _g11) = self.stream_counters.device_ptr(&stream);
             AttnArgs {
                 q: q_p,
                 part_acc: acc_p,
@@ -650,9 +636,6 @@ impl PackedGpuLayer {
                 tile0: 0,
                 tile_end: packed as i32,
                 split0: 0,
-                out: out_p,
-                counters: if merge_in_blocks { ctr } else { 0 },
-                stream_blocks: stream_blocks as i32,
             }
         };
         let block = (WARPS * 32, 1, 1);
@@ -661,7 +644,7 @@ impl PackedGpuLayer {
             launch!(self.dev, &tc_name, cfg, &args);
         }
         // The first attention kernel starts after the appends that filled the cache; the
-        // others may start early (kivi.cu: pdl_trigger, pdl_wait).
+        // others and combine_splits may start early (kivi.cu: pdl_trigger, pdl_wait).
         let early = matches!(kernel, AttnKernel::Auto);
         let mut started = tc_splits > 0;
         for (splits_here, per, tile0, tile_end, split0, name) in [
@@ -680,9 +663,7 @@ impl PackedGpuLayer {
             }
             started = true;
         }
-        if merge_in_blocks {
-            return Ok(());
-        }
+        let after = started && early && fresh.is_none();
         if let Some((fk, fv, t)) = fresh {
             let cfg = LaunchConfig { grid_dim: (s as u32, rep as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
             let (ti, di, hk, ri, sp, last, sl) = (t as i32, d as i32, kv_heads as i32, (rep / t) as i32, total as i32, (total - 1) as i32, args.scale_log2);
@@ -690,7 +671,14 @@ impl PackedGpuLayer {
         }
         let cfg = LaunchConfig { grid_dim: ((s * rep) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
         let (sp, ri, hk, di) = (total as i32, rep as i32, kv_heads as i32, d as i32);
-        launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
+        if after {
+            let (acc, _g1) = self.part_acc.device_ptr(&stream);
+            let (ml, _g2) = self.part_ml.device_ptr(&stream);
+            let (o, _g3) = out.device_ptr_mut(&stream);
+            launch_after(&self.dev, "combine_splits", cfg, &mut [param(&acc), param(&ml), param(&o), param(&sp), param(&ri), param(&hk), param(&di)])?;
+        } else {
+            launch!(self.dev, "combine_splits", cfg, &self.part_acc, &self.part_ml, out, &sp, &ri, &hk, &di);
+        }
         Ok(())
     }
 
