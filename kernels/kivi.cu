@@ -420,8 +420,6 @@ struct AttnArgs {
     float scale_log2;        // softmax scale · log2(e)
     int tile0, tile_end;     // this launch's tiles: [tile0, tile_end)
     int split0;              // its first split's index among `splits`
-    int streams;             // tensor cores: block x takes the flat tiles [x·tiles_per_split, ..)
-    int tc_slots;            // of every stream's tile0 .. tile_end (tc::decode_attn)
 };
 
 // Programmatic dependent launch (sm_90). A step's attention kernels (tensor cores, the
@@ -1060,10 +1058,10 @@ constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's column
 // lo), and a shuffle adds the halves: one MMA where two were, since 4 of the 8 columns
 // would be padding anyway. Lanes tq and tq + 2 then hold the same scores (bit for bit:
 // the sum is commutative), and the output's columns 4–7 repeat 0–3 (never written).
-// One segment: tiles [tb, te) of stream s, written as split `split`.
 template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
-__device__ __forceinline__ void decode_attn_segment(const AttnArgs& a, const int s, const int split, const long tb, const long te) {
+__device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     static_assert(!(TK && HALF), "HALF is KIVI's");
+    pdl_trigger();
     using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int VROW = D * VB / 8;  // bytes of one value row
@@ -1079,7 +1077,7 @@ __device__ __forceinline__ void decode_attn_segment(const AttnArgs& a, const int
     constexpr int KROW = D * KB / 8;  // bytes of one key row (TK); KIVI's key tile is 32 · KROW bytes too
 
     // Block z serves queries r0 .. r0 + 8 of the KV head's `rep`.
-    const int r0 = blockIdx.z * NQ;
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * NQ;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
@@ -1118,6 +1116,8 @@ __device__ __forceinline__ void decode_attn_segment(const AttnArgs& a, const int
     __syncthreads();
 
     const long kblocks = a.cap / a.G;
+    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
+    const long te = min((long)a.tile_end, tb + a.tiles_per_split);
     const int count = te > tb + warp ? (int)((te - tb - warp + WARPS - 1) / WARPS) : 0;
     unsigned char* mine = sm + warp * T::STAGES * T::BYTES;
     // A warp's tiles are WARPS·32 tokens apart: the source pointers step by constants,
@@ -1501,38 +1501,6 @@ __device__ __forceinline__ void decode_attn_segment(const AttnArgs& a, const int
     }
     __syncthreads();
     write_split<D, NQ>(a, sm_m, sm_l, sm_acc, s, split, r0);
-}
-
-// The tensor-core kernel's work cut flat: every stream's tiles tile0 .. tile_end laid end
-// to end, stream after stream, and block x takes `tiles_per_split` of them from
-// x·tiles_per_split. Every block then has the same work, however many blocks an SM holds
-// (with a split count a stream, the blocks had to come in multiples of the streams, and
-// SmolLM2's 192 streams at batch 64 left a choice of 3 blocks an SM or a second wave).
-// A block writes a split for each stream it touches, numbered from the stream's first
-// block; a stream has at most `tc_slots`, and the block with its first tile marks the
-// ones it lacks empty (max −∞: combine_splits skips them).
-template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
-__device__ __forceinline__ void decode_attn(const AttnArgs& a) {
-    pdl_trigger();
-    // Only f lives across a segment: the rest comes back from the arguments (registers).
-    for (long f = (long)blockIdx.x * a.tiles_per_split;;) {
-        const long P = a.tile_end - a.tile0, per = a.tiles_per_split;
-        const long f_end = min((long)(blockIdx.x + 1) * per, (long)a.streams * P);
-        if (f >= f_end) break;
-        const int s = (int)(f / P);
-        const long tb = f - s * P, te = min(P, tb + (f_end - f));
-        const long first = s * P / per;  // the stream's first block
-        if (f != (long)blockIdx.x * per) __syncthreads();  // the last segment's shared memory
-        decode_attn_segment<D, KB, VB, GPT, TK, HALF>(a, s, a.split0 + (int)(blockIdx.x - first), a.tile0 + tb, a.tile0 + te);
-        if (tb == 0) {
-            const int used = (int)((s * P + P - 1) / per - first + 1), r0 = blockIdx.z * NQ;
-            for (int i = threadIdx.x; i < (a.tc_slots - used) * NQ; i += WARPS * 32) {
-                const int r = r0 + i % NQ;
-                if (r < a.rep) a.part_ml[(((long)s * a.splits + a.split0 + used + i / NQ) * a.rep + r) * 2] = -INFINITY;
-            }
-        }
-        f += te - tb;
-    }
 }
 }  // namespace tc
 

@@ -86,8 +86,7 @@ fn rel_error(x: &[f32], y: &[f32]) -> f64 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usize, tc_blocks_per_sm: &[usize], peer: Option<&std::path::Path>, json: Option<&std::path::Path>) -> Result<String> {
+pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usize, peer: Option<&std::path::Path>, json: Option<&std::path::Path>) -> Result<String> {
     let dev = cuda::open(0)?;
     let device = Device::Cuda(dev.clone());
     let peers: Vec<PeerRow> = match peer {
@@ -245,25 +244,17 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usi
             // start); the first kernel, all on CUDA cores (a second implementation). Timed in
             // turns, the median of 3 rounds each: timed one after the other, two rows running
             // the very same kernels once read 261 and 242 µs (per-token-4, H100).
-            // Then, with --tc-blocks-per-sm, the default launches at those blocks an SM.
-            let mut kernels = vec![(AttnKernel::Auto, String::new(), None), (AttnKernel::TensorCores, ", no early launch".into(), None), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores".into(), None)];
-            for &n in tc_blocks_per_sm {
-                kernels.push((AttnKernel::Auto, format!(", {n} tensor-core blocks an SM"), Some(n)));
-            }
+            let kernels = [(AttnKernel::Auto, ""), (AttnKernel::TensorCores, ", no early launch"), (AttnKernel::CudaCores { heads_per_block: 4 }, ", CUDA cores")];
             let mut outs = Vec::new();
             for _ in &kernels {
                 outs.push(dev.alloc_zeros::<f32>(b * hq * d)?);
             }
-            let times = cuda::time_ms_in_turns(&dev, 3, iters, kernels.len(), |i| {
-                layer.set_tc_blocks_per_sm(kernels[i].2);
-                layer.attend_with(&qd, hq, &mut outs[i], splits, kernels[i].0)
-            })?;
-            layer.set_tc_blocks_per_sm(None);
-            for (((_, label, _), od), ms) in kernels.iter().zip(&outs).zip(times) {
+            let times = cuda::time_ms_in_turns(&dev, 3, iters, kernels.len(), |i| layer.attend_with(&qd, hq, &mut outs[i], splits, kernels[i].0))?;
+            for (((_, label), od), ms) in kernels.iter().zip(&outs).zip(times) {
                 let got = dev.clone_dtoh(od)?;
                 let c = cuda::check_packed(&layer, &config, &check_rows, hkv, &k, &v, &q, hq, &got)?;
                 push(&format!("{name} attend{label}"), layer.bytes_read(), ms, Some(c.packed_bytes_equal), Some(c.max_rel_error), &mut t);
-                if let (Some(m), "") = (&c.mismatch, label.as_str()) {
+                if let (Some(m), "") = (&c.mismatch, *label) {
                     failures.push(format!("{} {name}: {m}", sh.name));
                 }
                 if c.max_rel_error > MAX_REL_ERROR {

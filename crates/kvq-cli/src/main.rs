@@ -329,9 +329,6 @@ enum BenchCmd {
         /// Splits of each stream's packed tiles in the attend rows (0: the planner's choice).
         #[arg(long, default_value_t = 0)]
         splits: usize,
-        /// Extra attend rows: the tensor-core kernel at these blocks an SM (default: as many as fit).
-        #[arg(long, value_delimiter = ',')]
-        tc_blocks_per_sm: Vec<usize>,
         /// PyTorch SDPA timings on the same shapes (bench/peers/sdpa_attn.py's JSON).
         #[arg(long)]
         peer: Option<std::path::PathBuf>,
@@ -561,9 +558,9 @@ fn run() -> Result<()> {
             println!("{}", p.display());
         }
         #[cfg(feature = "cuda")]
-        Command::Bench(BenchCmd::Attn { shapes, caches, iters, splits, tc_blocks_per_sm, peer, json, out }) => {
+        Command::Bench(BenchCmd::Attn { shapes, caches, iters, splits, peer, json, out }) => {
             let shapes = shapes.iter().map(|s| s.parse()).collect::<Result<Vec<gpu_bench::AttnShape>>>()?;
-            let body = gpu_bench::attn(&shapes, &caches, iters, splits, &tc_blocks_per_sm, peer.as_deref(), json.as_deref())?;
+            let body = gpu_bench::attn(&shapes, &caches, iters, splits, peer.as_deref(), json.as_deref())?;
             write_result(&out, "GPU decode attention over the quantized caches (KIVI, per-token, KVQuant)", &body)?;
         }
         #[cfg(feature = "cuda")]

@@ -11,7 +11,7 @@
 
 use crate::cache::{Cache, CacheConfig, CacheShape, KvCache, Scheme};
 use crate::error::{KvqError, Result};
-use crate::gpu_plan::{flat_splits, plan_flat, plan_splits};
+use crate::gpu_plan::{plan_splits, plan_splits_sm_bound};
 use crate::quant::packed_len;
 use crate::rng::SplitMix64;
 use crate::size::PackedGpuLayout;
@@ -178,8 +178,6 @@ struct AttnArgs {
     tile0: i32,
     tile_end: i32,
     split0: i32,
-    streams: i32,
-    tc_slots: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnArgs {}
@@ -202,6 +200,9 @@ pub enum AttnKernel {
 
 /// Query heads a tensor-core block serves (the MMA's 8 columns); more take more blocks.
 const TC_QUERIES: usize = 8;
+/// Warps past which an SM runs the tensor-core kernels no faster (their issue slots bound
+/// them; H100, gpu_plan.rs): the planner spreads splits for that many, not for every slot.
+const TC_BUSY_WARPS: usize = 8;
 
 /// Blocks of kivi.cu's kernel `name` that fit one SM at once (registers, shared memory, warps).
 fn blocks_per_sm(dev: &CudaDevice, name: &str) -> Result<usize> {
@@ -253,8 +254,6 @@ pub struct PackedGpuLayer {
     part_ml: CudaSlice<f32>,
     /// SMs of the GPU: how many blocks the attention should spread over.
     sms: usize,
-    /// Blocks an SM for the tensor-core kernel (None: as many as fit).
-    tc_blocks_per_sm: Option<usize>,
 }
 
 /// What the packed GPU kernels accept: KIVI or per-token caches of 2- or 4-bit codes,
@@ -375,14 +374,7 @@ impl PackedGpuLayer {
             part_acc,
             part_ml,
             sms,
-            tc_blocks_per_sm: None,
         })
-    }
-
-    /// Blocks an SM the tensor-core kernel's flat cut fills (gpu_plan::plan_flat); None,
-    /// the default, as many as fit. For tuning (`kvq bench attn --tc-blocks-per-sm`).
-    pub fn set_tc_blocks_per_sm(&mut self, blocks: Option<usize>) {
-        self.tc_blocks_per_sm = blocks;
     }
 
     pub fn len(&self) -> usize {
@@ -585,20 +577,10 @@ impl PackedGpuLayer {
         };
         let window_name = format!("window_decode_attn_d{d}_r{rep_chunk}");
         let w = WARPS as usize;
-        // Tensor cores: every stream's packed tiles end to end, in `tc_blocks` equal blocks
-        // (kivi.cu: tc::decode_attn), `tc_splits` partial results a stream at most.
-        let (tc_blocks, tc_per, tc_splits) = match packed {
-            0 => (0, 1, 0),
-            t => {
-                let per = if splits > 0 {
-                    fixed(t).1
-                } else {
-                    let fit = blocks_per_sm(&self.dev, &tc_name)?;
-                    let per_sm = self.tc_blocks_per_sm.map_or(fit, |b| b.clamp(1, fit));
-                    plan_flat(s * t, (per_sm * self.sms / tc_chunks).max(1), 2 * w).1
-                };
-                ((s * t).div_ceil(per), per, flat_splits(s, t, per))
-            }
+        let (tc_splits, tc_per) = match packed {
+            0 => (0, 1),
+            t if splits > 0 => fixed(t),
+            t => plan_splits_sm_bound(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)?, self.sms, w, TC_BUSY_WARPS),
         };
         let (cc_splits, cc_per) = match window - packed {
             0 => (0, 1),
@@ -654,13 +636,11 @@ impl PackedGpuLayer {
                 tile0: 0,
                 tile_end: packed as i32,
                 split0: 0,
-                streams: s as i32,
-                tc_slots: tc_splits as i32,
             }
         };
         let block = (WARPS * 32, 1, 1);
-        if tc_blocks > 0 {
-            let cfg = LaunchConfig { grid_dim: (tc_blocks as u32, 1, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
+        if tc_splits > 0 {
+            let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &tc_name, cfg, &args);
         }
         // The first attention kernel starts after the appends that filled the cache; the

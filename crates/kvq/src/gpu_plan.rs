@@ -9,14 +9,14 @@
 //! [`plan_splits`] takes the fewest splits within 3% of the best, since every split adds
 //! a partial result for `combine_splits` to merge.
 //!
-//! The tensor-core kernels are cut differently: every stream's packed tiles end to end,
-//! in equal blocks ([`plan_flat`]), as many as fill the SMs' slots at the blocks an SM the
-//! caller picks; a block that spans two streams writes a split for each ([`flat_splits`]:
-//! the room a stream needs). Cutting by splits a stream, the block count had to be a
-//! multiple of the streams: on an H100 (kivi-2, bench attn --splits) both goal shapes ran
+//! The tensor-core kernels are different: an SM's own throughput bounds them (ncu: their
+//! instructions wait on each other, not on memory), so extra warps on an SM add little
+//! speed past a few. [`plan_splits_sm_bound`] models
+//! that: a wave takes as long as its busiest SM's tiles over `min(its warps, busy_warps)`,
+//! plus one tile of set-up. On an H100 (kivi-2, bench attn --splits) both goal shapes ran
 //! fastest at 2 splits, 2 or 3 blocks an SM: Llama-3-8B B16 32k 150.6 µs against 154.2,
 //! 156.0 and 206.3 µs at 3, 4 and 5; SmolLM2 B64 8k 40.9 against 42.6, 45.6 and 44.8 at 3,
-//! 5 and 6 (3 splits there meant 576 blocks: more than one wave of 4 blocks an SM).
+//! 5 and 6, where `plan_splits` had picked 4 and 3.
 
 /// (splits, tiles a split) for `tiles` tiles a stream; 0 tiles gives (0, 1).
 pub fn plan_splits(tiles: usize, blocks_per_split: usize, wave: usize, warps: usize) -> (usize, usize) {
@@ -45,24 +45,30 @@ fn fewest_near_best(max_splits: usize, plan: impl Fn(usize) -> (usize, usize, f6
     (splits, per)
 }
 
-/// The tensor-core kernels' flat cut (kivi.cu: `tc::decode_attn`): `total` tiles (every
-/// stream's, end to end) in blocks of `per` tiles, at most `slots` blocks (one wave: the
-/// SMs' slots for this kernel) and at least `min_per` tiles a block. Returns (blocks, per).
-/// Every block gets the same work whatever the stream count, so the blocks an SM holds can
-/// be chosen for speed alone.
-pub fn plan_flat(total: usize, slots: usize, min_per: usize) -> (usize, usize) {
-    if total == 0 {
+/// (splits, tiles a split) for a kernel whose SMs saturate at `busy_warps` warps: each wave's
+/// blocks spread over `sms` SMs (at most `blocks_per_sm` each), and a wave takes
+/// `n · per / min(n · warps, busy_warps) + 1` tile-times, `n` the blocks on its busiest SM.
+/// The fewest splits within 3% of the best, as [`plan_splits`].
+pub fn plan_splits_sm_bound(tiles: usize, blocks_per_split: usize, blocks_per_sm: usize, sms: usize, warps: usize, busy_warps: usize) -> (usize, usize) {
+    if tiles == 0 {
         return (0, 1);
     }
-    let per = total.div_ceil(slots.max(1)).max(min_per.max(1));
-    (total.div_ceil(per), per)
-}
-
-/// The most splits (blocks) any of `streams` streams of `tiles` tiles touches in the flat
-/// cut at `per` tiles a block: the partial results each stream needs room for.
-pub fn flat_splits(streams: usize, tiles: usize, per: usize) -> usize {
-    let per = per.max(1);
-    (0..streams).map(|s| (s * tiles + tiles - 1) / per - s * tiles / per + 1).max().unwrap_or(0)
+    let (bps, sms, warps) = (blocks_per_split.max(1), sms.max(1), warps.max(1));
+    let (slots, busy) = (blocks_per_sm.max(1) * sms, busy_warps.max(1));
+    let max_splits = tiles.div_ceil(warps);
+    let plan = |want: usize| {
+        let per = tiles.div_ceil(want);
+        let splits = tiles.div_ceil(per);
+        let (mut left, mut time) = (splits * bps, 0.0);
+        while left > 0 {
+            let wave = left.min(slots);
+            let n = wave.div_ceil(sms);
+            time += (n * per) as f64 / (n * warps).min(busy) as f64 + 1.0;
+            left -= wave;
+        }
+        (splits, per, time)
+    };
+    fewest_near_best(max_splits, plan)
 }
 
 #[cfg(test)]
@@ -99,31 +105,20 @@ mod tests {
     }
 
     #[test]
-    fn flat_cut_fills_one_wave_evenly() {
-        // SmolLM2 at batch 64, 8k: 192 streams × 252 packed tiles over 4 blocks × 132 SMs.
-        let (blocks, per) = plan_flat(192 * 252, 4 * 132, 8);
-        assert_eq!((blocks, per), (526, 92), "one wave (of 528 slots), 92 tiles a block");
-        // A block spans at most two streams here, so a stream has at most 4 splits.
-        assert_eq!(flat_splits(192, 252, per), 4);
-        // Few tiles: no block gets fewer than min_per (each warp has work).
-        assert_eq!(plan_flat(20, 528, 8), (3, 8));
-        assert_eq!(plan_flat(0, 528, 8), (0, 1));
-        for (streams, tiles) in [(1, 1), (3, 7), (8, 1020), (128, 1020), (192, 252), (5, 3)] {
-            for slots in [1, 7, 132, 396, 528, 660] {
-                let (blocks, per) = plan_flat(streams * tiles, slots, 8);
-                assert!(blocks * per >= streams * tiles && (blocks - 1) * per < streams * tiles, "{streams}×{tiles} / {slots}");
-                assert!(blocks <= slots.max(streams * tiles / 8 + 1), "{streams}×{tiles} / {slots}");
-                // Count each stream's blocks the slow way: every tile's block, distinct.
-                let most = (0..streams)
-                    .map(|s| {
-                        let mut b: Vec<usize> = (0..tiles).map(|t| (s * tiles + t) / per).collect();
-                        b.dedup();
-                        b.len()
-                    })
-                    .max()
-                    .unwrap();
-                assert_eq!(flat_splits(streams, tiles, per), most, "{streams}×{tiles} at {per}");
+    fn sm_bound_kernels_take_few_long_blocks() {
+        // The two goal shapes on an H100 (132 SMs), 8 busy warps: both at 2 splits, as measured.
+        assert_eq!(plan_splits_sm_bound(1020, 128, 4, 132, 4, 8), (2, 510));
+        assert_eq!(plan_splits_sm_bound(252, 192, 5, 132, 4, 8), (2, 126));
+        // One sequence still spreads over the GPU: 2 blocks on most SMs, not 1 on a few.
+        let (splits, per) = plan_splits_sm_bound(1020, 8, 4, 132, 4, 8);
+        assert!(8 * splits > 132 && 8 * splits <= 2 * 132, "{splits}×{per}");
+        for tiles in [1, 3, 4, 5, 31, 64, 255, 1000, 4093] {
+            for bps in [1, 8, 32, 128, 192, 1024] {
+                let (splits, per) = plan_splits_sm_bound(tiles, bps, 4, 132, 4, 8);
+                assert!(splits >= 1 && splits * per >= tiles && (splits - 1) * per < tiles, "{tiles} {bps}: {splits}×{per}");
+                assert!(splits <= tiles.div_ceil(4), "{tiles} {bps}");
             }
         }
+        assert_eq!(plan_splits_sm_bound(0, 8, 4, 132, 4, 8), (0, 1));
     }
 }
