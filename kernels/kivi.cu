@@ -1081,40 +1081,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
-    for (int i = threadIdx.x; i < NQ * 4 * KS; i += WARPS * 32) {
-        const int r = i / (4 * KS), ks = i / 4 % KS, t = i % 4;
-        const int qi = HALF ? r & 3 : r;  // HALF: rows r and r + 4 both hold query r
-        const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + qi) * D + 16 * ks + 2 * t;
-        float x[4] = {0.f, 0.f, 0.f, 0.f};  // channels 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step
-        if (r0 + qi < a.rep) {
-            x[0] = qr[0] * a.scale_log2, x[1] = qr[1] * a.scale_log2;
-            x[2] = qr[8] * a.scale_log2, x[3] = qr[9] * a.scale_log2;
-        }
-        if constexpr (TK) {
-            // A token-row code of channel 2t (2t + 1) enters at bit pL (pH) of its half: q
-            // takes the factor 2^-pL (2^-pH) so every product is code·q·2^-24 (exact powers of 2).
-            const int pl = KB == 2 ? 4 * (t & 1) : 0, ph = KB == 2 ? pl + 2 : 4;
-            const float fl = __int_as_float((127 - pl) << 23), fh = __int_as_float((127 - ph) << 23);
-            x[0] *= fl, x[1] *= fh, x[2] *= fl, x[3] *= fh;
-        }
-        const __half2 h01 = __floats2half2_rn(x[0], x[1]), h89 = __floats2half2_rn(x[2], x[3]);
-        const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
-        const uint32_t l01 = bits(__floats2half2_rn(x[0] - f01.x, x[1] - f01.y)), l89 = bits(__floats2half2_rn(x[2] - f89.x, x[3] - f89.y));
-        // HALF: row r < 4 (the hi columns) holds {0, 0, hi} (see the score loop), row r + 4 {hi, lo}.
-        sq[r][4 * ks + t] = HALF && r < 4 ? make_uint4(0u, 0u, bits(h01), bits(h89)) : make_uint4(bits(h01), bits(h89), l01, l89);
-    }
-    if constexpr (TK) {
-        for (int i = threadIdx.x; i < NQ * GPT; i += WARPS * 32) {
-            const int r = i / GPT, gr = i % GPT;
-            const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + r) * D + gr * (D / GPT);
-            float sum = 0.f;
-            if (r0 + r < a.rep)
-                for (int c = 0; c < D / GPT; c++) sum += qr[c] * a.scale_log2;
-            sqsum[r][gr] = sum;
-        }
-    }
-    __syncthreads();
-
     const long kblocks = a.cap / a.G;
     const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
     const long te = min((long)a.tile_end, tb + a.tiles_per_split);
@@ -1165,6 +1131,48 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         ld_kc += WARPS * 32 * KROW, ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT * 4;
     };
 
+    // The pipeline's first tiles in flight before q is staged: the two round trips to
+    // memory overlap (q's loads were a block's first stall, the tiles' its second).
+#pragma unroll
+    for (int i = 0; i < T::STAGES - 1; i++) {
+        if (i < count) load();
+        cp_commit();
+    }
+
+    for (int i = threadIdx.x; i < NQ * 4 * KS; i += WARPS * 32) {
+        const int r = i / (4 * KS), ks = i / 4 % KS, t = i % 4;
+        const int qi = HALF ? r & 3 : r;  // HALF: rows r and r + 4 both hold query r
+        const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + qi) * D + 16 * ks + 2 * t;
+        float x[4] = {0.f, 0.f, 0.f, 0.f};  // channels 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step
+        if (r0 + qi < a.rep) {
+            x[0] = qr[0] * a.scale_log2, x[1] = qr[1] * a.scale_log2;
+            x[2] = qr[8] * a.scale_log2, x[3] = qr[9] * a.scale_log2;
+        }
+        if constexpr (TK) {
+            // A token-row code of channel 2t (2t + 1) enters at bit pL (pH) of its half: q
+            // takes the factor 2^-pL (2^-pH) so every product is code·q·2^-24 (exact powers of 2).
+            const int pl = KB == 2 ? 4 * (t & 1) : 0, ph = KB == 2 ? pl + 2 : 4;
+            const float fl = __int_as_float((127 - pl) << 23), fh = __int_as_float((127 - ph) << 23);
+            x[0] *= fl, x[1] *= fh, x[2] *= fl, x[3] *= fh;
+        }
+        const __half2 h01 = __floats2half2_rn(x[0], x[1]), h89 = __floats2half2_rn(x[2], x[3]);
+        const float2 f01 = __half22float2(h01), f89 = __half22float2(h89);
+        const uint32_t l01 = bits(__floats2half2_rn(x[0] - f01.x, x[1] - f01.y)), l89 = bits(__floats2half2_rn(x[2] - f89.x, x[3] - f89.y));
+        // HALF: row r < 4 (the hi columns) holds {0, 0, hi} (see the score loop), row r + 4 {hi, lo}.
+        sq[r][4 * ks + t] = HALF && r < 4 ? make_uint4(0u, 0u, bits(h01), bits(h89)) : make_uint4(bits(h01), bits(h89), l01, l89);
+    }
+    if constexpr (TK) {
+        for (int i = threadIdx.x; i < NQ * GPT; i += WARPS * 32) {
+            const int r = i / GPT, gr = i % GPT;
+            const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + r) * D + gr * (D / GPT);
+            float sum = 0.f;
+            if (r0 + r < a.rep)
+                for (int c = 0; c < D / GPT; c++) sum += qr[c] * a.scale_log2;
+            sqsum[r][gr] = sum;
+        }
+    }
+    __syncthreads();
+
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // queries 2tq, 2tq + 1
     float acc[KS][4];     // output fragments: channels 16mt + g (+ 8) × queries 2tq (+ 1)
     // Σ p·min_v of value group g % GPT (MMA row g), queries 2tq, 2tq + 1 (2, 3: unused rows).
@@ -1199,11 +1207,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     // 2^(24 − pos), built from its exponent bits.
     const float vf = __int_as_float((127 + 24 - (VB == 2 ? pos2 : pos4)) << 23);
 
-#pragma unroll
-    for (int i = 0; i < T::STAGES - 1; i++) {
-        if (i < count) load();
-        cp_commit();
-    }
     for (int i = 0, rd_stage = 0; i < count; i++, rd_stage = rd_stage == T::STAGES - 1 ? 0 : rd_stage + 1) {
         if (i + T::STAGES - 1 < count) load();
         cp_commit();
