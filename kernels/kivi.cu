@@ -420,6 +420,9 @@ struct AttnArgs {
     float scale_log2;        // softmax scale · log2(e)
     int tile0, tile_end;     // this launch's tiles: [tile0, tile_end)
     int split0;              // its first split's index among `splits`
+    // The window's kernel, when it is the step's last and runs one split a stream: with
+    // `out` set it merges every split into out [batch][Hq][D] (no combine_splits after).
+    float* out;
 };
 
 // Programmatic dependent launch (sm_90). A step's attention kernels (tensor cores, the
@@ -431,6 +434,25 @@ struct AttnArgs {
 // packed tiles' instead of after them, and launches overlap.
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+// Query r, channel c of stream s from its `splits` partial results:
+// Σ acc·2^(m−M) / Σ l·2^(m−M). The splits come from other blocks and kernels: read from L2
+// (ld.global.cg), never from a line this SM's L1 may hold from an earlier launch.
+__device__ __forceinline__ float merged_output(const float* part_acc, const float* part_ml, int splits, int rep, int D, int s, int r,
+                                               int c) {
+    float M = -INFINITY;
+    for (int k = 0; k < splits; k++) M = fmaxf(M, __ldcg(part_ml + (((long)s * splits + k) * rep + r) * 2));
+    float L = 0.f, A = 0.f;
+    for (int k = 0; k < splits; k++) {
+        const long o = ((long)s * splits + k) * rep + r;
+        const float mk = __ldcg(part_ml + o * 2);
+        if (mk == -INFINITY) continue;
+        const float e = exp2f(mk - M);
+        L += __ldcg(part_ml + o * 2 + 1) * e;
+        A += __ldcg(part_acc + o * D + c) * e;
+    }
+    return L > 0.f ? A / L : 0.f;
+}
 
 // After every warp of the block has left its online-softmax state (max, sum,
 // unnormalized output per query) in shared memory: merges them and writes the split's
@@ -906,6 +928,16 @@ __device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
     }
     __syncthreads();
     write_split<D, REP>(a, sm_m, sm_l, sm_acc, s, split, r0);
+    // The kernels ahead have ended (write_split's pdl_wait) and this block holds the
+    // stream's only window split: every split of its queries is in memory, so it merges
+    // them here and the step needs no combine_splits (one kernel's end and start fewer).
+    if (a.out != nullptr) {
+        __syncthreads();  // this block's own split, written by its other threads
+        for (int i = threadIdx.x; i < REP * D; i += WARPS * 32) {
+            const int r = r0 + i / D, c = i % D;
+            if (r < a.rep) a.out[((long)b * a.Hq + h * a.rep + r) * D + c] = merged_output(a.part_acc, a.part_ml, a.splits, a.rep, D, s, r, c);
+        }
+    }
 }
 #define WINDOW_ENTRY(D, REP)                                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
@@ -1589,17 +1621,6 @@ extern "C" __global__ void combine_splits(const float* __restrict__ part_acc, co
     const int s = sr / rep, r = sr % rep;
     const int c = threadIdx.x;
     if (c >= D) return;
-    float M = -INFINITY;
-    for (int k = 0; k < splits; k++) M = fmaxf(M, part_ml[(((long)s * splits + k) * rep + r) * 2]);
-    float L = 0.f, A = 0.f;
-    for (int k = 0; k < splits; k++) {
-        const long o = ((long)s * splits + k) * rep + r;
-        const float mk = part_ml[o * 2];
-        if (mk == -INFINITY) continue;
-        const float e = exp2f(mk - M);
-        L += part_ml[o * 2 + 1] * e;
-        A += part_acc[o * D + c] * e;
-    }
     const int b = s / Hkv, h = s % Hkv;
-    out[((long)b * Hkv * rep + h * rep + r) * D + c] = L > 0.f ? A / L : 0.f;
+    out[((long)b * Hkv * rep + h * rep + r) * D + c] = merged_output(part_acc, part_ml, splits, rep, D, s, r, c);
 }

@@ -178,6 +178,7 @@ struct AttnArgs {
     tile0: i32,
     tile_end: i32,
     split0: i32,
+    out: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnArgs {}
@@ -587,8 +588,12 @@ impl PackedGpuLayer {
             t if splits > 0 && packed == 0 => fixed(t),
             t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &cc_name)? * self.sms, w),
         };
+        // A short window, read in one split a stream, is the step's last kernel and merges
+        // every split itself (kivi.cu: window_decode_attn), so no combine_splits follows it.
+        let merge_in_window = fresh.is_none() && ntiles > window && ntiles - window <= 2 * w;
         let (win_splits, win_per) = match ntiles - window {
             0 => (0, 1),
+            t if merge_in_window => (1, t),
             t if splits > 0 && window == 0 => fixed(t),
             t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &window_name)? * self.sms, w),
         };
@@ -636,6 +641,7 @@ impl PackedGpuLayer {
                 tile0: 0,
                 tile_end: packed as i32,
                 split0: 0,
+                out: 0,
             }
         };
         let block = (WARPS * 32, 1, 1);
@@ -647,14 +653,15 @@ impl PackedGpuLayer {
         // others and combine_splits may start early (kivi.cu: pdl_trigger, pdl_wait).
         let early = matches!(kernel, AttnKernel::Auto);
         let mut started = tc_splits > 0;
-        for (splits_here, per, tile0, tile_end, split0, name) in [
-            (cc_splits, cc_per, packed, window, tc_splits, &cc_name),
-            (win_splits, win_per, window, ntiles, tc_splits + cc_splits, &window_name),
+        let out_p = if merge_in_window { out.device_ptr_mut(&stream).0 } else { 0 };
+        for (splits_here, per, tile0, tile_end, split0, name, out) in [
+            (cc_splits, cc_per, packed, window, tc_splits, &cc_name, 0),
+            (win_splits, win_per, window, ntiles, tc_splits + cc_splits, &window_name, out_p),
         ] {
             if splits_here == 0 {
                 continue;
             }
-            let args = AttnArgs { tiles_per_split: per as i32, tile0: tile0 as i32, tile_end: tile_end as i32, split0: split0 as i32, ..args };
+            let args = AttnArgs { tiles_per_split: per as i32, tile0: tile0 as i32, tile_end: tile_end as i32, split0: split0 as i32, out, ..args };
             let cfg = LaunchConfig { grid_dim: (s as u32, splits_here as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             if started && early {
                 launch_after(&self.dev, name, cfg, &mut [param(&args)])?;
@@ -662,6 +669,9 @@ impl PackedGpuLayer {
                 launch!(self.dev, name, cfg, &args);
             }
             started = true;
+        }
+        if merge_in_window {
+            return Ok(());
         }
         let after = started && early && fresh.is_none();
         if let Some((fk, fv, t)) = fresh {
