@@ -201,8 +201,6 @@ pub enum AttnKernel {
 
 /// Query heads a tensor-core block serves (the MMA's 8 columns); more take more blocks.
 const TC_QUERIES: usize = 8;
-/// The most splits (the window's included) a step's window kernel merges itself.
-const MERGE_IN_WINDOW_SPLITS: usize = 8;
 /// Warps past which an SM runs the tensor-core kernels no faster (their issue slots bound
 /// them; H100, gpu_plan.rs): the planner spreads splits for that many, not for every slot.
 const TC_BUSY_WARPS: usize = 8;
@@ -591,11 +589,8 @@ impl PackedGpuLayer {
             t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &cc_name)? * self.sms, w),
         };
         // A short window, read in one split a stream, is the step's last kernel and merges
-        // every split itself (kivi.cu: window_decode_attn), so no combine_splits follows it:
-        // H100, kivi-2, SmolLM2 B64 8k 40.4-40.9 → 39.3-39.6 µs, B8 17.7 → 15.0. Not with
-        // many splits (few streams): each of a window block's threads then reads them all
-        // for two outputs in turn, and Llama-3-8B B1 32k (33 TC splits) went 28.0 → 30.5 µs.
-        let merge_in_window = fresh.is_none() && ntiles > window && ntiles - window <= 2 * w && tc_splits + cc_splits < MERGE_IN_WINDOW_SPLITS;
+        // every split itself (kivi.cu: window_decode_attn), so no combine_splits follows it.
+        let merge_in_window = fresh.is_none() && ntiles > window && ntiles - window <= 2 * w;
         let (win_splits, win_per) = match ntiles - window {
             0 => (0, 1),
             t if merge_in_window => (1, t),
