@@ -1267,10 +1267,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                 const uint4 v = *(const uint4*)(kc8 + 16 * (32 * i + lane));
                 kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
             }
-            // Odd k-steps accumulate apart (sc2, bc2): chains of MMAs half as long, which the
-            // warp's few neighbours on a scheduler could not hide.
-            float sc2[2][4] = {};
-            float bc[4] = {}, bc2[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3: unused rows)
+            float bc[4] = {};  // Σ q·min: queries 2tq, 2tq + 1 (elements 2, 3: unused rows)
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 const uint4 qv = qf[ks];
@@ -1293,26 +1290,24 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
                     uint32_t A[4];
 #pragma unroll
                     for (int r = 0; r < 4; r++) A[r] = slot_operand<KB>(kw[wi + (r >> 1)], key_slot<KB>(kg, mt, r & 1));
-                    float (&scd)[4] = ks & 1 ? sc2[mt] : sc[mt];
-                    if constexpr (!HALF) mma(scd, A, bits(h01), bits(h89));
-                    mma(scd, A, l01, l89);
+                    if constexpr (!HALF) mma(sc[mt], A, bits(h01), bits(h89));
+                    mma(sc[mt], A, l01, l89);
                 }
                 // A's rows g hold the mins, its rows g + 8 the scales (bc[2], bc[3]: never
                 // read): the registers of the params' load as they are, no copies.
                 const uint32_t M[4] = {m01, s01, m89, s89};
-                float (&bcd)[4] = ks & 1 ? bc2 : bc;
                 if constexpr (HALF) {
                     // Σ q·min: q's hi (hi lanes) or lo (lo lanes), both where the lo part goes.
-                    mma(bcd, M, qv.z, qv.w);
+                    mma(bc, M, qv.z, qv.w);
                 } else {
-                    mma(bcd, M, qv.x, qv.y);
-                    mma(bcd, M, qv.z, qv.w);
+                    mma(bc, M, qv.x, qv.y);
+                    mma(bc, M, qv.z, qv.w);
                 }
             }
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e] + sc2[mt][e], pow2(24 - slot_pos<KB>(key_slot<KB>(KB == 2, mt, e >> 1))), bc[e & 1] + bc2[e & 1]);
+                for (int e = 0; e < 4; e++) sc[mt][e] = fmaf(sc[mt][e], pow2(24 - slot_pos<KB>(key_slot<KB>(KB == 2, mt, e >> 1))), bc[e & 1]);
             if constexpr (HALF) {
                 // Column n + 4 (lo) sits in lane tq + 2 of column n (hi).
 #pragma unroll
