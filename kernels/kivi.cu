@@ -1372,35 +1372,29 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         }
 
         // Online softmax (base 2) per query; this lane holds tokens g, g + 8, g + 16, g + 24.
-        // The running max needs the 8 lanes of a query (three shuffles, each waited on) only
-        // when some lane's score beats it: otherwise it stands, corr is 1 and nothing is
-        // rescaled, exactly as the full path would compute. Once the max settles (after the
-        // first tiles, and whenever a later score is the largest yet) a tile skips them.
-        float lm[2], corr[2] = {1.f, 1.f};
-#pragma unroll
-        for (int j = 0; j < 2; j++) lm[j] = fmaxf(fmaxf(sc[0][j], sc[0][j + 2]), fmaxf(sc[1][j], sc[1][j + 2]));
-        const bool grew = __any_sync(FULL_MASK, lm[0] > m[0] || lm[1] > m[1]);
+        float corr[2];
+        bool grew = false;
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            if (grew) {
-                float mx = lm[j];
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
-                const float mn = fmaxf(m[j], mx);
-                corr[j] = ex2(m[j] - mn);
-                m[j] = mn;
-            }
+            float mx = fmaxf(fmaxf(sc[0][j], sc[0][j + 2]), fmaxf(sc[1][j], sc[1][j + 2]));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
+            const float mn = fmaxf(m[j], mx);
+            grew |= mn != m[j];
+            corr[j] = ex2(m[j] - mn);
+            m[j] = mn;
             float ps = 0.f;
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                sc[mt][j] = ex2(sc[mt][j] - m[j]);
-                sc[mt][j + 2] = ex2(sc[mt][j + 2] - m[j]);
+                sc[mt][j] = ex2(sc[mt][j] - mn);
+                sc[mt][j + 2] = ex2(sc[mt][j + 2] - mn);
                 ps += sc[mt][j] + sc[mt][j + 2];
             }
             l[j] = l[j] * corr[j] + ps;
         }
-        if (grew) {
+        // Once the running maxima settle, corr is exactly 1 in every lane: skip the rescale.
+        if (__any_sync(FULL_MASK, grew)) {
 #pragma unroll
             for (int mt = 0; mt < KS; mt++) {
                 acc[mt][0] *= corr[0];
