@@ -389,7 +389,7 @@ QUANT_ENTRY(4)
 // then a reduce-scatter leaves token j's score in lane j. Values: each lane owns the
 // same channels and accumulates p_j · (min + scale · code). Online softmax in base 2.
 // Writes, per (stream, split, query): the running max, sum and unnormalized output;
-// `combine_splits` merges them.
+// the window's kernel (a short window) or `combine_splits` merges them.
 constexpr int WARPS = 4;
 
 // Window tokens whose loads the CUDA-core kernel puts in flight together (one round trip

@@ -491,7 +491,8 @@ impl PackedGpuLayer {
 
     /// [`PackedGpuLayer::attend`] with a chosen kernel. The tensor-core kernel takes the
     /// tiles of 32 tokens whose keys and values are all packed and the CUDA-core kernel
-    /// the rest (the window), each into its own splits; `combine_splits` merges them all.
+    /// the rest (the window), each into its own splits; the window's kernel merges them all
+    /// when the window is short, `combine_splits` otherwise.
     /// `splits` > 0 fixes the splits of the main part.
     pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, out: &mut CudaSlice<f32>, splits: usize, kernel: AttnKernel) -> Result<()> {
         self.attend_inner(q, q_heads, self.len, None, out, splits, kernel)
