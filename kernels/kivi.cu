@@ -24,6 +24,7 @@
 
 #include "f16_round.cuh"
 #include "mma_tile.cuh"
+#include "tc.cuh"
 #include "warp.cuh"
 
 // Affine parameters covering [lo, hi] (kvq: Affine::fit).
@@ -966,11 +967,6 @@ WINDOW_ENTRY(128, 1) WINDOW_ENTRY(128, 2) WINDOW_ENTRY(128, 3) WINDOW_ENTRY(128,
 // are the error left (up to 3e-4 of the output's largest value); without q's lo part the
 // keys' error alone passes 1e-3.
 namespace tc {
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-// A 16-byte cp.async to a shared-space address (smem_addr), bypassing L1.
-__device__ __forceinline__ void cp_async(uint32_t dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
 // Chunks 32c + lane of a region of N 16-byte chunks (N < 32: the first N lanes); dst and
 // src already point at this lane's first chunk.
 template <int N>
@@ -979,23 +975,7 @@ __device__ __forceinline__ void copy_chunks(uint32_t dst, const unsigned char* s
     for (int c = 0; c < (N + 31) / 32; c++)
         if (N % 32 == 0 || 32 * c + lane < N) cp_async(dst + 512 * c, src + 512 * c);
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// An 8×8 f16 matrix in fragment layout (lane i: row i/4, columns 2(i%4), +1) → its transpose.
-__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
-    uint32_t y;
-    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
-    return y;
-}
-__device__ __forceinline__ uint32_t bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 // The GPT (min, scale) words of one token's value groups, in as few shared loads as fit.
 template <int GPT>
 __device__ __forceinline__ void load_row_params(const __half2* p, uint32_t (&w)[GPT]) {
@@ -1008,13 +988,6 @@ __device__ __forceinline__ void load_row_params(const __half2* p, uint32_t (&w)[
     } else {
         w[0] = *(const uint32_t*)p;
     }
-}
-// 2^x on the SFU, subnormal results flushed to zero (a weight below 2^-126 of the
-// largest adds nothing an f32 sum keeps); exp2f adds a range fix-up around the same op.
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // Codes become f16 *subnormals*: a code c at bit `pos` of a half's mantissa (exponent 0)

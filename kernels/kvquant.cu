@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "f16_round.cuh"
+#include "tc.cuh"
 #include "warp.cuh"
 
 constexpr int WARPS = 4;
@@ -494,3 +495,361 @@ KVQ_ATTN_REPS(1, true, half)
 KVQ_ATTN_REPS(1, false, interleaved)
 KVQ_ATTN_REPS(2, true, half)
 KVQ_ATTN_REPS(2, false, interleaved)
+
+// ---------------------------------------------------------------- attention on tensor cores
+// The same attention with both products on tensor cores (mma.sync m16n8k16, f16 in, f32
+// accumulate), the layout of kivi.cu's tensor-core kernel: the MMA's 16 rows are tokens
+// (scores) and channels (output), its 8 columns 8 queries of the stream (block z takes
+// queries 8z .. 8z + 7). KVQuant's levels are not evenly spaced and its keys must be
+// rotated token by token, so a warp first dequantizes each tile of 32 tokens into an f16
+// tile in shared memory, which the MMAs read through ldmatrix:
+//   keys    a lane owns PP RoPE pairs (as the CUDA-core kernel) and walks the 32 tokens:
+//           level → centre + scale · level → rotated by the token's angle (cos/sin of the
+//           tile's first token from the table, then stepped by position 1's) → f16;
+//           outliers after: lane j recomputes the pair an outlier of token j sits in;
+//   values  lane j dequantizes token j's row (centre + half-range · level, its outliers
+//           put back) from codes it loaded a tile ahead into registers.
+// Key codes stream into shared memory by cp.async, issued a tile ahead. p goes to f16 once
+// and becomes the value product's operand through movmatrix. Every f32 step as the CUDA-
+// core kernel's; the f16 roundings of rotated keys, q and p are the error added (the
+// bench's check against the CPU cache: relative error ≤ 1e-3).
+namespace kvq_tc {
+using namespace tc;
+
+// Code of channel c (a compile-time constant once unrolled) in a packed row: from shared
+// memory or from registers. Codes that straddle two words (3 bits) take a funnel shift.
+template <int BITS, typename Row>
+__device__ __forceinline__ int code_of(const Row& row, int c) {
+    const int bit = c * BITS, w = bit >> 5, sh = bit & 31;
+    constexpr uint32_t mask = (1u << BITS) - 1;
+    if constexpr (32 % BITS == 0) {
+        return (int)((row[w] >> sh) & mask);
+    } else {
+        const uint32_t hi = sh + BITS > 32 ? row[w + 1] : 0u;
+        return (int)(__funnelshift_r(row[w], hi, sh) & mask);
+    }
+}
+
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return bits(__floats2half2_rn(lo, hi)); }
+
+// Channels of this lane's RoPE pair k: (p, p + D/2) for Hugging Face's rotate_half, (2p, 2p + 1)
+// interleaved, p = PP · lane + k.
+template <int PP, bool HALF>
+__device__ __forceinline__ int chan_a(int lane, int k) { return HALF ? PP * lane + k : 2 * (PP * lane + k); }
+template <int PP, bool HALF>
+__device__ __forceinline__ int chan_b(int lane, int k) { return HALF ? PP * lane + k + 32 * PP : 2 * (PP * lane + k) + 1; }
+
+// A lane's rotated pairs into a tile row, as wide as its channels are adjacent.
+template <int PP, bool HALF>
+__device__ __forceinline__ void store_pairs(__half* row, int lane, const float (&ra)[PP], const float (&rb)[PP]) {
+    if constexpr (HALF && PP == 1) {
+        row[lane] = __float2half_rn(ra[0]);
+        row[lane + 32] = __float2half_rn(rb[0]);
+    } else if constexpr (HALF) {
+        *(uint32_t*)(row + 2 * lane) = pack_h2(ra[0], ra[1]);
+        *(uint32_t*)(row + 2 * lane + 64) = pack_h2(rb[0], rb[1]);
+    } else if constexpr (PP == 1) {
+        *(uint32_t*)(row + 2 * lane) = pack_h2(ra[0], rb[0]);
+    } else {
+        *(uint2*)(row + 4 * lane) = make_uint2(pack_h2(ra[0], rb[0]), pack_h2(ra[1], rb[1]));
+    }
+}
+
+template <int PP, int BITS, bool HALF>
+__device__ __forceinline__ void attn(const KvqAttnArgs& a) {
+    constexpr int D = 64 * PP, RW = D * BITS / 32, RB = 4 * RW;  // a code row: words, bytes
+    constexpr int LD = D + 8;  // tile row stride in halves: rows 16 bytes apart mod 128, ldmatrix conflict-free
+    constexpr int NQ = 8, KS = D / 16;
+    constexpr int CH = RB % 16 == 0 ? 16 : 8, CPR = RB / CH;  // cp.async chunk, chunks a row
+    __shared__ __align__(16) uint32_t s_kcodes[WARPS][32 * RW];
+    __shared__ __align__(16) __half s_tile[WARPS][32 * LD];
+    __shared__ float s_kl[16], s_vl[16];
+    __shared__ float sm_m[WARPS][NQ], sm_l[WARPS][NQ];
+    if (threadIdx.x < (1 << BITS)) s_kl[threadIdx.x] = a.klevels[threadIdx.x], s_vl[threadIdx.x] = a.vlevels[threadIdx.x];
+    __syncthreads();
+    const int s = blockIdx.x, split = blockIdx.y, r0 = blockIdx.z * NQ;
+    const int h = s % a.Hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    uint32_t* kst = s_kcodes[warp];
+    __half* tile_h = s_tile[warp];
+    const uint32_t tile_addr = smem_addr(tile_h);
+
+    // q (times the softmax scale, in log2 units) as the score MMA's B operand: column g is
+    // query r0 + g; zero past the stream's queries.
+    uint32_t qf[KS][2];
+    {
+        const bool ok = r0 + g < a.nq;
+        const float* qp = a.q + ((long)s * a.nq + (ok ? r0 + g : 0)) * D;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            const int c = 16 * ks + 2 * tq;
+            const float2 lo = *(const float2*)(qp + c), hi = *(const float2*)(qp + c + 8);
+            const float f = ok ? a.scale_log2 : 0.f;
+            qf[ks][0] = pack_h2(lo.x * f, lo.y * f);
+            qf[ks][1] = pack_h2(hi.x * f, hi.y * f);
+        }
+    }
+    // Online softmax of this lane's queries 2tq, 2tq + 1 (l: this lane's tokens only,
+    // summed over the row's lanes at the end).
+    float m[2], l[2];
+    long lim[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = r0 + 2 * tq + i;
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+        lim[i] = r < a.nq ? a.n - a.T + r % a.T + 1 : 0;
+    }
+    float acc[KS][4];  // output: channels 16mc + g (+8), queries 2tq, 2tq + 1
+#pragma unroll
+    for (int mc = 0; mc < KS; mc++) acc[mc][0] = acc[mc][1] = acc[mc][2] = acc[mc][3] = 0.f;
+
+    int ca[PP], cb[PP];
+    float kc_a[PP], kc_b[PP], ks_a[PP], ks_b[PP], step_c[PP], step_s[PP];
+#pragma unroll
+    for (int k = 0; k < PP; k++) {
+        ca[k] = chan_a<PP, HALF>(lane, k);
+        cb[k] = chan_b<PP, HALF>(lane, k);
+        kc_a[k] = a.kcenter[h * D + ca[k]], kc_b[k] = a.kcenter[h * D + cb[k]];
+        ks_a[k] = a.kscale[h * D + ca[k]], ks_b[k] = a.kscale[h * D + cb[k]];
+        step_c[k] = a.cos[D / 2 + PP * lane + k], step_s[k] = a.sin[D / 2 + PP * lane + k];
+    }
+
+    const long tiles = (a.n + 31) / 32;
+    const long tb = (long)split * a.tiles_per_split;
+    const long te = min(tiles, tb + a.tiles_per_split);
+    const long base = (long)s * a.cap, last = max(a.n - 1 - a.sink, 0L);
+    // Stored row of tile token r (sink tokens and tokens past the end: a valid row, whose
+    // keys are replaced or whose weight is 0).
+    auto row_of = [&](long t0, int r) { return base + max(min(t0 - a.sink + r, last), 0L); };
+    auto stage_keys = [&](long t0) {
+#pragma unroll
+        for (int c = lane; c < 32 * CPR; c += 32) {
+            const int r = c / CPR, w = c % CPR;
+            const uint8_t* src = a.kcodes + row_of(t0, r) * RB + w * CH;
+            if constexpr (CH == 16) cp_async(smem_addr(kst) + r * RB + w * CH, src);
+            else cp_async8(smem_addr(kst) + r * RB + w * CH, src);
+        }
+        cp_commit();
+    };
+    // Lane j's per-token data of a tile, a tile ahead in registers: value codes, the
+    // values' (centre, half-range), outliers as (channel | f16 value << 16).
+    uint32_t vw[RW], kout[MAX_OUTLIERS], vout[MAX_OUTLIERS];
+    __half2 vn;
+    auto load_rows = [&](long t0) {
+        const long row = row_of(t0, lane);
+        const uint8_t* src = a.vcodes + row * RB;
+#pragma unroll
+        for (int w = 0; w < RW; w += CH / 4) {
+            if constexpr (CH == 16) {
+                const uint4 u = *(const uint4*)(src + 4 * w);
+                vw[w] = u.x, vw[w + 1] = u.y, vw[w + 2] = u.z, vw[w + 3] = u.w;
+            } else {
+                const uint2 u = *(const uint2*)(src + 4 * w);
+                vw[w] = u.x, vw[w + 1] = u.y;
+            }
+        }
+        vn = a.vnorm[row];
+#pragma unroll
+        for (int o = 0; o < MAX_OUTLIERS; o++) {
+            const long at = row * a.n_out + min(o, max(a.n_out - 1, 0));
+            const bool use = o < a.n_out;
+            kout[o] = use ? (uint32_t)a.kout_idx[at] | (uint32_t)__half_as_ushort(a.kout_val[at]) << 16 : 0u;
+            vout[o] = use ? (uint32_t)a.vout_idx[at] | (uint32_t)__half_as_ushort(a.vout_val[at]) << 16 : 0u;
+        }
+    };
+    if (tb + warp < te) {
+        stage_keys((tb + warp) * 32);
+        load_rows((tb + warp) * 32);
+    }
+
+    for (long tile = tb + warp; tile < te; tile += WARPS) {
+        const long t0 = tile * 32;
+        const bool sink_tile = t0 < a.sink;
+        float rc[PP], rs[PP];  // cos/sin of token t0 + j at this lane's pairs
+#pragma unroll
+        for (int k = 0; k < PP; k++) rc[k] = a.cos[t0 * (D / 2) + PP * lane + k], rs[k] = a.sin[t0 * (D / 2) + PP * lane + k];
+        cp_wait<0>();
+        __syncwarp();
+        // Keys: dequantize and rotate the tile, a lane its pairs, token after token.
+#pragma unroll 4
+        for (int j = 0; j < 32; j++) {
+            const uint32_t* row = kst + j * RW;
+            float xa[PP], xb[PP];
+#pragma unroll
+            for (int k = 0; k < PP; k++) {
+                xa[k] = fmaf(ks_a[k], s_kl[code_of<BITS>(row, ca[k])], kc_a[k]);
+                xb[k] = fmaf(ks_b[k], s_kl[code_of<BITS>(row, cb[k])], kc_b[k]);
+            }
+            if (sink_tile && t0 + j < a.sink) {  // the f16 sink (the same j in every lane)
+                const __half* sr = a.ksink + ((long)s * a.sink_cap + t0 + j) * D;
+#pragma unroll
+                for (int k = 0; k < PP; k++) xa[k] = __half2float(sr[ca[k]]), xb[k] = __half2float(sr[cb[k]]);
+            }
+            float ra[PP], rb[PP];
+#pragma unroll
+            for (int k = 0; k < PP; k++) {
+                const float c = rc[k], sn = rs[k];
+                ra[k] = xa[k] * c - xb[k] * sn;
+                rb[k] = xa[k] * sn + xb[k] * c;
+                rc[k] = c * step_c[k] - sn * step_s[k];
+                rs[k] = sn * step_c[k] + c * step_s[k];
+            }
+            store_pairs<PP, HALF>(tile_h + j * LD, lane, ra, rb);
+        }
+        __syncwarp();
+        // Key outliers: lane j redoes the pair each of token j's outliers sits in.
+        {
+            const long t = t0 + lane;
+            if (t >= a.sink && t < a.n) {
+                const uint32_t* row = kst + lane * RW;
+#pragma unroll
+                for (int o = 0; o < MAX_OUTLIERS; o++) {
+                    if (o >= a.n_out) break;
+                    const int c = (int)(kout[o] & 0xffffu);
+                    const int p = HALF ? c % (D / 2) : c / 2;
+                    const int cA = HALF ? p : 2 * p, cB = HALF ? p + D / 2 : 2 * p + 1;
+                    float xa = fmaf(a.kscale[h * D + cA], s_kl[code_of<BITS>(row, cA)], a.kcenter[h * D + cA]);
+                    float xb = fmaf(a.kscale[h * D + cB], s_kl[code_of<BITS>(row, cB)], a.kcenter[h * D + cB]);
+#pragma unroll
+                    for (int o2 = 0; o2 < MAX_OUTLIERS; o2++) {
+                        if (o2 >= a.n_out) break;
+                        const int c2 = (int)(kout[o2] & 0xffffu);
+                        const float x2 = __half2float(__ushort_as_half((unsigned short)(kout[o2] >> 16)));
+                        xa = c2 == cA ? x2 : xa;
+                        xb = c2 == cB ? x2 : xb;
+                    }
+                    const float c0 = a.cos[t * (D / 2) + p], s0 = a.sin[t * (D / 2) + p];
+                    tile_h[lane * LD + cA] = __float2half_rn(xa * c0 - xb * s0);
+                    tile_h[lane * LD + cB] = __float2half_rn(xa * s0 + xb * c0);
+                }
+            }
+        }
+        __syncwarp();
+        // The next tile's key codes stream in while this one's scores and values are made.
+        if (tile + WARPS < te) stage_keys((tile + WARPS) * 32);
+        // Scores S[token][query]: A = the key tile (16 tokens × 16 channels), B = q.
+        float sc[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.f;
+            const int r = 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+                uint32_t af[4];
+                ldmatrix_x4(af, tile_addr + 2 * (r * LD + 16 * ks + 8 * (lane >> 4)));
+                mma(sc[mt], af, qf[ks][0], qf[ks][1]);
+            }
+        }
+        // Online softmax: a lane holds tokens g, g + 8, g + 16, g + 24 of queries 2tq, 2tq + 1.
+        uint32_t pf[2][2];
+        float p[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float x[4], mx = -INFINITY;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const long t = t0 + 8 * e + g;
+                x[e] = t < lim[i] ? sc[e >> 1][2 * (e & 1) + i] : -INFINITY;
+                mx = fmaxf(mx, x[e]);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
+            const float mnew = fmaxf(m[i], mx);
+            const bool none = mnew == -INFINITY;  // nothing visible yet for this query
+            const float corr = none ? 1.f : ex2(m[i] - mnew);
+            float sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                p[i][e] = none ? 0.f : ex2(x[e] - mnew);
+                sum += p[i][e];
+            }
+            l[i] = l[i] * corr + sum;
+            m[i] = mnew;
+#pragma unroll
+            for (int mc = 0; mc < KS; mc++) acc[mc][i] *= corr, acc[mc][2 + i] *= corr;
+        }
+        // p as the value product's B operand: token rows → query rows, one 8×8 transpose each.
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++) {
+            pf[ks][0] = transpose8x8(pack_h2(p[0][2 * ks], p[1][2 * ks]));
+            pf[ks][1] = transpose8x8(pack_h2(p[0][2 * ks + 1], p[1][2 * ks + 1]));
+        }
+        __syncwarp();  // every lane's key fragments are read: the tile takes the values
+        // Values: lane j dequantizes token j into the tile.
+        {
+            const long t = t0 + lane;
+            __half* row = tile_h + lane * LD;
+            if (t < a.sink) {
+                const uint4* sr = (const uint4*)(a.vsink + ((long)s * a.sink_cap + t) * D);
+#pragma unroll
+                for (int u = 0; u < D / 8; u++) *(uint4*)(row + 8 * u) = sr[u];
+            } else {
+                const float2 cn = __half22float2(vn);
+#pragma unroll
+                for (int u = 0; u < D / 8; u++) {
+                    uint32_t w4[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        w4[e] = pack_h2(fmaf(cn.y, s_vl[code_of<BITS>(vw, 8 * u + 2 * e)], cn.x),
+                                        fmaf(cn.y, s_vl[code_of<BITS>(vw, 8 * u + 2 * e + 1)], cn.x));
+                    *(uint4*)(row + 8 * u) = make_uint4(w4[0], w4[1], w4[2], w4[3]);
+                }
+#pragma unroll
+                for (int o = 0; o < MAX_OUTLIERS; o++)
+                    if (o < a.n_out) row[vout[o] & 0xffffu] = __ushort_as_half((unsigned short)(vout[o] >> 16));
+            }
+        }
+        __syncwarp();
+        if (tile + WARPS < te) load_rows((tile + WARPS) * 32);
+        // Output O[channel][query] += V^T (16 channels × 16 tokens) · p.
+#pragma unroll
+        for (int mc = 0; mc < KS; mc++) {
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++) {
+                uint32_t af[4];
+                const int r = 16 * ks + (lane & 7) + 8 * (lane >> 4);
+                ldmatrix_x4_trans(af, tile_addr + 2 * (r * LD + 16 * mc + 8 * ((lane >> 3) & 1)));
+                mma(acc[mc], af, pf[ks][0], pf[ks][1]);
+            }
+        }
+        __syncwarp();  // the tile's value fragments are read before the next keys land
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 4);
+        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 8);
+        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 16);
+    }
+    // Merge the warps' states (the tiles' memory holds the outputs now), write the split.
+    __syncthreads();
+    float(*sm_acc)[NQ][D] = reinterpret_cast<float(*)[NQ][D]>(&s_tile[0][0]);
+    static_assert(sizeof(float) * WARPS * NQ * D <= sizeof(__half) * WARPS * 32 * LD, "the merge fits the tiles");
+    if (g == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) sm_m[warp][2 * tq + i] = m[i], sm_l[warp][2 * tq + i] = l[i];
+    }
+#pragma unroll
+    for (int mc = 0; mc < KS; mc++) {
+        sm_acc[warp][2 * tq][16 * mc + g] = acc[mc][0];
+        sm_acc[warp][2 * tq + 1][16 * mc + g] = acc[mc][1];
+        sm_acc[warp][2 * tq][16 * mc + g + 8] = acc[mc][2];
+        sm_acc[warp][2 * tq + 1][16 * mc + g + 8] = acc[mc][3];
+    }
+    __syncthreads();
+    merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.nq, s, split, r0);
+}
+}  // namespace kvq_tc
+
+#define KVQ_ATTN_TC(PP, BITS, HALF, NAME)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) kvquant_attn_tc_d##PP##_b##BITS##_##NAME( \
+        const KvqAttnArgs a) {                                                                          \
+        kvq_tc::attn<PP, BITS, HALF>(a);                                                                \
+    }
+#define KVQ_ATTN_TC_BITS(PP, HALF, NAME) KVQ_ATTN_TC(PP, 2, HALF, NAME) KVQ_ATTN_TC(PP, 3, HALF, NAME) KVQ_ATTN_TC(PP, 4, HALF, NAME)
+// Head sizes 64 and 128, 2- to 4-bit codes, both RoPE layouts.
+KVQ_ATTN_TC_BITS(1, true, half)
+KVQ_ATTN_TC_BITS(1, false, interleaved)
+KVQ_ATTN_TC_BITS(2, true, half)
+KVQ_ATTN_TC_BITS(2, false, interleaved)

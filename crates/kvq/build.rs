@@ -11,7 +11,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
-    for header in ["f16_round.cuh", "mma_tile.cuh", "warp.cuh"] {
+    for header in ["f16_round.cuh", "mma_tile.cuh", "tc.cuh", "warp.cuh"] {
         println!("cargo:rerun-if-changed={}", PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../kernels").join(header).display());
     }
     let nvcc = std::env::var("NVCC").ok().or_else(|| std::env::var("CUDA_HOME").ok().map(|h| format!("{h}/bin/nvcc"))).unwrap_or_else(|| "nvcc".into());

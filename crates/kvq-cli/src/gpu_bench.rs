@@ -210,9 +210,14 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usi
                     let table = std::sync::Arc::new(cuda::CudaRope::new(&dev, &rope, n)?);
                     let mut layer = cuda::KvQuantGpuLayer::new(&dev, s, hkv, d, n, config.sink_tokens, n_out, l, table)?;
                     layer.append(&kd, &vd, n)?;
-                    let mut od = dev.alloc_zeros::<f32>(b * hq * d)?;
-                    let ms = cuda::time_ms(&dev, 3, iters, || layer.attend(&qd, hq, 1, &mut od))?;
-                    let got = pick_rows(&dev.clone_dtoh(&od)?, &check_rows, hq * d);
+                    // Both kernels (tensor cores, the default; CUDA cores, a second
+                    // implementation), timed in turns.
+                    let kernels = [(true, ""), (false, ", CUDA cores")];
+                    let mut outs = Vec::new();
+                    for _ in &kernels {
+                        outs.push(dev.alloc_zeros::<f32>(b * hq * d)?);
+                    }
+                    let times = cuda::time_ms_in_turns(&dev, 3, iters, kernels.len(), |i| layer.attend_with(&qd, hq, 1, &mut outs[i], kernels[i].0))?;
                     let cal = std::sync::Arc::new(cal.clone());
                     let shape = CacheShape { layers: 1, batch: check_rows.len(), kv_heads: hkv, head_dim: d };
                     let mut cpu = Cache::new(&config, shape, Some(rope), Some(cal))?;
@@ -225,15 +230,18 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usi
                     let qr = pick_rows(&q, &check_rows, hq * d);
                     let mut want = vec![0f32; qr.len()];
                     cpu.attend(0, &qr, hq, 1, &mut want)?;
-                    let err = rel_error(&got, &want);
                     let (sink, stored) = layer.held();
                     let plen = kvq::quant::packed_len(d, bits);
                     // Codes, value (centre, half-range), outliers of K and V; the f16 sink; the
                     // cos/sin table (shared by every stream: read once from memory).
                     let bytes = s * stored * (2 * plen + 4 + 2 * n_out * 4) + s * sink * d * 2 * 2 + n * d / 2 * 8;
-                    push(&format!("{name} attend, CUDA cores"), bytes, ms, None, Some(err), &mut t);
-                    if err > MAX_REL_ERROR {
-                        failures.push(format!("{} {name}: attention error {err:.2e} > {MAX_REL_ERROR:e}", sh.name));
+                    for (((_, label), od), ms) in kernels.iter().zip(&outs).zip(times) {
+                        let got = pick_rows(&dev.clone_dtoh(od)?, &check_rows, hq * d);
+                        let err = rel_error(&got, &want);
+                        push(&format!("{name} attend{label}"), bytes, ms, None, Some(err), &mut t);
+                        if err > MAX_REL_ERROR {
+                            failures.push(format!("{} {name}{label}: attention error {err:.2e} > {MAX_REL_ERROR:e}", sh.name));
+                        }
                     }
                 }
                 continue;

@@ -1410,7 +1410,15 @@ impl KvQuantGpuLayer {
 
     /// Attention of the last `tokens` positions' queries (`q`: `[batch][q_heads][tokens][D]`,
     /// f32, rotated) over every position up to their own (causal); writes `out` (same shape).
+    /// On tensor cores for 2- to 4-bit codes (`kvquant_attn_tc_*`), else on CUDA cores.
     pub fn attend(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        let tensor_cores = (2..=4).contains(&self.keys.bits);
+        self.attend_with(q, q_heads, tokens, out, tensor_cores)
+    }
+
+    /// [`Self::attend`] with the kernel named: the tensor-core one (`tensor_cores`: codes of
+    /// 2 to 4 bits) or the CUDA-core one (a second implementation, any width).
+    pub fn attend_with(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, out: &mut CudaSlice<f32>, tensor_cores: bool) -> Result<()> {
         let (s, d, hkv) = (self.streams, self.head_dim, self.kv_heads);
         let batch = s / hkv;
         if q_heads == 0 || q_heads % hkv != 0 || tokens == 0 || tokens > self.len || q.len() != batch * q_heads * tokens * d || out.len() != q.len() {
@@ -1420,13 +1428,20 @@ impl KvQuantGpuLayer {
             return Err(KvqError::Unsupported(format!("{} tokens: the KVQuant kernel counts tiles in 32 bits", self.len)));
         }
         let nq = q_heads / hkv * tokens;
-        let rep = match nq {
-            1 => 1,
-            2 => 2,
-            _ => 4,
+        let style = if self.rope.half_style { "half" } else { "interleaved" };
+        let (name, chunks) = if tensor_cores {
+            if !(2..=4).contains(&self.keys.bits) {
+                return Err(KvqError::Unsupported(format!("the tensor-core KVQuant kernel takes 2- to 4-bit codes, not {}", self.keys.bits)));
+            }
+            (format!("kvquant_attn_tc_d{}_b{}_{style}", d / 64, self.keys.bits), nq.div_ceil(TC_QUERIES))
+        } else {
+            let rep = match nq {
+                1 => 1,
+                2 => 2,
+                _ => 4,
+            };
+            (format!("kvquant_attn_d{}_r{rep}_{style}", d / 64), nq.div_ceil(rep))
         };
-        let chunks = nq.div_ceil(rep);
-        let name = format!("kvquant_attn_d{}_r{rep}_{}", d / 64, if self.rope.half_style { "half" } else { "interleaved" });
         let f = kvquant_module(&self.dev)?.load_function(&name).map_err(gpu)?;
         let (splits, per) = plan_splits(self.len.div_ceil(TILE), s * chunks, blocks_per_sm_of(&f)? * self.sms, WARPS as usize);
         let need = s * splits * nq * d;
