@@ -16,6 +16,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "f16_round.cuh"
 #include "tc.cuh"
 #include "warp.cuh"
@@ -516,18 +518,23 @@ KVQ_ATTN_REPS(2, false, interleaved)
 namespace kvq_tc {
 using namespace tc;
 
-// Code of channel c (a compile-time constant once unrolled) in a packed row: from shared
-// memory or from registers. Codes that straddle two words (3 bits) take a funnel shift.
+// Code of channel c (a compile-time constant once unrolled) in a packed row, from shared
+// memory or from registers, as a byte offset into a table of floats (4 · code), for one
+// LDS [table + offset]: shifted right by sh − 2 through a funnel of (word >> 30 : word << 2),
+// so sh = 0 works too. Codes that straddle two words (3 bits) funnel the two words first.
 template <int BITS, typename Row>
-__device__ __forceinline__ int code_of(const Row& row, int c) {
+__device__ __forceinline__ uint32_t code_offset(const Row& row, int c) {
     const int bit = c * BITS, w = bit >> 5, sh = bit & 31;
-    constexpr uint32_t mask = (1u << BITS) - 1;
+    constexpr uint32_t mask = ((1u << BITS) - 1) << 2;
     if constexpr (32 % BITS == 0) {
-        return (int)((row[w] >> sh) & mask);
+        return __funnelshift_r(row[w] << 2, row[w] >> 30, sh) & mask;
     } else {
         const uint32_t hi = sh + BITS > 32 ? row[w + 1] : 0u;
-        return (int)(__funnelshift_r(row[w], hi, sh) & mask);
+        return (__funnelshift_r(row[w], hi, sh) << 2) & mask;
     }
+}
+__device__ __forceinline__ float lut(const float* table, uint32_t offset) {
+    return *(const float*)((const char*)table + offset);
 }
 
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return bits(__floats2half2_rn(lo, hi)); }
@@ -565,30 +572,31 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
     __shared__ __align__(16) __half s_tile[WARPS][32 * LD];
     __shared__ float s_kl[16], s_vl[16];
     __shared__ float sm_m[WARPS][NQ], sm_l[WARPS][NQ];
-    if (threadIdx.x < (1 << BITS)) s_kl[threadIdx.x] = a.klevels[threadIdx.x], s_vl[threadIdx.x] = a.vlevels[threadIdx.x];
-    __syncthreads();
+    // q (times the softmax scale, in log2 units) as the score MMA's B operand, f16 hi + lo
+    // (q's rounding would shift every score of a query alike, an error no average hides):
+    // (b0, b1) of hi and of lo for k-step ks at [ks][lane]. Column g is query r0 + g; zero
+    // past the stream's queries.
+    __shared__ uint4 s_q[KS][32];
     const int s = blockIdx.x, split = blockIdx.y, r0 = blockIdx.z * NQ;
     const int h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-    uint32_t* kst = s_kcodes[warp];
-    __half* tile_h = s_tile[warp];
-    const uint32_t tile_addr = smem_addr(tile_h);
-
-    // q (times the softmax scale, in log2 units) as the score MMA's B operand: column g is
-    // query r0 + g; zero past the stream's queries.
-    uint32_t qf[KS][2];
+    if (threadIdx.x < (1 << BITS)) s_kl[threadIdx.x] = a.klevels[threadIdx.x], s_vl[threadIdx.x] = a.vlevels[threadIdx.x];
     {
         const bool ok = r0 + g < a.nq;
         const float* qp = a.q + ((long)s * a.nq + (ok ? r0 + g : 0)) * D;
-#pragma unroll
-        for (int ks = 0; ks < KS; ks++) {
+        const float f = ok ? a.scale_log2 : 0.f;
+        for (int ks = warp; ks < KS; ks += WARPS) {
             const int c = 16 * ks + 2 * tq;
-            const float2 lo = *(const float2*)(qp + c), hi = *(const float2*)(qp + c + 8);
-            const float f = ok ? a.scale_log2 : 0.f;
-            qf[ks][0] = pack_h2(lo.x * f, lo.y * f);
-            qf[ks][1] = pack_h2(hi.x * f, hi.y * f);
+            const float2 x0 = *(const float2*)(qp + c), x1 = *(const float2*)(qp + c + 8);
+            const __half2 h0 = __floats2half2_rn(x0.x * f, x0.y * f), h1 = __floats2half2_rn(x1.x * f, x1.y * f);
+            const float2 b0 = __half22float2(h0), b1 = __half22float2(h1);
+            s_q[ks][lane] = make_uint4(bits(h0), bits(h1), pack_h2(x0.x * f - b0.x, x0.y * f - b0.y), pack_h2(x1.x * f - b1.x, x1.y * f - b1.y));
         }
     }
+    __syncthreads();
+    uint32_t* kst = s_kcodes[warp];
+    __half* tile_h = s_tile[warp];
+    const uint32_t tile_addr = smem_addr(tile_h);
     // Online softmax of this lane's queries 2tq, 2tq + 1 (l: this lane's tokens only,
     // summed over the row's lanes at the end).
     float m[2], l[2];
@@ -671,32 +679,39 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
         for (int k = 0; k < PP; k++) rc[k] = a.cos[t0 * (D / 2) + PP * lane + k], rs[k] = a.sin[t0 * (D / 2) + PP * lane + k];
         cp_wait<0>();
         __syncwarp();
-        // Keys: dequantize and rotate the tile, a lane its pairs, token after token.
+        // Keys: dequantize and rotate the tile, a lane its pairs, token after token (the
+        // tile that holds sink tokens takes them from the f16 sink: a loop of its own).
+        auto keys = [&](auto with_sink) {
 #pragma unroll 4
-        for (int j = 0; j < 32; j++) {
-            const uint32_t* row = kst + j * RW;
-            float xa[PP], xb[PP];
+            for (int j = 0; j < 32; j++) {
+                const uint32_t* row = kst + j * RW;
+                float xa[PP], xb[PP];
 #pragma unroll
-            for (int k = 0; k < PP; k++) {
-                xa[k] = fmaf(ks_a[k], s_kl[code_of<BITS>(row, ca[k])], kc_a[k]);
-                xb[k] = fmaf(ks_b[k], s_kl[code_of<BITS>(row, cb[k])], kc_b[k]);
-            }
-            if (sink_tile && t0 + j < a.sink) {  // the f16 sink (the same j in every lane)
-                const __half* sr = a.ksink + ((long)s * a.sink_cap + t0 + j) * D;
+                for (int k = 0; k < PP; k++) {
+                    xa[k] = fmaf(ks_a[k], lut(s_kl, code_offset<BITS>(row, ca[k])), kc_a[k]);
+                    xb[k] = fmaf(ks_b[k], lut(s_kl, code_offset<BITS>(row, cb[k])), kc_b[k]);
+                }
+                if constexpr (decltype(with_sink)::value) {
+                    if (t0 + j < a.sink) {  // the same j in every lane
+                        const __half* sr = a.ksink + ((long)s * a.sink_cap + t0 + j) * D;
 #pragma unroll
-                for (int k = 0; k < PP; k++) xa[k] = __half2float(sr[ca[k]]), xb[k] = __half2float(sr[cb[k]]);
-            }
-            float ra[PP], rb[PP];
+                        for (int k = 0; k < PP; k++) xa[k] = __half2float(sr[ca[k]]), xb[k] = __half2float(sr[cb[k]]);
+                    }
+                }
+                float ra[PP], rb[PP];
 #pragma unroll
-            for (int k = 0; k < PP; k++) {
-                const float c = rc[k], sn = rs[k];
-                ra[k] = xa[k] * c - xb[k] * sn;
-                rb[k] = xa[k] * sn + xb[k] * c;
-                rc[k] = c * step_c[k] - sn * step_s[k];
-                rs[k] = sn * step_c[k] + c * step_s[k];
+                for (int k = 0; k < PP; k++) {
+                    const float c = rc[k], sn = rs[k];
+                    ra[k] = xa[k] * c - xb[k] * sn;
+                    rb[k] = xa[k] * sn + xb[k] * c;
+                    rc[k] = c * step_c[k] - sn * step_s[k];
+                    rs[k] = sn * step_c[k] + c * step_s[k];
+                }
+                store_pairs<PP, HALF>(tile_h + j * LD, lane, ra, rb);
             }
-            store_pairs<PP, HALF>(tile_h + j * LD, lane, ra, rb);
-        }
+        };
+        if (sink_tile) keys(std::true_type{});
+        else keys(std::false_type{});
         __syncwarp();
         // Key outliers: lane j redoes the pair each of token j's outliers sits in.
         {
@@ -709,8 +724,8 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
                     const int c = (int)(kout[o] & 0xffffu);
                     const int p = HALF ? c % (D / 2) : c / 2;
                     const int cA = HALF ? p : 2 * p, cB = HALF ? p + D / 2 : 2 * p + 1;
-                    float xa = fmaf(a.kscale[h * D + cA], s_kl[code_of<BITS>(row, cA)], a.kcenter[h * D + cA]);
-                    float xb = fmaf(a.kscale[h * D + cB], s_kl[code_of<BITS>(row, cB)], a.kcenter[h * D + cB]);
+                    float xa = fmaf(a.kscale[h * D + cA], lut(s_kl, code_offset<BITS>(row, cA)), a.kcenter[h * D + cA]);
+                    float xb = fmaf(a.kscale[h * D + cB], lut(s_kl, code_offset<BITS>(row, cB)), a.kcenter[h * D + cB]);
 #pragma unroll
                     for (int o2 = 0; o2 < MAX_OUTLIERS; o2++) {
                         if (o2 >= a.n_out) break;
@@ -729,16 +744,17 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
         // The next tile's key codes stream in while this one's scores and values are made.
         if (tile + WARPS < te) stage_keys((tile + WARPS) * 32);
         // Scores S[token][query]: A = the key tile (16 tokens × 16 channels), B = q.
-        float sc[2][4];
+        float sc[2][4] = {};
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++) {
-            sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.f;
-            const int r = 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1);
+        for (int ks = 0; ks < KS; ks++) {
+            const uint4 qv = s_q[ks][lane];
 #pragma unroll
-            for (int ks = 0; ks < KS; ks++) {
+            for (int mt = 0; mt < 2; mt++) {
                 uint32_t af[4];
+                const int r = 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1);
                 ldmatrix_x4(af, tile_addr + 2 * (r * LD + 16 * ks + 8 * (lane >> 4)));
-                mma(sc[mt], af, qf[ks][0], qf[ks][1]);
+                mma(sc[mt], af, qv.x, qv.y);
+                mma(sc[mt], af, qv.z, qv.w);
             }
         }
         // Online softmax: a lane holds tokens g, g + 8, g + 16, g + 24 of queries 2tq, 2tq + 1.
@@ -792,8 +808,8 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
                     uint32_t w4[4];
 #pragma unroll
                     for (int e = 0; e < 4; e++)
-                        w4[e] = pack_h2(fmaf(cn.y, s_vl[code_of<BITS>(vw, 8 * u + 2 * e)], cn.x),
-                                        fmaf(cn.y, s_vl[code_of<BITS>(vw, 8 * u + 2 * e + 1)], cn.x));
+                        w4[e] = pack_h2(fmaf(cn.y, lut(s_vl, code_offset<BITS>(vw, 8 * u + 2 * e)), cn.x),
+                                        fmaf(cn.y, lut(s_vl, code_offset<BITS>(vw, 8 * u + 2 * e + 1)), cn.x));
                     *(uint4*)(row + 8 * u) = make_uint4(w4[0], w4[1], w4[2], w4[3]);
                 }
 #pragma unroll
@@ -843,7 +859,7 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
 }  // namespace kvq_tc
 
 #define KVQ_ATTN_TC(PP, BITS, HALF, NAME)                                                               \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) kvquant_attn_tc_d##PP##_b##BITS##_##NAME( \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, PP == 1 ? 4 : 3) kvquant_attn_tc_d##PP##_b##BITS##_##NAME( \
         const KvqAttnArgs a) {                                                                          \
         kvq_tc::attn<PP, BITS, HALF>(a);                                                                \
     }
