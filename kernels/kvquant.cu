@@ -546,19 +546,44 @@ __device__ __forceinline__ int chan_a(int lane, int k) { return HALF ? PP * lane
 template <int PP, bool HALF>
 __device__ __forceinline__ int chan_b(int lane, int k) { return HALF ? PP * lane + k + 32 * PP : 2 * (PP * lane + k) + 1; }
 
-// A lane's rotated pairs into a tile row, as wide as its channels are adjacent.
+// x as f16 hi + lo (x − hi), two values at a time: the key tile keeps f32-like precision
+// (f16 keys alone: errors past 1e-3 of the output where a few channels are large).
+__device__ __forceinline__ void hi_lo(float x, float y, uint32_t& hi, uint32_t& lo) {
+    const __half2 h = __floats2half2_rn(x, y);
+    const float2 back = __half22float2(h);
+    hi = bits(h);
+    lo = pack_h2(x - back.x, y - back.y);
+}
+__device__ __forceinline__ void store_lo_hi_halves(__half* row, int i0, int i1, uint32_t w) {
+    row[i0] = __ushort_as_half((unsigned short)(w & 0xffffu));
+    row[i1] = __ushort_as_half((unsigned short)(w >> 16));
+}
+
+// A lane's rotated pairs into a tile row of hi parts and one of lo parts, as wide as its
+// channels are adjacent.
 template <int PP, bool HALF>
-__device__ __forceinline__ void store_pairs(__half* row, int lane, const float (&ra)[PP], const float (&rb)[PP]) {
+__device__ __forceinline__ void store_pairs(__half* hi_row, __half* lo_row, int lane, const float (&ra)[PP], const float (&rb)[PP]) {
     if constexpr (HALF && PP == 1) {
-        row[lane] = __float2half_rn(ra[0]);
-        row[lane + 32] = __float2half_rn(rb[0]);
+        uint32_t h, l;
+        hi_lo(ra[0], rb[0], h, l);
+        store_lo_hi_halves(hi_row, lane, lane + 32, h);
+        store_lo_hi_halves(lo_row, lane, lane + 32, l);
     } else if constexpr (HALF) {
-        *(uint32_t*)(row + 2 * lane) = pack_h2(ra[0], ra[1]);
-        *(uint32_t*)(row + 2 * lane + 64) = pack_h2(rb[0], rb[1]);
+        uint32_t ha, la, hb, lb;
+        hi_lo(ra[0], ra[1], ha, la);
+        hi_lo(rb[0], rb[1], hb, lb);
+        *(uint32_t*)(hi_row + 2 * lane) = ha, *(uint32_t*)(hi_row + 2 * lane + 64) = hb;
+        *(uint32_t*)(lo_row + 2 * lane) = la, *(uint32_t*)(lo_row + 2 * lane + 64) = lb;
     } else if constexpr (PP == 1) {
-        *(uint32_t*)(row + 2 * lane) = pack_h2(ra[0], rb[0]);
+        uint32_t h, l;
+        hi_lo(ra[0], rb[0], h, l);
+        *(uint32_t*)(hi_row + 2 * lane) = h, *(uint32_t*)(lo_row + 2 * lane) = l;
     } else {
-        *(uint2*)(row + 4 * lane) = make_uint2(pack_h2(ra[0], rb[0]), pack_h2(ra[1], rb[1]));
+        uint32_t h0, l0, h1, l1;
+        hi_lo(ra[0], rb[0], h0, l0);
+        hi_lo(ra[1], rb[1], h1, l1);
+        *(uint2*)(hi_row + 4 * lane) = make_uint2(h0, h1);
+        *(uint2*)(lo_row + 4 * lane) = make_uint2(l0, l1);
     }
 }
 
@@ -679,83 +704,92 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
         for (int k = 0; k < PP; k++) rc[k] = a.cos[t0 * (D / 2) + PP * lane + k], rs[k] = a.sin[t0 * (D / 2) + PP * lane + k];
         cp_wait<0>();
         __syncwarp();
-        // Keys: dequantize and rotate the tile, a lane its pairs, token after token (the
-        // tile that holds sink tokens takes them from the f16 sink: a loop of its own).
-        auto keys = [&](auto with_sink) {
-#pragma unroll 4
-            for (int j = 0; j < 32; j++) {
-                const uint32_t* row = kst + j * RW;
-                float xa[PP], xb[PP];
-#pragma unroll
-                for (int k = 0; k < PP; k++) {
-                    xa[k] = fmaf(ks_a[k], lut(s_kl, code_offset<BITS>(row, ca[k])), kc_a[k]);
-                    xb[k] = fmaf(ks_b[k], lut(s_kl, code_offset<BITS>(row, cb[k])), kc_b[k]);
-                }
-                if constexpr (decltype(with_sink)::value) {
-                    if (t0 + j < a.sink) {  // the same j in every lane
-                        const __half* sr = a.ksink + ((long)s * a.sink_cap + t0 + j) * D;
-#pragma unroll
-                        for (int k = 0; k < PP; k++) xa[k] = __half2float(sr[ca[k]]), xb[k] = __half2float(sr[cb[k]]);
-                    }
-                }
-                float ra[PP], rb[PP];
-#pragma unroll
-                for (int k = 0; k < PP; k++) {
-                    const float c = rc[k], sn = rs[k];
-                    ra[k] = xa[k] * c - xb[k] * sn;
-                    rb[k] = xa[k] * sn + xb[k] * c;
-                    rc[k] = c * step_c[k] - sn * step_s[k];
-                    rs[k] = sn * step_c[k] + c * step_s[k];
-                }
-                store_pairs<PP, HALF>(tile_h + j * LD, lane, ra, rb);
-            }
-        };
-        if (sink_tile) keys(std::true_type{});
-        else keys(std::false_type{});
-        __syncwarp();
-        // Key outliers: lane j redoes the pair each of token j's outliers sits in.
-        {
-            const long t = t0 + lane;
-            if (t >= a.sink && t < a.n) {
-                const uint32_t* row = kst + lane * RW;
-#pragma unroll
-                for (int o = 0; o < MAX_OUTLIERS; o++) {
-                    if (o >= a.n_out) break;
-                    const int c = (int)(kout[o] & 0xffffu);
-                    const int p = HALF ? c % (D / 2) : c / 2;
-                    const int cA = HALF ? p : 2 * p, cB = HALF ? p + D / 2 : 2 * p + 1;
-                    float xa = fmaf(a.kscale[h * D + cA], lut(s_kl, code_offset<BITS>(row, cA)), a.kcenter[h * D + cA]);
-                    float xb = fmaf(a.kscale[h * D + cB], lut(s_kl, code_offset<BITS>(row, cB)), a.kcenter[h * D + cB]);
-#pragma unroll
-                    for (int o2 = 0; o2 < MAX_OUTLIERS; o2++) {
-                        if (o2 >= a.n_out) break;
-                        const int c2 = (int)(kout[o2] & 0xffffu);
-                        const float x2 = __half2float(__ushort_as_half((unsigned short)(kout[o2] >> 16)));
-                        xa = c2 == cA ? x2 : xa;
-                        xb = c2 == cB ? x2 : xb;
-                    }
-                    const float c0 = a.cos[t * (D / 2) + p], s0 = a.sin[t * (D / 2) + p];
-                    tile_h[lane * LD + cA] = __float2half_rn(xa * c0 - xb * s0);
-                    tile_h[lane * LD + cB] = __float2half_rn(xa * s0 + xb * c0);
-                }
-            }
-        }
-        __syncwarp();
-        // The next tile's key codes stream in while this one's scores and values are made.
-        if (tile + WARPS < te) stage_keys((tile + WARPS) * 32);
-        // Scores S[token][query]: A = the key tile (16 tokens × 16 channels), B = q.
+        // Keys, 16 tokens at a time (the tile's rows 0-15 take their hi parts, rows 16-31
+        // their lo parts), then their scores S[token][query] (A = keys, 16 tokens × 16
+        // channels; B = q): k_hi·q_hi + k_hi·q_lo + k_lo·q_hi.
         float sc[2][4] = {};
 #pragma unroll
-        for (int ks = 0; ks < KS; ks++) {
-            const uint4 qv = s_q[ks][lane];
+        for (int hf = 0; hf < 2; hf++) {
+            // Dequantize and rotate, a lane its pairs, token after token (the tile that
+            // holds sink tokens takes them from the f16 sink: a loop of its own).
+            auto keys = [&](auto with_sink) {
+#pragma unroll 4
+                for (int r = 0; r < 16; r++) {
+                    const int j = 16 * hf + r;
+                    const uint32_t* row = kst + j * RW;
+                    float xa[PP], xb[PP];
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                uint32_t af[4];
-                const int r = 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1);
-                ldmatrix_x4(af, tile_addr + 2 * (r * LD + 16 * ks + 8 * (lane >> 4)));
-                mma(sc[mt], af, qv.x, qv.y);
-                mma(sc[mt], af, qv.z, qv.w);
+                    for (int k = 0; k < PP; k++) {
+                        xa[k] = fmaf(ks_a[k], lut(s_kl, code_offset<BITS>(row, ca[k])), kc_a[k]);
+                        xb[k] = fmaf(ks_b[k], lut(s_kl, code_offset<BITS>(row, cb[k])), kc_b[k]);
+                    }
+                    if constexpr (decltype(with_sink)::value) {
+                        if (t0 + j < a.sink) {  // the same j in every lane
+                            const __half* sr = a.ksink + ((long)s * a.sink_cap + t0 + j) * D;
+#pragma unroll
+                            for (int k = 0; k < PP; k++) xa[k] = __half2float(sr[ca[k]]), xb[k] = __half2float(sr[cb[k]]);
+                        }
+                    }
+                    float ra[PP], rb[PP];
+#pragma unroll
+                    for (int k = 0; k < PP; k++) {
+                        const float c = rc[k], sn = rs[k];
+                        ra[k] = xa[k] * c - xb[k] * sn;
+                        rb[k] = xa[k] * sn + xb[k] * c;
+                        rc[k] = c * step_c[k] - sn * step_s[k];
+                        rs[k] = sn * step_c[k] + c * step_s[k];
+                    }
+                    store_pairs<PP, HALF>(tile_h + r * LD, tile_h + (16 + r) * LD, lane, ra, rb);
+                }
+            };
+            if (sink_tile) keys(std::true_type{});
+            else keys(std::false_type{});
+            __syncwarp();
+            // Key outliers: lane 16hf + r redoes the pair each of token r's outliers sits in.
+            {
+                const int r = lane & 15;
+                const long t = t0 + lane;
+                if ((lane >> 4) == hf && t >= a.sink && t < a.n) {
+                    const uint32_t* row = kst + lane * RW;
+#pragma unroll
+                    for (int o = 0; o < MAX_OUTLIERS; o++) {
+                        if (o >= a.n_out) break;
+                        const int c = (int)(kout[o] & 0xffffu);
+                        const int p = HALF ? c % (D / 2) : c / 2;
+                        const int cA = HALF ? p : 2 * p, cB = HALF ? p + D / 2 : 2 * p + 1;
+                        float xa = fmaf(a.kscale[h * D + cA], lut(s_kl, code_offset<BITS>(row, cA)), a.kcenter[h * D + cA]);
+                        float xb = fmaf(a.kscale[h * D + cB], lut(s_kl, code_offset<BITS>(row, cB)), a.kcenter[h * D + cB]);
+#pragma unroll
+                        for (int o2 = 0; o2 < MAX_OUTLIERS; o2++) {
+                            if (o2 >= a.n_out) break;
+                            const int c2 = (int)(kout[o2] & 0xffffu);
+                            const float x2 = __half2float(__ushort_as_half((unsigned short)(kout[o2] >> 16)));
+                            xa = c2 == cA ? x2 : xa;
+                            xb = c2 == cB ? x2 : xb;
+                        }
+                        const float c0 = a.cos[t * (D / 2) + p], s0 = a.sin[t * (D / 2) + p];
+                        uint32_t hw, lw;
+                        hi_lo(xa * c0 - xb * s0, xa * s0 + xb * c0, hw, lw);
+                        store_lo_hi_halves(tile_h + r * LD, cA, cB, hw);
+                        store_lo_hi_halves(tile_h + (16 + r) * LD, cA, cB, lw);
+                    }
+                }
             }
+            __syncwarp();
+            // The next tile's key codes stream in while this one's scores and values are made.
+            if (hf == 1 && tile + WARPS < te) stage_keys((tile + WARPS) * 32);
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+                const uint4 qv = s_q[ks][lane];
+                uint32_t khi[4], klo[4];
+                const int r = (lane & 7) + 8 * ((lane >> 3) & 1), col = 16 * ks + 8 * (lane >> 4);
+                ldmatrix_x4(khi, tile_addr + 2 * (r * LD + col));
+                ldmatrix_x4(klo, tile_addr + 2 * ((16 + r) * LD + col));
+                mma(sc[hf], khi, qv.x, qv.y);
+                mma(sc[hf], khi, qv.z, qv.w);
+                mma(sc[hf], klo, qv.x, qv.y);
+            }
+            __syncwarp();  // every lane's key fragments are read: the tile takes the next rows
         }
         // Online softmax: a lane holds tokens g, g + 8, g + 16, g + 24 of queries 2tq, 2tq + 1.
         uint32_t pf[2][2];
@@ -792,7 +826,6 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
             pf[ks][0] = transpose8x8(pack_h2(p[0][2 * ks], p[1][2 * ks]));
             pf[ks][1] = transpose8x8(pack_h2(p[0][2 * ks + 1], p[1][2 * ks + 1]));
         }
-        __syncwarp();  // every lane's key fragments are read: the tile takes the values
         // Values: lane j dequantizes token j into the tile.
         {
             const long t = t0 + lane;
