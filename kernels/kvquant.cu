@@ -543,8 +543,41 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return bits(__
 // interleaved, p = PP · lane + k.
 template <int PP, bool HALF>
 __device__ __forceinline__ int chan_a(int lane, int k) { return HALF ? PP * lane + k : 2 * (PP * lane + k); }
+
 template <int PP, bool HALF>
 __device__ __forceinline__ int chan_b(int lane, int k) { return HALF ? PP * lane + k + 32 * PP : 2 * (PP * lane + k) + 1; }
+
+// Table offsets of this lane's key codes in a packed row (chan_a / chan_b's channels),
+// each code word read once: adjacent channels of a lane share a word when codes do not
+// straddle words (2 and 4 bits).
+template <int BITS>
+__device__ __forceinline__ uint32_t funnel_offset(uint32_t w, int sh) {
+    return __funnelshift_r(w << 2, w >> 30, sh) & (((1u << BITS) - 1) << 2);
+}
+
+template <int PP, int BITS, bool HALF>
+__device__ __forceinline__ void key_offsets(const uint32_t* row, int lane, uint32_t (&oa)[PP], uint32_t (&ob)[PP]) {
+    if constexpr (32 % BITS != 0 || (HALF && PP == 1)) {
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            oa[k] = code_offset<BITS>(row, chan_a<PP, HALF>(lane, k));
+            ob[k] = code_offset<BITS>(row, chan_b<PP, HALF>(lane, k));
+        }
+    } else if constexpr (HALF) {  // PP = 2: channels (2l, 2l + 1) and (2l + 64, 2l + 65)
+        const int bit = 2 * lane * BITS, sh = bit & 31;
+        const uint32_t wa = row[bit >> 5], wb = row[(bit + 64 * BITS) >> 5];
+        oa[0] = funnel_offset<BITS>(wa, sh), oa[1] = funnel_offset<BITS>(wa, sh + BITS);
+        ob[0] = funnel_offset<BITS>(wb, sh), ob[1] = funnel_offset<BITS>(wb, sh + BITS);
+    } else {  // interleaved: channels 2PP·l .. 2PP·l + 2PP − 1, (a, b) pair after pair
+        const int bit = 2 * PP * lane * BITS, sh = bit & 31;
+        const uint32_t w = row[bit >> 5];
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            oa[k] = funnel_offset<BITS>(w, sh + 2 * k * BITS);
+            ob[k] = funnel_offset<BITS>(w, sh + (2 * k + 1) * BITS);
+        }
+    }
+}
 
 // x as f16 hi + lo (x − hi), two values at a time: the key tile keeps f32-like precision
 // (f16 keys alone: errors past 1e-3 of the output where a few channels are large).
@@ -651,15 +684,19 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
     const long tiles = (a.n + 31) / 32;
     const long tb = (long)split * a.tiles_per_split;
     const long te = min(tiles, tb + a.tiles_per_split);
-    const long base = (long)s * a.cap, last = max(a.n - 1 - a.sink, 0L);
+    // A stream's rows in 32 bits (the host keeps the tokens held below 2^31).
+    const uint8_t* kcodes = a.kcodes + (long)s * a.cap * RB;
+    const uint8_t* vcodes = a.vcodes + (long)s * a.cap * RB;
+    const long base = (long)s * a.cap;
+    const int last = max((int)a.n - 1 - a.sink, 0);
     // Stored row of tile token r (sink tokens and tokens past the end: a valid row, whose
     // keys are replaced or whose weight is 0).
-    auto row_of = [&](long t0, int r) { return base + max(min(t0 - a.sink + r, last), 0L); };
+    auto row_of = [&](long t0, int r) { return max(min((int)t0 - a.sink + r, last), 0); };
     auto stage_keys = [&](long t0) {
 #pragma unroll
         for (int c = lane; c < 32 * CPR; c += 32) {
             const int r = c / CPR, w = c % CPR;
-            const uint8_t* src = a.kcodes + row_of(t0, r) * RB + w * CH;
+            const uint8_t* src = kcodes + row_of(t0, r) * RB + w * CH;
             if constexpr (CH == 16) cp_async(smem_addr(kst) + r * RB + w * CH, src);
             else cp_async8(smem_addr(kst) + r * RB + w * CH, src);
         }
@@ -670,8 +707,9 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
     uint32_t vw[RW], kout[MAX_OUTLIERS], vout[MAX_OUTLIERS];
     __half2 vn;
     auto load_rows = [&](long t0) {
-        const long row = row_of(t0, lane);
-        const uint8_t* src = a.vcodes + row * RB;
+        const int rr = row_of(t0, lane);
+        const long row = base + rr;
+        const uint8_t* src = vcodes + rr * RB;
 #pragma unroll
         for (int w = 0; w < RW; w += CH / 4) {
             if constexpr (CH == 16) {
@@ -716,12 +754,13 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
 #pragma unroll 4
                 for (int r = 0; r < 16; r++) {
                     const int j = 16 * hf + r;
-                    const uint32_t* row = kst + j * RW;
+                    uint32_t oa[PP], ob[PP];
+                    key_offsets<PP, BITS, HALF>(kst + j * RW, lane, oa, ob);
                     float xa[PP], xb[PP];
 #pragma unroll
                     for (int k = 0; k < PP; k++) {
-                        xa[k] = fmaf(ks_a[k], lut(s_kl, code_offset<BITS>(row, ca[k])), kc_a[k]);
-                        xb[k] = fmaf(ks_b[k], lut(s_kl, code_offset<BITS>(row, cb[k])), kc_b[k]);
+                        xa[k] = fmaf(ks_a[k], lut(s_kl, oa[k]), kc_a[k]);
+                        xb[k] = fmaf(ks_b[k], lut(s_kl, ob[k]), kc_b[k]);
                     }
                     if constexpr (decltype(with_sink)::value) {
                         if (t0 + j < a.sink) {  // the same j in every lane

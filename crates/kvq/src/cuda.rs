@@ -1424,8 +1424,8 @@ impl KvQuantGpuLayer {
         if q_heads == 0 || q_heads % hkv != 0 || tokens == 0 || tokens > self.len || q.len() != batch * q_heads * tokens * d || out.len() != q.len() {
             return Err(KvqError::Shape(format!("{tokens} queries of {q_heads} heads over {} held: {} floats do not fit", self.len, q.len())));
         }
-        if self.len > i32::MAX as usize * TILE {
-            return Err(KvqError::Unsupported(format!("{} tokens: the KVQuant kernel counts tiles in 32 bits", self.len)));
+        if self.len > i32::MAX as usize {
+            return Err(KvqError::Unsupported(format!("{} tokens: the KVQuant kernels count a stream's rows in 32 bits", self.len)));
         }
         let nq = q_heads / hkv * tokens;
         let style = if self.rope.half_style { "half" } else { "interleaved" };
