@@ -1410,9 +1410,15 @@ impl KvQuantGpuLayer {
 
     /// Attention of the last `tokens` positions' queries (`q`: `[batch][q_heads][tokens][D]`,
     /// f32, rotated) over every position up to their own (causal); writes `out` (same shape).
-    /// On tensor cores for 2- to 4-bit codes (`kvquant_attn_tc_*`), else on CUDA cores.
+    /// A decode step (one token) on tensor cores for 2- to 4-bit codes (`kvquant_attn_tc_*`);
+    /// chunks of several tokens (prefill, scoring) on CUDA cores in f32. Why: the tensor-core
+    /// kernel's f16 roundings (1-4e-4 of the output) are far inside the attention check, but
+    /// KVQuant's quantizer is discontinuous (a level boundary, an outlier rank), so they flip
+    /// codes of the next layers' K/V, and a perplexity scored through them moved past the
+    /// CPU's own noise (kvq's small model, chunks of 16: kvquant-2 PPL 246.8 on the CPU, 232.2
+    /// on the GPU). Scoring must match the CPU; decoding is where the bytes cost time.
     pub fn attend(&mut self, q: &CudaSlice<f32>, q_heads: usize, tokens: usize, out: &mut CudaSlice<f32>) -> Result<()> {
-        let tensor_cores = (2..=4).contains(&self.keys.bits);
+        let tensor_cores = tokens == 1 && (2..=4).contains(&self.keys.bits);
         self.attend_with(q, q_heads, tokens, out, tensor_cores)
     }
 
