@@ -72,11 +72,13 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             }
         } else {
             // The median, the element of rank D/2 in total order: a radix select over the
-            // order-preserving keys, most significant bit first (a warp-wide count a bit).
+            // order-preserving keys, most significant bit first (a warp-wide count a bit),
+            // until one element is left with the prefix: then its key is the answer (distinct
+            // values part after a dozen bits or so, not 32; ties run all 32).
             uint32_t key[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) key[i] = total_key(v[i]);
-            uint32_t prefix = 0, want = D / 2;
+            uint32_t prefix = 0, want = D / 2, left = D;
             for (int bit = 31; bit >= 0; bit--) {
                 const uint32_t high = bit == 31 ? 0u : ~0u << (bit + 1);
                 uint32_t zeros = 0;
@@ -84,7 +86,18 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
                 for (int i = 0; i < PER; i++)
                     zeros += ((key[i] & high) == prefix && !((key[i] >> bit) & 1u));
                 zeros = __reduce_add_sync(FULL_MASK, zeros);
-                if (want >= zeros) want -= zeros, prefix |= 1u << bit;
+                if (want >= zeros) want -= zeros, prefix |= 1u << bit, left -= zeros;
+                else left = zeros;
+                if (left == 1 && bit > 0) {  // warp-uniform
+                    const uint32_t mask = ~0u << bit;
+                    uint32_t mine = 0;
+                    bool has = false;
+#pragma unroll
+                    for (int i = 0; i < PER; i++)
+                        if ((key[i] & mask) == prefix) mine = key[i], has = true;
+                    prefix = __shfl_sync(FULL_MASK, mine, __ffs(__ballot_sync(FULL_MASK, has)) - 1);
+                    break;
+                }
             }
             const float median = __uint_as_float((prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix);
 #pragma unroll
