@@ -205,14 +205,18 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usi
                 // Decode attention over KVQuant's store (keys taken as pre-RoPE keys, rotated as
                 // read; the first token in the f16 sink), against kvq's CPU cache of the same
                 // preset, calibration and RoPE fed the same K/V.
-                if d == 64 || d == 128 {
-                    let rope = std::sync::Arc::new(kvq::rope::Rope::new(10_000.0, d, kvq::rope::RopeStyle::Half, n));
+                // RoPE with Hugging Face's rotate_half pairs; on the small shapes also with
+                // interleaved pairs (GGUF models, SmolLM2's among them): the kernels differ in
+                // which channels a lane rotates together.
+                let styles: &[(kvq::rope::RopeStyle, &str)] = if n <= 1024 { &[(kvq::rope::RopeStyle::Half, ""), (kvq::rope::RopeStyle::Interleaved, ", interleaved RoPE")] } else { &[(kvq::rope::RopeStyle::Half, "")] };
+                for &(style, tag) in styles.iter().filter(|_| d == 64 || d == 128) {
+                    let rope = std::sync::Arc::new(kvq::rope::Rope::new(10_000.0, d, style, n));
                     let table = std::sync::Arc::new(cuda::CudaRope::new(&dev, &rope, n)?);
                     let mut layer = cuda::KvQuantGpuLayer::new(&dev, s, hkv, d, n, config.sink_tokens, n_out, l, table)?;
                     layer.append(&kd, &vd, n)?;
                     // Both kernels (tensor cores, the default; CUDA cores, a second
                     // implementation), timed in turns.
-                    let kernels = [(true, ""), (false, ", CUDA cores")];
+                    let kernels = [(true, tag.to_string()), (false, format!("{tag}, CUDA cores"))];
                     let mut outs = Vec::new();
                     for _ in &kernels {
                         outs.push(dev.alloc_zeros::<f32>(b * hq * d)?);
