@@ -764,7 +764,7 @@ __device__ __forceinline__ void attn(const KvqAttnArgs& a) {
             // Dequantize and rotate, a lane its pairs, token after token (the tile that
             // holds sink tokens takes them from the f16 sink: a loop of its own).
             auto keys = [&](auto with_sink) {
-#pragma unroll 8
+#pragma unroll 4
                 for (int r = 0; r < 16; r++) {
                     const int j = 16 * hf + r;
                     uint32_t oa[PP], ob[PP];
