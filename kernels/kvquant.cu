@@ -35,7 +35,9 @@ __device__ __forceinline__ uint32_t total_key(float x) {
 // s · dst_cap + dst_t0 + j of the outputs: codes[row][packed], token_norm[row] (values:
 // half2 (centre, half-range)), out_index/out_value[row][n_out].
 // PER: values a lane holds (D = 32·PER), so every per-lane loop has a fixed length.
-template <int PER>
+// BITS: the code width fixed at compile time (2, 3, 4: the presets; the search for a code
+// and the packing then have fixed shapes), or 0 for the `bits` argument's.
+template <int PER, int BITS = 0>
 __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int tokens, int src_tokens, int src_t0,
                      long dst_cap, int dst_t0, int kv_heads, int bits,
                      const float* __restrict__ center, const float* __restrict__ scale,
@@ -45,6 +47,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
     __shared__ float s_bounds[255];
     constexpr int D = 32 * PER;
     __shared__ uint8_t s_code[WARPS][D];
+    if constexpr (BITS != 0) bits = BITS;
     const int nb = (1 << bits) - 1;
     for (int i = threadIdx.x; i < nb; i += blockDim.x) s_bounds[i] = bounds[i];
     __syncthreads();
@@ -149,12 +152,19 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
         // Codes: the number of bounds below each normalized value.
 #pragma unroll
         for (int i = 0; i < PER; i++) {
-            // The number of bounds below: a binary search of the sorted bounds.
-            int lo = 0, hi = nb;
-            while (lo < hi) {
-                const int m = (lo + hi) >> 1;
-                if (s_bounds[m] < norm[i]) lo = m + 1;
-                else hi = m;
+            // The number of bounds below: a binary search of the sorted bounds (2^BITS − 1
+            // of them: BITS halving steps, no branches).
+            int lo = 0;
+            if constexpr (BITS != 0) {
+#pragma unroll
+                for (int step = 1 << (BITS - 1); step >= 1; step >>= 1) lo += s_bounds[lo + step - 1] < norm[i] ? step : 0;
+            } else {
+                int hi = nb;
+                while (lo < hi) {
+                    const int m = (lo + hi) >> 1;
+                    if (s_bounds[m] < norm[i]) lo = m + 1;
+                    else hi = m;
+                }
             }
             s_code[warp][lane + 32 * i] = (uint8_t)lo;
         }
@@ -189,17 +199,23 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
     }
 }
 
-#define KVQ_ENTRY(PER)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) kvquant_quantize_d##PER(                    \
+#define KVQ_ENTRY_NAMED(PER, BITS, NAME)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                       \
         const float* x, int rows, int tokens, int src_tokens, int src_t0, long dst_cap, int dst_t0,     \
         int kv_heads, int bits,                                                                          \
         const float* center, const float* scale, const float* bounds, int n_out, uint8_t* codes,         \
         __half2* token_norm, uint16_t* out_index, __half* out_value) {                                   \
-        kvquant_quantize<PER>(x, rows, tokens, src_tokens, src_t0, dst_cap, dst_t0, kv_heads, bits,      \
-                              center, scale, bounds,                                                     \
-                              n_out, codes, token_norm, out_index, out_value);                           \
+        kvquant_quantize<PER, BITS>(x, rows, tokens, src_tokens, src_t0, dst_cap, dst_t0, kv_heads, bits, \
+                                    center, scale, bounds,                                               \
+                                    n_out, codes, token_norm, out_index, out_value);                     \
     }
-// Kernels for head sizes 32, 64, 96, 128 and 256 (named by values a lane: d1 .. d8).
+// Kernels for head sizes 32, 64, 96, 128 and 256 (named by values a lane: d1 .. d8), any
+// code width (d*), and for 2-, 3- and 4-bit codes (d*_b*).
+#define KVQ_ENTRY(PER)                                          \
+    KVQ_ENTRY_NAMED(PER, 0, kvquant_quantize_d##PER)            \
+    KVQ_ENTRY_NAMED(PER, 2, kvquant_quantize_d##PER##_b2)       \
+    KVQ_ENTRY_NAMED(PER, 3, kvquant_quantize_d##PER##_b3)       \
+    KVQ_ENTRY_NAMED(PER, 4, kvquant_quantize_d##PER##_b4)
 KVQ_ENTRY(1)
 KVQ_ENTRY(2)
 KVQ_ENTRY(3)

@@ -1142,7 +1142,8 @@ impl KvQuantGpu {
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
         let (rl, ti, hk, bi, no) = (rows as i32, tokens as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
         let (sti, st0, cap, dt0) = (src_tokens as i32, src_t0 as i32, self.tokens as i64, dst_t0 as i32);
-        let name = format!("kvquant_quantize_d{}", d / 32);
+        // A kernel built for the code width where there is one (the presets' 2, 3, 4 bits).
+        let name = if (2..=4).contains(&self.bits) { format!("kvquant_quantize_d{}_b{}", d / 32, self.bits) } else { format!("kvquant_quantize_d{}", d / 32) };
         let null = 0u64;
         match key_norm {
             Some((c, s)) => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
