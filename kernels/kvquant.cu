@@ -551,15 +551,18 @@ using namespace tc;
 // memory or from registers, as a byte offset into a table of floats (4 · code), for one
 // LDS [table + offset]: shifted right by sh − 2 through a funnel of (word >> 30 : word << 2),
 // so sh = 0 works too. Codes that straddle two words (3 bits) funnel the two words first.
+template <int BITS>
+__device__ __forceinline__ uint32_t funnel_offset(uint32_t w, int sh) {
+    return __funnelshift_r(w << 2, w >> 30, sh) & (((1u << BITS) - 1) << 2);
+}
 template <int BITS, typename Row>
 __device__ __forceinline__ uint32_t code_offset(const Row& row, int c) {
     const int bit = c * BITS, w = bit >> 5, sh = bit & 31;
-    constexpr uint32_t mask = ((1u << BITS) - 1) << 2;
     if constexpr (32 % BITS == 0) {
-        return __funnelshift_r(row[w] << 2, row[w] >> 30, sh) & mask;
+        return funnel_offset<BITS>(row[w], sh);
     } else {
         const uint32_t hi = sh + BITS > 32 ? row[w + 1] : 0u;
-        return (__funnelshift_r(row[w], hi, sh) << 2) & mask;
+        return (__funnelshift_r(row[w], hi, sh) << 2) & (((1u << BITS) - 1) << 2);
     }
 }
 __device__ __forceinline__ float lut(const float* table, uint32_t offset) {
@@ -576,14 +579,10 @@ __device__ __forceinline__ int chan_a(int lane, int k) { return HALF ? PP * lane
 template <int PP, bool HALF>
 __device__ __forceinline__ int chan_b(int lane, int k) { return HALF ? PP * lane + k + 32 * PP : 2 * (PP * lane + k) + 1; }
 
+
 // Table offsets of this lane's key codes in a packed row (chan_a / chan_b's channels),
 // each code word read once: adjacent channels of a lane share a word when codes do not
 // straddle words (2 and 4 bits).
-template <int BITS>
-__device__ __forceinline__ uint32_t funnel_offset(uint32_t w, int sh) {
-    return __funnelshift_r(w << 2, w >> 30, sh) & (((1u << BITS) - 1) << 2);
-}
-
 template <int PP, int BITS, bool HALF>
 __device__ __forceinline__ void key_offsets(const uint32_t* row, int lane, uint32_t (&oa)[PP], uint32_t (&ob)[PP]) {
     if constexpr (32 % BITS != 0 || (HALF && PP == 1)) {
