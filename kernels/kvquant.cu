@@ -30,116 +30,167 @@ __device__ __forceinline__ uint32_t total_key(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// x: [stream][src_tokens][D] f32, tokens src_t0 .. src_t0 + tokens of each (rows = stream · tokens). center/scale: [kv_heads][D] (keys) or null (values).
+// This lane's PER channels of a row, lane·PER .. lane·PER + PER − 1: one 16-byte load a
+// lane where PER allows (a warp reads the row in one coalesced sweep).
+template <int PER>
+__device__ __forceinline__ void load_lane_channels(const float* __restrict__ p, float (&v)[PER]) {
+    if constexpr (PER % 4 == 0) {
+#pragma unroll
+        for (int j = 0; j < PER / 4; j++) {
+            const float4 f = reinterpret_cast<const float4*>(p)[j];
+            v[4 * j] = f.x, v[4 * j + 1] = f.y, v[4 * j + 2] = f.z, v[4 * j + 3] = f.w;
+        }
+    } else if constexpr (PER % 2 == 0) {
+#pragma unroll
+        for (int j = 0; j < PER / 2; j++) {
+            const float2 f = reinterpret_cast<const float2*>(p)[j];
+            v[2 * j] = f.x, v[2 * j + 1] = f.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < PER; i++) v[i] = p[i];
+    }
+}
+
+// The element of rank D/2 (0-based) of a warp's D = 32·PER keys in unsigned order: the
+// largest K with #(key < K) ≤ D/2, built bit by bit from the top (a warp-wide count a bit:
+// one compare an element). Once a single key is left in the range the bits so far
+// allow, it is the answer (distinct values part after a dozen bits or so; ties run all 32).
+template <int PER>
+__device__ __forceinline__ uint32_t warp_median_key(const uint32_t (&key)[PER], int lane) {
+    constexpr uint32_t WANT = 16 * PER;  // D / 2
+    uint32_t ans = 0, below = 0, below_hi = 32 * PER;  // #(key < ans), #(key < ans + 2^(bit+1))
+#pragma unroll 1
+    for (int bit = 31; bit >= 0; bit--) {
+        const uint32_t cand = ans | (1u << bit);
+        uint32_t c = 0;
+#pragma unroll
+        for (int i = 0; i < PER; i++) c += key[i] < cand;
+        c = __reduce_add_sync(FULL_MASK, c);
+        if (c <= WANT) ans = cand, below = c;
+        else below_hi = c;
+        if (below_hi - below == 1 && bit > 0) {  // warp-uniform: one key in [ans, ans + 2^bit)
+            const uint32_t span = 1u << bit;
+            uint32_t mine = 0;
+            bool has = false;
+#pragma unroll
+            for (int i = 0; i < PER; i++)
+                if (key[i] >= ans && key[i] - ans < span) mine = key[i], has = true;
+            return __shfl_sync(FULL_MASK, mine, __ffs(__ballot_sync(FULL_MASK, has)) - 1);
+        }
+    }
+    return ans;
+}
+
+// x: [stream][src_tokens][D] f32, tokens src_t0 .. src_t0 + tokens of each (rows = stream · tokens). center/scale: [kv_heads][D] (keys).
 // bounds: the codebook's 2^bits − 1 midpoints. Token j of stream s lands in row
 // s · dst_cap + dst_t0 + j of the outputs: codes[row][packed], token_norm[row] (values:
 // half2 (centre, half-range)), out_index/out_value[row][n_out].
-// PER: values a lane holds (D = 32·PER), so every per-lane loop has a fixed length.
+// KEYS: keys (centre and scale per channel) or values (per token).
+// PER: channels a lane holds, consecutive (D = 32·PER), so every per-lane loop has a fixed
+// length and a lane's codes are one run of PER·bits bits of the packed row.
 // BITS: the code width fixed at compile time (2, 3, 4: the presets; the search for a code
 // and the packing then have fixed shapes), or 0 for the `bits` argument's.
-template <int PER, int BITS = 0>
+template <bool KEYS, int PER, int BITS = 0>
 __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int tokens, int src_tokens, int src_t0,
                      long dst_cap, int dst_t0, int kv_heads, int bits,
                      const float* __restrict__ center, const float* __restrict__ scale,
                      const float* __restrict__ bounds, int n_out, uint8_t* __restrict__ codes,
                      __half2* __restrict__ token_norm, uint16_t* __restrict__ out_index,
                      __half* __restrict__ out_value) {
-    __shared__ float s_bounds[255];
     constexpr int D = 32 * PER;
-    __shared__ uint8_t s_code[WARPS][D];
+    __shared__ float s_bounds[255];
+    __shared__ uint32_t s_words[WARPS][D / 4];  // a packed row (≤ 8 bits a code), for runs that are not whole bytes
     if constexpr (BITS != 0) bits = BITS;
     const int nb = (1 << bits) - 1;
     for (int i = threadIdx.x; i < nb; i += blockDim.x) s_bounds[i] = bounds[i];
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    // Each warp takes vector after vector (whole warps leave together, after the
-    // block's only barrier); 32-bit index math (the host keeps rows below 2^31).
-    for (int r = blockIdx.x * WARPS + warp; r < rows; r += gridDim.x * WARPS) {
-        const int h = (r / tokens) % kv_heads;
-        const long dr = (long)(r / tokens) * dst_cap + dst_t0 + r % tokens;  // the output row
-        const float* xr = x + ((long)(r / tokens) * src_tokens + src_t0 + r % tokens) * D;
-        float v[PER], norm[PER], score[PER];
-        bool out[PER];
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            out[i] = false;
-            v[i] = xr[lane + 32 * i];
-        }
-        if (center != nullptr) {
+    // Each warp quantizes a run of consecutive rows (the host sizes the grid to the GPU, so
+    // the runs are even); whole warps leave together, after the block's only barrier.
+    // 32-bit row math: the host keeps rows below 2^31.
+    const long nwarps = (long)gridDim.x * WARPS, per_warp = (rows + nwarps - 1) / nwarps;
+    const long first_row = (blockIdx.x * WARPS + warp) * per_warp;
+    if (first_row >= rows) return;
+    int r = (int)first_row;
+    const int r_end = (int)min((long)rows, first_row + per_warp);
+    int s = r / tokens, t = r - s * tokens, h = s % kv_heads;
+    const int plen = D * bits / 8;  // bytes a packed row (D is a multiple of 32: whole words)
+    const int lane_bits = PER * bits, bit0 = lane * lane_bits;
+    auto row_ptr = [&](int s_, int t_) { return x + ((long)s_ * src_tokens + src_t0 + t_) * D + lane * PER; };
+    float v[PER], cen[PER], scl[PER];
+    load_lane_channels<PER>(row_ptr(s, t), v);
+    int loaded_head = -1;
+    for (; r < r_end; r++) {
+        const long dr = (long)s * dst_cap + dst_t0 + t;  // the output row
+        // The next row, loaded now so that its bytes are in flight while this one is quantized.
+        int s2 = s, t2 = t + 1, h2 = h;
+        if (t2 == tokens) t2 = 0, s2++, h2 = h2 + 1 == kv_heads ? 0 : h2 + 1;
+        float vn[PER];
+        if (r + 1 < r_end) load_lane_channels<PER>(row_ptr(s2, t2), vn);
+
+        float norm[PER];
+        uint32_t score[PER];  // outlier scores as ordered keys, bits of |n| + 1 (0: taken)
+        if constexpr (KEYS) {
+            if (h != loaded_head) {  // warp-uniform: rows of a stream share the head
+                load_lane_channels<PER>(center + (long)h * D + lane * PER, cen);
+                load_lane_channels<PER>(scale + (long)h * D + lane * PER, scl);
+                loaded_head = h;
+            }
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                const int c = h * D + lane + 32 * i;
-                const float sc = scale[c];
-                norm[i] = sc > 0.f ? __fdiv_rn(__fsub_rn(v[i], center[c]), sc) : 0.f;
-                score[i] = fabsf(norm[i]);
+                norm[i] = scl[i] > 0.f ? __fdiv_rn(__fsub_rn(v[i], cen[i]), scl[i]) : 0.f;
+                score[i] = __float_as_uint(fabsf(norm[i])) + 1u;
             }
         } else {
-            // The median, the element of rank D/2 in total order: a radix select over the
-            // order-preserving keys, most significant bit first (a warp-wide count a bit),
-            // until one element is left with the prefix: then its key is the answer (distinct
-            // values part after a dozen bits or so, not 32; ties run all 32).
+            // Distance from the median (rank D/2 in Rust's f32::total_cmp order).
             uint32_t key[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) key[i] = total_key(v[i]);
-            uint32_t prefix = 0, want = D / 2, left = D;
-            for (int bit = 31; bit >= 0; bit--) {
-                const uint32_t high = bit == 31 ? 0u : ~0u << (bit + 1);
-                uint32_t zeros = 0;
+            const uint32_t mk = warp_median_key<PER>(key, lane);
+            const float median = __uint_as_float((mk & 0x80000000u) ? (mk & 0x7fffffffu) : ~mk);
+#pragma unroll
+            for (int i = 0; i < PER; i++) score[i] = __float_as_uint(fabsf(__fsub_rn(v[i], median))) + 1u;
+        }
+        // The n_out largest scores (f32::total_cmp order: |x| as bits), ties to the lower
+        // channel: a round is a warp max, then the lowest lane holding it, its lowest channel.
+        bool out[PER];
+#pragma unroll
+        for (int i = 0; i < PER; i++) out[i] = false;
+        for (int k = 0; k < n_out; k++) {
+            uint32_t m = score[0];
+#pragma unroll
+            for (int i = 1; i < PER; i++) m = max(m, score[i]);
+            m = __reduce_max_sync(FULL_MASK, m);
+            if (m == 0) break;  // warp-uniform: every channel taken
+            int first = -1;
+#pragma unroll
+            for (int i = PER - 1; i >= 0; i--)
+                if (score[i] == m) first = i;
+            if (lane == __ffs(__ballot_sync(FULL_MASK, first >= 0)) - 1) {
 #pragma unroll
                 for (int i = 0; i < PER; i++)
-                    zeros += ((key[i] & high) == prefix && !((key[i] >> bit) & 1u));
-                zeros = __reduce_add_sync(FULL_MASK, zeros);
-                if (want >= zeros) want -= zeros, prefix |= 1u << bit, left -= zeros;
-                else left = zeros;
-                if (left == 1 && bit > 0) {  // warp-uniform
-                    const uint32_t mask = ~0u << bit;
-                    uint32_t mine = 0;
-                    bool has = false;
+                    if (i == first) out[i] = true, score[i] = 0;
+            }
+        }
+        if constexpr (!KEYS) {
+            // Centre and half-range of the vector without its outliers (min and max as
+            // ordered keys; NaNs are skipped, as f32::min and max skip them).
+            uint32_t kmin = 0xffffffffu, kmax = 0;
 #pragma unroll
-                    for (int i = 0; i < PER; i++)
-                        if ((key[i] & mask) == prefix) mine = key[i], has = true;
-                    prefix = __shfl_sync(FULL_MASK, mine, __ffs(__ballot_sync(FULL_MASK, has)) - 1);
-                    break;
+            for (int i = 0; i < PER; i++) {
+                if (!out[i] && !isnan(v[i])) {
+                    kmin = min(kmin, total_key(v[i]));
+                    kmax = max(kmax, total_key(v[i]));
                 }
             }
-            const float median = __uint_as_float((prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix);
-#pragma unroll
-            for (int i = 0; i < PER; i++)
-                score[i] = fabsf(__fsub_rn(v[i], median));
-        }
-        // The n_out largest scores, ties to the lower channel: n_out rounds of a warp argmax.
-        for (int k = 0; k < n_out; k++) {
-            float best = -1.f;
-            int at = 0x7fffffff;
-#pragma unroll
-            for (int i = 0; i < PER; i++) {
-                if (!out[i] && score[i] > best) best = score[i], at = lane + 32 * i;
+            kmin = __reduce_min_sync(FULL_MASK, kmin);
+            kmax = __reduce_max_sync(FULL_MASK, kmax);
+            float lo = 0.f, hi = 0.f;
+            if (kmin != 0xffffffffu && kmin <= kmax) {
+                lo = __uint_as_float((kmin & 0x80000000u) ? (kmin & 0x7fffffffu) : ~kmin);
+                hi = __uint_as_float((kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax);
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float b2 = __shfl_xor_sync(FULL_MASK, best, o);
-                const int a2 = __shfl_xor_sync(FULL_MASK, at, o);
-                if (b2 > best || (b2 == best && a2 < at)) best = b2, at = a2;
-            }
-            if ((at & 31) == lane) {
-#pragma unroll
-                for (int i = 0; i < PER; i++)
-                    if (lane + 32 * i == at) out[i] = true;
-            }
-        }
-        if (center == nullptr) {
-            // Values: centre and half-range of the vector without its outliers.
-            float lo = INFINITY, hi = -INFINITY;
-#pragma unroll
-            for (int i = 0; i < PER; i++) {
-                if (!out[i]) lo = fminf(lo, v[i]), hi = fmaxf(hi, v[i]);
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                lo = fminf(lo, __shfl_xor_sync(FULL_MASK, lo, o));
-                hi = fmaxf(hi, __shfl_xor_sync(FULL_MASK, hi, o));
-            }
-            if (lo > hi) lo = 0.f, hi = 0.f;
             const __half ch = __float2half_rn(__fmul_rn(0.5f, __fadd_rn(lo, hi)));
             const float c = __half2float(ch);
             const __half hh = f16_ceil(fmaxf(fmaxf(__fsub_rn(hi, c), __fsub_rn(c, lo)), 0.f));
@@ -149,7 +200,9 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
                 norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
             if (lane == 0) token_norm[dr] = __halves2half2(ch, hh);
         }
-        // Codes: the number of bounds below each normalized value.
+        // Codes: the number of bounds below each normalized value, this lane's run of them.
+        using Run = typename std::conditional<(BITS != 0 && PER * BITS <= 32), uint32_t, uint64_t>::type;
+        Run run = 0;
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             // The number of bounds below: a binary search of the sorted bounds (2^BITS − 1
@@ -166,56 +219,69 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
                     else hi = m;
                 }
             }
-            s_code[warp][lane + 32 * i] = (uint8_t)lo;
+            run |= (Run)lo << (i * bits);
         }
-        __syncwarp();
-        const int plen = (D * bits + 7) / 8;
-        for (int byte = lane; byte < plen; byte += 32) {
-            uint32_t b = 0;
-            if (8 % bits == 0) {  // whole codes a byte
-                const int each = 8 / bits;
-                for (int e = 0; e < each; e++) b |= (uint32_t)s_code[warp][byte * each + e] << (bits * e);
-            } else {  // codes straddle bytes: bit by bit
-                for (int p = 0; p < 8; p++) {
-                    const int g = 8 * byte + p, i = g / bits;
-                    if (i < D) b |= (uint32_t)((s_code[warp][i] >> (g % bits)) & 1) << p;
+        uint8_t* crow = codes + dr * plen;
+        constexpr int RUN_BITS = PER * BITS;
+        if constexpr (RUN_BITS == 8 || RUN_BITS == 16 || RUN_BITS == 32) {
+            // Whole bytes a lane: stored straight (a warp writes the row in one sweep).
+            if constexpr (RUN_BITS == 8) crow[lane] = (uint8_t)run;
+            else if constexpr (RUN_BITS == 16) reinterpret_cast<uint16_t*>(crow)[lane] = (uint16_t)run;
+            else reinterpret_cast<uint32_t*>(crow)[lane] = (uint32_t)run;
+        } else {
+            // Runs that straddle bytes: ORed into the row's words in shared memory, then
+            // stored a word a lane.
+            const int words = plen / 4;
+            for (int w = lane; w < words; w += 32) s_words[warp][w] = 0;
+            __syncwarp();
+            const int w0 = bit0 >> 5, sh = bit0 & 31;
+            const uint64_t wide = (uint64_t)run;
+            atomicOr(&s_words[warp][w0], (uint32_t)(wide << sh));
+            if (sh + lane_bits > 32) atomicOr(&s_words[warp][w0 + 1], (uint32_t)((wide << sh) >> 32));
+            if (sh + lane_bits > 64) atomicOr(&s_words[warp][w0 + 2], (uint32_t)(wide >> (64 - sh)));
+            __syncwarp();
+            for (int w = lane; w < words; w += 32) reinterpret_cast<uint32_t*>(crow)[w] = s_words[warp][w];
+            __syncwarp();  // s_words is the warp's next row's
+        }
+        // Outliers in ascending channel order: those of lower lanes first, then this lane's.
+        if (n_out > 0) {
+            const unsigned lower = (1u << lane) - 1;
+            int pos = 0;
+#pragma unroll
+            for (int i = 0; i < PER; i++) pos += __popc(__ballot_sync(FULL_MASK, out[i]) & lower);
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                if (out[i]) {
+                    const long k = dr * n_out + pos++;
+                    out_index[k] = (uint16_t)(lane * PER + i);
+                    out_value[k] = __float2half_rn(v[i]);
                 }
             }
-            codes[dr * plen + byte] = (uint8_t)b;
         }
-        // Outliers in ascending channel order: chunk by chunk, lanes in order.
-        int pos = 0;
+        s = s2, t = t2, h = h2;
 #pragma unroll
-        for (int i = 0; i < PER; i++) {
-            const unsigned m = __ballot_sync(FULL_MASK, out[i]);
-            if (out[i]) {
-                const long k = dr * n_out + pos + __popc(m & ((1u << lane) - 1));
-                out_index[k] = (uint16_t)(lane + 32 * i);
-                out_value[k] = __float2half_rn(v[i]);
-            }
-            pos += __popc(m);
-        }
-        __syncwarp();  // s_code is reused by the warp's next vector
+        for (int i = 0; i < PER; i++) v[i] = vn[i];
     }
 }
 
-#define KVQ_ENTRY_NAMED(PER, BITS, NAME)                                                                 \
+#define KVQ_ENTRY_NAMED(KEYS, PER, BITS, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                       \
         const float* x, int rows, int tokens, int src_tokens, int src_t0, long dst_cap, int dst_t0,     \
         int kv_heads, int bits,                                                                          \
         const float* center, const float* scale, const float* bounds, int n_out, uint8_t* codes,         \
         __half2* token_norm, uint16_t* out_index, __half* out_value) {                                   \
-        kvquant_quantize<PER, BITS>(x, rows, tokens, src_tokens, src_t0, dst_cap, dst_t0, kv_heads, bits, \
-                                    center, scale, bounds,                                               \
-                                    n_out, codes, token_norm, out_index, out_value);                     \
+        kvquant_quantize<KEYS, PER, BITS>(x, rows, tokens, src_tokens, src_t0, dst_cap, dst_t0, kv_heads, \
+                                          bits, center, scale, bounds,                                   \
+                                          n_out, codes, token_norm, out_index, out_value);               \
     }
-// Kernels for head sizes 32, 64, 96, 128 and 256 (named by values a lane: d1 .. d8), any
-// code width (d*), and for 2-, 3- and 4-bit codes (d*_b*).
-#define KVQ_ENTRY(PER)                                          \
-    KVQ_ENTRY_NAMED(PER, 0, kvquant_quantize_d##PER)            \
-    KVQ_ENTRY_NAMED(PER, 2, kvquant_quantize_d##PER##_b2)       \
-    KVQ_ENTRY_NAMED(PER, 3, kvquant_quantize_d##PER##_b3)       \
-    KVQ_ENTRY_NAMED(PER, 4, kvquant_quantize_d##PER##_b4)
+// Kernels for keys and values, head sizes 32, 64, 96, 128 and 256 (named by channels a
+// lane: d1 .. d8), any code width (d*), and for 2-, 3- and 4-bit codes (d*_b*).
+#define KVQ_ENTRY_KV(KIND, KEYS, PER)                                            \
+    KVQ_ENTRY_NAMED(KEYS, PER, 0, kvquant_quantize_##KIND##_d##PER)              \
+    KVQ_ENTRY_NAMED(KEYS, PER, 2, kvquant_quantize_##KIND##_d##PER##_b2)         \
+    KVQ_ENTRY_NAMED(KEYS, PER, 3, kvquant_quantize_##KIND##_d##PER##_b3)         \
+    KVQ_ENTRY_NAMED(KEYS, PER, 4, kvquant_quantize_##KIND##_d##PER##_b4)
+#define KVQ_ENTRY(PER) KVQ_ENTRY_KV(keys, true, PER) KVQ_ENTRY_KV(values, false, PER)
 KVQ_ENTRY(1)
 KVQ_ENTRY(2)
 KVQ_ENTRY(3)

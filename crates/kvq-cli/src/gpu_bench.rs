@@ -102,6 +102,7 @@ pub fn attn(shapes: &[AttnShape], variants: &[String], iters: usize, splits: usi
     let mut t = Table::new(&["shape", "B", "ctx", "variant", "MB read", "µs", "GB/s", "% copy", "× candle fp16", "× SDPA", "check"]);
     let mut rows = Vec::new();
     let mut failures = value_check_probes(&dev)?;
+    failures.extend(kvquant_tie_probes(&dev)?);
     for sh in shapes {
         let AttnShape { batch: b, q_heads: hq, kv_heads: hkv, head_dim: d, context: n, .. } = *sh;
         let s = b * hkv;
@@ -340,6 +341,51 @@ fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
         let got16 = cuda::values_in_range(dev, &dev.clone_htod(&h)?)?;
         if got32 != want || got16 != want {
             failures.push(format!("value check ({what}): GPU says f32 {got32}, f16 {got16}; the CPU rule says {want}"));
+        }
+    }
+    Ok(failures)
+}
+
+/// KVQuant's quantize kernels on vectors built to tie: values on a coarse grid, constant
+/// rows, zeros, two-valued rows (the median and the outlier scores tie), a channel with
+/// scale 0; head sizes 64 and 128, code widths 2, 3, 4 (kernels built for them) and 5 (the
+/// runtime-width kernel), 0 to 5 outliers a vector. Bytes must equal the CPU store's.
+/// Each warp takes a run of rows that crosses stream boundaries (37 tokens a stream).
+fn kvquant_tie_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec<String>> {
+    let (streams, kv_heads, tokens) = (6, 3, 37);
+    let mut failures = Vec::new();
+    for d in [64, 128] {
+        let mut rng = kvq::rng::SplitMix64::new(99 + d as u64);
+        let mut x = vec![0f32; streams * tokens * d];
+        for (r, row) in x.chunks_mut(d).enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = match r % 6 {
+                    0 => (2.0 * rng.normal()).round() * 0.5,
+                    1 => 1.25,
+                    2 => 0.0,
+                    3 => rng.normal(),
+                    4 => if c % 2 == 0 { 3.0 } else { -3.0 },
+                    _ => (rng.normal() * 4.0).round() * 0.25 + if c % 17 == 3 { 8.0 } else { 0.0 },
+                };
+            }
+        }
+        let center: Vec<f32> = (0..kv_heads * d).map(|i| ((i % 7) as f32 - 3.0) * 0.25).collect();
+        let scale: Vec<f32> = (0..kv_heads * d).map(|i| if i % d == 5 { 0.0 } else { 0.5 + (i % 5) as f32 * 0.25 }).collect();
+        let xd = dev.clone_htod(&x)?;
+        let (cd, sd) = (dev.clone_htod(&center)?, dev.clone_htod(&scale)?);
+        for bits in [2u8, 3, 4, 5] {
+            let cb = kvq::quant::Codebook::uniform(-1.0, 1.0, bits as u32)?;
+            let gcb = cuda::CudaCodebook::new(dev, &cb)?;
+            for n_out in [0, 1, 2, 5] {
+                for keys in [true, false] {
+                    let mut g = cuda::KvQuantGpu::new(dev, streams, tokens, d, bits, n_out)?;
+                    g.quantize(&xd, kv_heads, &gcb, if keys { Some((&cd, &sd)) } else { None })?;
+                    let all: Vec<usize> = (0..streams).collect();
+                    if let Some(m) = cuda::check_kvquant(&g, &x, &all, kv_heads, &cb, if keys { Some((&center[..], &scale[..])) } else { None })? {
+                        failures.push(format!("KVQuant quantize, tied vectors (d {d}, {bits} bits, {n_out} outliers, {}): {m}", if keys { "keys" } else { "values" }));
+                    }
+                }
+            }
         }
     }
     Ok(failures)

@@ -1137,17 +1137,21 @@ impl KvQuantGpu {
         if key_norm.is_none() && self.token_norm.len() < self.streams * self.tokens {
             self.token_norm = self.dev.alloc_zeros::<u32>(self.streams * self.tokens).map_err(gpu)?;
         }
-        // Warps loop over vectors: a full GPU of them, not one a vector.
-        let blocks = rows.div_ceil(WARPS as usize).min(16 * sm_count(&self.dev)?);
+        // A kernel for keys or values, built for the code width where there is one (the
+        // presets' 2, 3, 4 bits).
+        let kind = if key_norm.is_some() { "keys" } else { "values" };
+        let name = if (2..=4).contains(&self.bits) { format!("kvquant_quantize_{kind}_d{}_b{}", d / 32, self.bits) } else { format!("kvquant_quantize_{kind}_d{}", d / 32) };
+        let f = kvquant_module(&self.dev)?.load_function(&name).map_err(gpu)?;
+        // Each warp takes a run of consecutive rows: as many blocks as the GPU holds at once
+        // (one wave, so the runs end together), fewer when there are fewer rows.
+        let blocks = rows.div_ceil(WARPS as usize).min(blocks_per_sm_of(&f)? * sm_count(&self.dev)?);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
         let (rl, ti, hk, bi, no) = (rows as i32, tokens as i32, kv_heads as i32, self.bits as i32, self.n_out as i32);
         let (sti, st0, cap, dt0) = (src_tokens as i32, src_t0 as i32, self.tokens as i64, dst_t0 as i32);
-        // A kernel built for the code width where there is one (the presets' 2, 3, 4 bits).
-        let name = if (2..=4).contains(&self.bits) { format!("kvquant_quantize_d{}_b{}", d / 32, self.bits) } else { format!("kvquant_quantize_d{}", d / 32) };
         let null = 0u64;
         match key_norm {
-            Some((c, s)) => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
-            None => launch!(kvquant: self.dev, &name, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            Some((c, s)) => launch!(@go f, self.dev, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, c, s, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
+            None => launch!(@go f, self.dev, cfg, x, &rl, &ti, &sti, &st0, &cap, &dt0, &hk, &bi, &null, &null, &codebook.bounds, &no, &mut self.codes, &mut self.token_norm, &mut self.out_index, &mut self.out_value),
         }
         let written = rows * (packed_len(d, self.bits) + self.n_out * crate::quant::outliers::OUTLIER_BYTES) + if key_norm.is_none() { rows * 4 } else { 0 };
         Ok(rows * d * 4 + written)
