@@ -54,32 +54,69 @@ __device__ __forceinline__ void load_lane_channels(const float* __restrict__ p, 
 
 // The element of rank D/2 (0-based) of a warp's D = 32·PER keys in unsigned order: the
 // largest K with #(key < K) ≤ D/2, built bit by bit from the top (a warp-wide count a bit:
-// one compare an element). Once a single key is left in the range the bits so far
-// allow, it is the answer (distinct values part after a dozen bits or so; ties run all 32).
+// one compare an element; the rounds unrolled, so each bit is an immediate). Once a single
+// key is left in the range the bits so far allow, it is the answer (distinct values part
+// after a dozen bits or so; ties run all 32).
 template <int PER>
-__device__ __forceinline__ uint32_t warp_median_key(const uint32_t (&key)[PER], int lane) {
+__device__ __forceinline__ uint32_t warp_median_key(const uint32_t (&key)[PER]) {
     constexpr uint32_t WANT = 16 * PER;  // D / 2
     uint32_t ans = 0, below = 0, below_hi = 32 * PER;  // #(key < ans), #(key < ans + 2^(bit+1))
-#pragma unroll 1
+    uint32_t span = 0;  // 2^bit where one key was left, 0 if none
+#pragma unroll
     for (int bit = 31; bit >= 0; bit--) {
         const uint32_t cand = ans | (1u << bit);
         uint32_t c = 0;
 #pragma unroll
-        for (int i = 0; i < PER; i++) c += key[i] < cand;
+        for (int i = 0; i < PER; i++) c += key[i] < cand ? 1u : 0u;
         c = __reduce_add_sync(FULL_MASK, c);
         if (c <= WANT) ans = cand, below = c;
         else below_hi = c;
-        if (below_hi - below == 1 && bit > 0) {  // warp-uniform: one key in [ans, ans + 2^bit)
-            const uint32_t span = 1u << bit;
-            uint32_t mine = 0;
-            bool has = false;
-#pragma unroll
-            for (int i = 0; i < PER; i++)
-                if (key[i] >= ans && key[i] - ans < span) mine = key[i], has = true;
-            return __shfl_sync(FULL_MASK, mine, __ffs(__ballot_sync(FULL_MASK, has)) - 1);
+        if (bit > 0 && below_hi - below == 1) {  // warp-uniform
+            span = 1u << bit;
+            break;
         }
     }
-    return ans;
+    if (span == 0) return ans;
+    // The one key in [ans, ans + span).
+    uint32_t mine = 0;
+    bool has = false;
+#pragma unroll
+    for (int i = 0; i < PER; i++)
+        if (key[i] >= ans && key[i] - ans < span) mine = key[i], has = true;
+    return __shfl_sync(FULL_MASK, mine, __ffs(__ballot_sync(FULL_MASK, has)) - 1);
+}
+
+// a / b rounded to nearest even (as __fdiv_rn and the CPU's f32 division) when b's
+// reciprocal `r` comes from div_rn_reciprocal(b): the compiler's own short path for
+// div.rn.f32 (a reciprocal refined by one Newton step, a product, one correction), with
+// the reciprocal shared by every a of the same b. That path rounds correctly while a, b,
+// the quotient and the remainder stay normal numbers; div_rn_fits checks a range inside
+// that, and the caller falls back to __fdiv_rn outside it.
+__device__ __forceinline__ float div_rn_reciprocal(float b) {
+    float r0;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(b));
+    return __fmaf_rn(r0, __fmaf_rn(-b, r0, 1.f), r0);
+}
+__device__ __forceinline__ float div_rn_short(float a, float b, float r) {
+    const float q0 = __fmaf_rn(a, r, 0.f);
+    return __fmaf_rn(r, __fmaf_rn(-b, q0, a), q0);
+}
+// |x| in [2^-63, 2^63) (biased exponent 64 .. 189), or x = ±0: with a and b there, the
+// quotient is in (2^-126, 2^126) and the remainder, about 2^-24·|a|, is normal too.
+__device__ __forceinline__ bool div_rn_fits(float x) {
+    const uint32_t e = (__float_as_uint(x) >> 23) & 0xffu;
+    return e - 64u <= 125u || (__float_as_uint(x) & 0x7fffffffu) == 0;
+}
+
+// Checks div_rn_short against __fdiv_rn on n pairs (b > 0): counts the pairs the short
+// path takes (both in range) and those where the two differ (other than in a zero's sign).
+extern "C" __global__ void kvquant_div_probe(const float* a, const float* b, int n, unsigned long long* taken_wrong) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        if (!(b[i] > 0.f) || !div_rn_fits(a[i]) || !div_rn_fits(b[i]) || a[i] == 0.f) continue;
+        const float q = div_rn_short(a[i], b[i], div_rn_reciprocal(b[i])), want = __fdiv_rn(a[i], b[i]);
+        atomicAdd(&taken_wrong[0], 1ull);
+        if (__float_as_uint(q) != __float_as_uint(want) && !(q == 0.f && want == 0.f)) atomicAdd(&taken_wrong[1], 1ull);
+    }
 }
 
 // x: [stream][src_tokens][D] f32, tokens src_t0 .. src_t0 + tokens of each (rows = stream · tokens). center/scale: [kv_heads][D] (keys).
@@ -118,16 +155,24 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
     const int plen = D * bits / 8;  // bytes a packed row (D is a multiple of 32: whole words)
     const int lane_bits = PER * bits, bit0 = lane * lane_bits;
     auto row_ptr = [&](int s_, int t_) { return x + ((long)s_ * src_tokens + src_t0 + t_) * D + lane * PER; };
-    float v[PER], cen[PER], scl[PER];
-    load_lane_channels<PER>(row_ptr(s, t), v);
+    const float* xp = row_ptr(s, t);
+    long dr = (long)s * dst_cap + dst_t0 + t;  // the output row
+    float v[PER], cen[PER], scl[PER], rcp[PER];
+    load_lane_channels<PER>(xp, v);
     int loaded_head = -1;
-    for (; r < r_end; r++) {
-        const long dr = (long)s * dst_cap + dst_t0 + t;  // the output row
+    bool head_slow = false;  // a key scale outside div_rn_fits: that head's rows divide the long way
+    for (;;) {
         // The next row, loaded now so that its bytes are in flight while this one is quantized.
-        int s2 = s, t2 = t + 1, h2 = h;
-        if (t2 == tokens) t2 = 0, s2++, h2 = h2 + 1 == kv_heads ? 0 : h2 + 1;
+        int t2 = t + 1, h2 = h;
+        const float* xn = xp + D;
+        long dn = dr + 1;
+        if (t2 == tokens) {  // warp-uniform: the next stream
+            t2 = 0, s++, h2 = h + 1 == kv_heads ? 0 : h + 1;
+            xn = row_ptr(s, 0), dn = (long)s * dst_cap + dst_t0;
+        }
+        const bool more = r + 1 < r_end;
         float vn[PER];
-        if (r + 1 < r_end) load_lane_channels<PER>(row_ptr(s2, t2), vn);
+        if (more) load_lane_channels<PER>(xn, vn);
 
         float norm[PER];
         uint32_t score[PER];  // outlier scores as ordered keys, bits of |n| + 1 (0: taken)
@@ -135,43 +180,63 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             if (h != loaded_head) {  // warp-uniform: rows of a stream share the head
                 load_lane_channels<PER>(center + (long)h * D + lane * PER, cen);
                 load_lane_channels<PER>(scale + (long)h * D + lane * PER, scl);
+                bool slow = false;
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    slow |= scl[i] > 0.f && !div_rn_fits(scl[i]);
+                    rcp[i] = scl[i] > 0.f ? div_rn_reciprocal(scl[i]) : 0.f;  // 0: n = 0, as a scale ≤ 0 gives
+                }
+                head_slow = __any_sync(FULL_MASK, slow);
                 loaded_head = h;
             }
+            bool fits = !head_slow;
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                norm[i] = scl[i] > 0.f ? __fdiv_rn(__fsub_rn(v[i], cen[i]), scl[i]) : 0.f;
-                score[i] = __float_as_uint(fabsf(norm[i])) + 1u;
+                const float a = __fsub_rn(v[i], cen[i]);
+                fits &= div_rn_fits(a);
+                norm[i] = div_rn_short(a, scl[i], rcp[i]);
             }
+            if (!__all_sync(FULL_MASK, fits)) {  // rare: the long division for the whole row
+#pragma unroll
+                for (int i = 0; i < PER; i++) norm[i] = scl[i] > 0.f ? __fdiv_rn(__fsub_rn(v[i], cen[i]), scl[i]) : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < PER; i++) score[i] = __float_as_uint(fabsf(norm[i])) + 1u;
         } else {
             // Distance from the median (rank D/2 in Rust's f32::total_cmp order).
             uint32_t key[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) key[i] = total_key(v[i]);
-            const uint32_t mk = warp_median_key<PER>(key, lane);
+            const uint32_t mk = warp_median_key<PER>(key);
             const float median = __uint_as_float((mk & 0x80000000u) ? (mk & 0x7fffffffu) : ~mk);
 #pragma unroll
             for (int i = 0; i < PER; i++) score[i] = __float_as_uint(fabsf(__fsub_rn(v[i], median))) + 1u;
         }
         // The n_out largest scores (f32::total_cmp order: |x| as bits), ties to the lower
         // channel: a round is a warp max, then the lowest lane holding it, its lowest channel.
-        bool out[PER];
-#pragma unroll
-        for (int i = 0; i < PER; i++) out[i] = false;
-        for (int k = 0; k < n_out; k++) {
+        // Lane k keeps the channel and value of round k's pick (k < 32).
+        int picked = 0, my_ch = 0;
+        float my_val = 0.f;
+        for (; picked < n_out; picked++) {
             uint32_t m = score[0];
 #pragma unroll
             for (int i = 1; i < PER; i++) m = max(m, score[i]);
             m = __reduce_max_sync(FULL_MASK, m);
             if (m == 0) break;  // warp-uniform: every channel taken
             int first = -1;
+            float first_v = 0.f;
 #pragma unroll
             for (int i = PER - 1; i >= 0; i--)
-                if (score[i] == m) first = i;
-            if (lane == __ffs(__ballot_sync(FULL_MASK, first >= 0)) - 1) {
+                if (score[i] == m) first = i, first_v = v[i];
+            const int winner = __ffs(__ballot_sync(FULL_MASK, first >= 0)) - 1;
+            if (lane == winner) {
 #pragma unroll
                 for (int i = 0; i < PER; i++)
-                    if (i == first) out[i] = true, score[i] = 0;
+                    if (i == first) score[i] = 0;
             }
+            const int fi = __shfl_sync(FULL_MASK, first, winner);
+            const float fv = __shfl_sync(FULL_MASK, first_v, winner);
+            if (lane == picked) my_ch = winner * PER + fi, my_val = fv;
         }
         if constexpr (!KEYS) {
             // Centre and half-range of the vector without its outliers (min and max as
@@ -179,7 +244,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             uint32_t kmin = 0xffffffffu, kmax = 0;
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                if (!out[i] && !isnan(v[i])) {
+                if (score[i] != 0 && !isnan(v[i])) {
                     kmin = min(kmin, total_key(v[i]));
                     kmax = max(kmax, total_key(v[i]));
                 }
@@ -195,9 +260,19 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             const float c = __half2float(ch);
             const __half hh = f16_ceil(fmaxf(fmaxf(__fsub_rn(hi, c), __fsub_rn(c, lo)), 0.f));
             const float half = __half2float(hh);
+            // One reciprocal for the row (half is the same in every lane).
+            const float hr = half > 0.f ? div_rn_reciprocal(half) : 0.f;
+            bool fits = half <= 0.f || div_rn_fits(half);
 #pragma unroll
-            for (int i = 0; i < PER; i++)
-                norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
+            for (int i = 0; i < PER; i++) {
+                const float a = __fsub_rn(v[i], c);
+                fits &= div_rn_fits(a);
+                norm[i] = div_rn_short(a, half, hr);
+            }
+            if (!__all_sync(FULL_MASK, fits)) {
+#pragma unroll
+                for (int i = 0; i < PER; i++) norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
+            }
             if (lane == 0) token_norm[dr] = __halves2half2(ch, hh);
         }
         // Codes: the number of bounds below each normalized value, this lane's run of them.
@@ -243,22 +318,35 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             for (int w = lane; w < words; w += 32) reinterpret_cast<uint32_t*>(crow)[w] = s_words[warp][w];
             __syncwarp();  // s_words is the warp's next row's
         }
-        // Outliers in ascending channel order: those of lower lanes first, then this lane's.
-        if (n_out > 0) {
-            const unsigned lower = (1u << lane) - 1;
-            int pos = 0;
+        // Outliers in ascending channel order: a pick's place is the number of picks at
+        // lower channels (lane k holds pick k); past 32 picks, counted from every lane's
+        // taken channels instead.
+        if (picked > 0) {
+            const long o = dr * n_out;
+            if (picked <= 32) {
+                int pos = 0;
+                for (int j = 0; j < picked; j++) pos += __shfl_sync(FULL_MASK, my_ch, j) < my_ch;
+                if (lane < picked) {
+                    out_index[o + pos] = (uint16_t)my_ch;
+                    out_value[o + pos] = __float2half_rn(my_val);
+                }
+            } else {
+                const unsigned lower = (1u << lane) - 1;
+                int pos = 0;
 #pragma unroll
-            for (int i = 0; i < PER; i++) pos += __popc(__ballot_sync(FULL_MASK, out[i]) & lower);
+                for (int i = 0; i < PER; i++) pos += __popc(__ballot_sync(FULL_MASK, score[i] == 0) & lower);
 #pragma unroll
-            for (int i = 0; i < PER; i++) {
-                if (out[i]) {
-                    const long k = dr * n_out + pos++;
-                    out_index[k] = (uint16_t)(lane * PER + i);
-                    out_value[k] = __float2half_rn(v[i]);
+                for (int i = 0; i < PER; i++) {
+                    if (score[i] == 0) {
+                        out_index[o + pos] = (uint16_t)(lane * PER + i);
+                        out_value[o + pos] = __float2half_rn(v[i]);
+                        pos++;
+                    }
                 }
             }
         }
-        s = s2, t = t2, h = h2;
+        if (!more) break;
+        r++, t = t2, h = h2, xp = xn, dr = dn;
 #pragma unroll
         for (int i = 0; i < PER; i++) v[i] = vn[i];
     }

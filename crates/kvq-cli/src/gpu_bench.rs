@@ -354,6 +354,22 @@ fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
 fn kvquant_tie_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec<String>> {
     let (streams, kv_heads, tokens) = (6, 3, 37);
     let mut failures = Vec::new();
+    // The kernels divide with a reciprocal shared by a row (values) or a head (keys): checked
+    // against IEEE division on 4M pairs over the range where they use it, half of the
+    // divisors with mantissas near 1 or 2 (where a reciprocal rounds worst).
+    let mut rng = kvq::rng::SplitMix64::new(2024);
+    let (mut a, mut b) = (Vec::with_capacity(1 << 22), Vec::with_capacity(1 << 22));
+    for i in 0..1u32 << 22 {
+        let (ra, rb) = (rng.next_u64(), rng.next_u64());
+        let exp = |r: u64| (60 + (r >> 40) % 136) as u32;
+        let mant_b = if i % 2 == 0 { (rb as u32) & 0x7f_ffff } else if i % 4 == 1 { 0x7f_ffff - ((rb as u32) & 0xff) } else { (rb as u32) & 0xff };
+        a.push(f32::from_bits(((ra >> 63) as u32) << 31 | exp(ra) << 23 | (ra as u32) & 0x7f_ffff));
+        b.push(f32::from_bits(exp(rb) << 23 | mant_b));
+    }
+    let (taken, wrong) = cuda::kvquant_div_probe(dev, &a, &b)?;
+    if wrong > 0 || taken < (1 << 21) {
+        failures.push(format!("KVQuant quantize's short division: {wrong} of {taken} quotients differ from IEEE division"));
+    }
     for d in [64, 128] {
         let mut rng = kvq::rng::SplitMix64::new(99 + d as u64);
         let mut x = vec![0f32; streams * tokens * d];

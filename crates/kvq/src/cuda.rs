@@ -999,6 +999,21 @@ pub fn values_in_range<T: CheckedElement>(dev: &CudaDevice, x: &CudaSlice<T>) ->
     Ok(flag[0] == 0)
 }
 
+/// Checks the KVQuant quantize kernels' short division (a reciprocal shared by every
+/// dividend, kvquant.cu's `div_rn_short`) against IEEE division on the pairs `(a[i], b[i])`:
+/// returns how many pairs the short path takes and on how many it differs.
+pub fn kvquant_div_probe(dev: &CudaDevice, a: &[f32], b: &[f32]) -> Result<(u64, u64)> {
+    if a.len() != b.len() || a.len() > i32::MAX as usize {
+        return Err(KvqError::Shape(format!("division probe: {} dividends, {} divisors", a.len(), b.len())));
+    }
+    let (ad, bd) = (dev.clone_htod(a).map_err(gpu)?, dev.clone_htod(b).map_err(gpu)?);
+    let mut counts = dev.alloc_zeros::<u64>(2).map_err(gpu)?;
+    let n = a.len() as i32;
+    launch!(kvquant: dev, "kvquant_div_probe", grid_1d(a.len()), &ad, &bd, &n, &mut counts);
+    let c = dev.cuda_stream().clone_dtoh(&counts).map_err(gpu)?;
+    Ok((c[0], c[1]))
+}
+
 /// The element types [`values_in_range`] reads.
 pub trait CheckedElement: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits {
     const CHECK_KERNEL: &'static str;
