@@ -86,6 +86,66 @@ __device__ __forceinline__ uint32_t warp_median_key(const uint32_t (&key)[PER]) 
     return __shfl_sync(FULL_MASK, mine, __ffs(__ballot_sync(FULL_MASK, has)) - 1);
 }
 
+// The same element by sorting (PER a power of two): a bitonic sort of the warp's keys in
+// ascending order, element e = lane·PER + i, every merge starting with its mirror step
+// (e against e ^ (k − 1)), so the lower element always keeps the minimum. It stops after
+// the last merge's mirror step, which leaves the D/2 smallest keys in lanes 0–15: the
+// answer is the least key of lanes 16–31. About 11 steps across lanes (a shuffle and a
+// min or max a key) whatever the data, where the count above takes a dozen or more.
+template <int PER>
+__device__ __forceinline__ uint32_t warp_median_key_sorted(uint32_t (&x)[PER], int lane) {
+    static_assert((PER & (PER - 1)) == 0, "a power of two");
+    constexpr int D = 32 * PER;
+#pragma unroll
+    for (int k = 2; k <= D; k <<= 1) {
+        // Mirror step: e against e ^ (k − 1).
+        if (k <= PER) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const int p = i ^ (k - 1);
+                if (p > i) {
+                    const uint32_t lo = min(x[i], x[p]), hi = max(x[i], x[p]);
+                    x[i] = lo, x[p] = hi;
+                }
+            }
+        } else {
+            const bool low = (lane & (k / (2 * PER))) == 0;
+            uint32_t y[PER];
+#pragma unroll
+            for (int i = 0; i < PER; i++) y[i] = __shfl_xor_sync(FULL_MASK, x[PER - 1 - i], k / PER - 1);
+#pragma unroll
+            for (int i = 0; i < PER; i++) x[i] = low ? min(x[i], y[i]) : max(x[i], y[i]);
+        }
+        if (k == D) break;
+        // Half-cleaner steps: e against e ^ j.
+#pragma unroll
+        for (int j = k / 4; j >= 1; j >>= 1) {
+            if (j < PER) {
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    if ((i & j) == 0) {
+                        const uint32_t lo = min(x[i], x[i | j]), hi = max(x[i], x[i | j]);
+                        x[i] = lo, x[i | j] = hi;
+                    }
+                }
+            } else {
+                const bool low = (lane & (j / PER)) == 0;
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    const uint32_t y = __shfl_xor_sync(FULL_MASK, x[i], j / PER);
+                    x[i] = low ? min(x[i], y) : max(x[i], y);
+                }
+            }
+        }
+    }
+    uint32_t m = 0xffffffffu;
+    if (lane >= 16) {
+#pragma unroll
+        for (int i = 0; i < PER; i++) m = min(m, x[i]);
+    }
+    return __reduce_min_sync(FULL_MASK, m);
+}
+
 // a / b rounded to nearest even (as __fdiv_rn and the CPU's f32 division) when b's
 // reciprocal `r` comes from div_rn_reciprocal(b): the compiler's own short path for
 // div.rn.f32 (a reciprocal refined by one Newton step, a product, one correction), with
@@ -207,7 +267,9 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             uint32_t key[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) key[i] = total_key(v[i]);
-            const uint32_t mk = warp_median_key<PER>(key);
+            uint32_t mk;
+            if constexpr ((PER & (PER - 1)) == 0) mk = warp_median_key_sorted<PER>(key, lane);
+            else mk = warp_median_key<PER>(key);
             const float median = __uint_as_float((mk & 0x80000000u) ? (mk & 0x7fffffffu) : ~mk);
 #pragma unroll
             for (int i = 0; i < PER; i++) score[i] = __float_as_uint(fabsf(__fsub_rn(v[i], median))) + 1u;

@@ -348,7 +348,7 @@ fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
 
 /// KVQuant's quantize kernels on vectors built to tie: values on a coarse grid, constant
 /// rows, zeros, two-valued rows (the median and the outlier scores tie), a channel with
-/// scale 0; head sizes 64 and 128, code widths 2, 3, 4 (kernels built for them) and 5 (the
+/// scale 0; every head size the kernels take (32, 64, 96, 128, 256), code widths 2, 3, 4 (kernels built for them) and 5 (the
 /// runtime-width kernel), 0 to 5 outliers a vector. Bytes must equal the CPU store's.
 /// Each warp takes a run of rows that crosses stream boundaries (37 tokens a stream).
 fn kvquant_tie_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec<String>> {
@@ -370,7 +370,7 @@ fn kvquant_tie_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
     if wrong > 0 || taken < (1 << 21) {
         failures.push(format!("KVQuant quantize's short division: {wrong} of {taken} quotients differ from IEEE division"));
     }
-    for d in [64, 128] {
+    for d in [32, 64, 96, 128, 256] {
         let mut rng = kvq::rng::SplitMix64::new(99 + d as u64);
         let mut x = vec![0f32; streams * tokens * d];
         for (r, row) in x.chunks_mut(d).enumerate() {
