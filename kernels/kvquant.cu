@@ -276,7 +276,8 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
         }
         // The n_out largest scores (f32::total_cmp order: |x| as bits), ties to the lower
         // channel: a round is a warp max, then the lowest lane holding it, its lowest channel.
-        // Lane k keeps the channel and value of round k's pick (k < 32).
+        // The picks so far, in channel order, one a lane (while there are at most 32): each
+        // new one goes in at its place and those above it move up a lane.
         int picked = 0, my_ch = 0;
         float my_val = 0.f;
         for (; picked < n_out; picked++) {
@@ -296,9 +297,13 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
                 for (int i = 0; i < PER; i++)
                     if (i == first) score[i] = 0;
             }
-            const int fi = __shfl_sync(FULL_MASK, first, winner);
+            const int ch = winner * PER + __shfl_sync(FULL_MASK, first, winner);
             const float fv = __shfl_sync(FULL_MASK, first_v, winner);
-            if (lane == picked) my_ch = winner * PER + fi, my_val = fv;
+            const int place = __popc(__ballot_sync(FULL_MASK, lane < picked && my_ch < ch));
+            const int up_ch = __shfl_up_sync(FULL_MASK, my_ch, 1);
+            const float up_val = __shfl_up_sync(FULL_MASK, my_val, 1);
+            if (lane == place) my_ch = ch, my_val = fv;
+            else if (lane > place && lane <= picked) my_ch = up_ch, my_val = up_val;
         }
         if constexpr (!KEYS) {
             // Centre and half-range of the vector without its outliers (min and max as
@@ -380,17 +385,14 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             for (int w = lane; w < words; w += 32) reinterpret_cast<uint32_t*>(crow)[w] = s_words[warp][w];
             __syncwarp();  // s_words is the warp's next row's
         }
-        // Outliers in ascending channel order: a pick's place is the number of picks at
-        // lower channels (lane k holds pick k); past 32 picks, counted from every lane's
-        // taken channels instead.
+        // Outliers in ascending channel order: lane k holds the k-th; past 32 picks, places
+        // counted from every lane's taken channels instead.
         if (picked > 0) {
             const long o = dr * n_out;
             if (picked <= 32) {
-                int pos = 0;
-                for (int j = 0; j < picked; j++) pos += __shfl_sync(FULL_MASK, my_ch, j) < my_ch;
                 if (lane < picked) {
-                    out_index[o + pos] = (uint16_t)my_ch;
-                    out_value[o + pos] = __float2half_rn(my_val);
+                    out_index[o + lane] = (uint16_t)my_ch;
+                    out_value[o + lane] = __float2half_rn(my_val);
                 }
             } else {
                 const unsigned lower = (1u << lane) - 1;
