@@ -167,6 +167,19 @@ __device__ __forceinline__ bool div_rn_fits(float x) {
     const uint32_t e = (__float_as_uint(x) >> 23) & 0xffu;
     return e - 64u <= 125u || (__float_as_uint(x) & 0x7fffffffu) == 0;
 }
+// div_rn_fits of every a[i] at once: on |a| as bits (NaN and ∞ above 2^63's, ±0 wrapped
+// to the top by the − 1), a max and a min over the lane's values, then two compares.
+template <int PER>
+__device__ __forceinline__ bool div_rn_fits_all(const float (&a)[PER]) {
+    uint32_t hi = 0, lo_m1 = 0xffffffffu;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const uint32_t m = __float_as_uint(a[i]) & 0x7fffffffu;
+        hi = max(hi, m);
+        lo_m1 = min(lo_m1, m - 1u);
+    }
+    return hi < 0x5f000000u && lo_m1 >= 0x1fffffffu;  // |a| < 2^63; |a| ≥ 2^-63 or 0
+}
 
 // Checks div_rn_short against __fdiv_rn on n pairs (b > 0): counts the pairs the short
 // path takes (both in range) and those where the two differ (other than in a zero's sign).
@@ -176,6 +189,21 @@ extern "C" __global__ void kvquant_div_probe(const float* a, const float* b, int
         const float q = div_rn_short(a[i], b[i], div_rn_reciprocal(b[i])), want = __fdiv_rn(a[i], b[i]);
         atomicAdd(&taken_wrong[0], 1ull);
         if (__float_as_uint(q) != __float_as_uint(want) && !(q == 0.f && want == 0.f)) atomicAdd(&taken_wrong[1], 1ull);
+    }
+}
+
+// The number of sorted bounds below n (2^BITS − 1 of them, from shared-space address a):
+// BITS halving steps, each a load at a fixed offset from a walking address (one load, one
+// compare, one add a step, no index arithmetic), branch-free. Returns the address reached,
+// 4 bytes a bound past the first.
+template <int STEP>
+__device__ __forceinline__ uint32_t bounds_below(uint32_t a, float n) {
+    if constexpr (STEP == 0) {
+        return a;
+    } else {
+        float b;
+        asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(b) : "r"(a), "n"(4 * (STEP - 1)));
+        return bounds_below<STEP / 2>(b < n ? a + 4 * STEP : a, n);
     }
 }
 
@@ -202,6 +230,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
     const int nb = (1 << bits) - 1;
     for (int i = threadIdx.x; i < nb; i += blockDim.x) s_bounds[i] = bounds[i];
     __syncthreads();
+    const uint32_t bounds_at = tc::smem_addr(s_bounds);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // Each warp quantizes a run of consecutive rows (the host sizes the grid to the GPU, so
     // the runs are even); whole warps leave together, after the block's only barrier.
@@ -249,14 +278,13 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
                 head_slow = __any_sync(FULL_MASK, slow);
                 loaded_head = h;
             }
-            bool fits = !head_slow;
+            float a[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                const float a = __fsub_rn(v[i], cen[i]);
-                fits &= div_rn_fits(a);
-                norm[i] = div_rn_short(a, scl[i], rcp[i]);
+                a[i] = __fsub_rn(v[i], cen[i]);
+                norm[i] = div_rn_short(a[i], scl[i], rcp[i]);
             }
-            if (!__all_sync(FULL_MASK, fits)) {  // rare: the long division for the whole row
+            if (!__all_sync(FULL_MASK, !head_slow && div_rn_fits_all<PER>(a))) {  // rare: the long division for the whole row
 #pragma unroll
                 for (int i = 0; i < PER; i++) norm[i] = scl[i] > 0.f ? __fdiv_rn(__fsub_rn(v[i], cen[i]), scl[i]) : 0.f;
             }
@@ -278,14 +306,15 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
         // channel: a round is a warp max, then the lowest lane holding it, its lowest channel.
         // The picks so far, in channel order, one a lane (while there are at most 32): each
         // new one goes in at its place and those above it move up a lane.
+        // (A channel not yet taken scores at least 1, so each round's max is one of them.)
+        const int n_pick = min(n_out, D);
         int picked = 0, my_ch = 0;
         float my_val = 0.f;
-        for (; picked < n_out; picked++) {
+        for (; picked < n_pick; picked++) {
             uint32_t m = score[0];
 #pragma unroll
             for (int i = 1; i < PER; i++) m = max(m, score[i]);
             m = __reduce_max_sync(FULL_MASK, m);
-            if (m == 0) break;  // warp-uniform: every channel taken
             int first = -1;
             float first_v = 0.f;
 #pragma unroll
@@ -329,14 +358,13 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             const float half = __half2float(hh);
             // One reciprocal for the row (half is the same in every lane).
             const float hr = half > 0.f ? div_rn_reciprocal(half) : 0.f;
-            bool fits = half <= 0.f || div_rn_fits(half);
+            float a[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) {
-                const float a = __fsub_rn(v[i], c);
-                fits &= div_rn_fits(a);
-                norm[i] = div_rn_short(a, half, hr);
+                a[i] = __fsub_rn(v[i], c);
+                norm[i] = div_rn_short(a[i], half, hr);
             }
-            if (!__all_sync(FULL_MASK, fits)) {
+            if (!__all_sync(FULL_MASK, (half <= 0.f || div_rn_fits(half)) && div_rn_fits_all<PER>(a))) {
 #pragma unroll
                 for (int i = 0; i < PER; i++) norm[i] = half > 0.f ? __fdiv_rn(__fsub_rn(v[i], c), half) : 0.f;
             }
@@ -351,8 +379,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             // of them: BITS halving steps, no branches).
             int lo = 0;
             if constexpr (BITS != 0) {
-#pragma unroll
-                for (int step = 1 << (BITS - 1); step >= 1; step >>= 1) lo += s_bounds[lo + step - 1] < norm[i] ? step : 0;
+                lo = (int)((bounds_below<(1 << (BITS - 1))>(bounds_at, norm[i]) - bounds_at) >> 2);
             } else {
                 int hi = nb;
                 while (lo < hi) {
