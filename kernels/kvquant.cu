@@ -315,23 +315,19 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
 #pragma unroll
             for (int i = 1; i < PER; i++) m = max(m, score[i]);
             m = __reduce_max_sync(FULL_MASK, m);
-            // The lowest channel holding it: a second warp max, over D − 1 − channel.
-            uint32_t low = 0;
+            int first = -1;
+            float first_v = 0.f;
 #pragma unroll
             for (int i = PER - 1; i >= 0; i--)
-                if (score[i] == m) low = (uint32_t)(D - 1 - lane * PER - i);
-            const uint32_t chu = (uint32_t)(D - 1) - __reduce_max_sync(FULL_MASK, low);
-            const int ch = (int)chu, winner = (int)(chu / PER), at = (int)(chu % PER);
-            float pick_v = v[0];
-#pragma unroll
-            for (int i = 1; i < PER; i++)
-                if (i == at) pick_v = v[i];
+                if (score[i] == m) first = i, first_v = v[i];
+            const int winner = __ffs(__ballot_sync(FULL_MASK, first >= 0)) - 1;
             if (lane == winner) {
 #pragma unroll
                 for (int i = 0; i < PER; i++)
-                    if (i == at) score[i] = 0;
+                    if (i == first) score[i] = 0;
             }
-            const float fv = __shfl_sync(FULL_MASK, pick_v, winner);
+            const int ch = winner * PER + __shfl_sync(FULL_MASK, first, winner);
+            const float fv = __shfl_sync(FULL_MASK, first_v, winner);
             const int place = __popc(__ballot_sync(FULL_MASK, lane < picked && my_ch < ch));
             const int up_ch = __shfl_up_sync(FULL_MASK, my_ch, 1);
             const float up_val = __shfl_up_sync(FULL_MASK, my_val, 1);
