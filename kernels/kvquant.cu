@@ -443,13 +443,8 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
     }
 }
 
-// Blocks an SM the quantize kernels are built for: more warps to issue from (the kernels
-// are bound by instructions) where registers allow without spilling much: 12 (48 warps) for
-// head sizes up to 64, 10 for 128 (a few bytes spilled), about what the registers allow anyway
-// for 96 and 256.
-#define KVQ_MIN_BLOCKS(PER) ((PER) <= 2 ? 12 : (PER) == 3 ? 9 : (PER) == 4 ? 10 : 6)
 #define KVQ_ENTRY_NAMED(KEYS, PER, BITS, NAME)                                                           \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, KVQ_MIN_BLOCKS(PER)) NAME(                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                       \
         const float* x, int rows, int tokens, int src_tokens, int src_t0, long dst_cap, int dst_t0,     \
         int kv_heads, int bits,                                                                          \
         const float* center, const float* scale, const float* bounds, int n_out, uint8_t* codes,         \
