@@ -29,6 +29,10 @@ __device__ __forceinline__ uint32_t total_key(float x) {
     const uint32_t b = __float_as_uint(x);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
+// The float whose total_key is k.
+__device__ __forceinline__ float from_total_key(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
 
 // This lane's PER channels of a row, lane·PER .. lane·PER + PER − 1: one 16-byte load a
 // lane where PER allows (a warp reads the row in one coalesced sweep).
@@ -298,7 +302,7 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             uint32_t mk;
             if constexpr ((PER & (PER - 1)) == 0) mk = warp_median_key_sorted<PER>(key, lane);
             else mk = warp_median_key<PER>(key);
-            const float median = __uint_as_float((mk & 0x80000000u) ? (mk & 0x7fffffffu) : ~mk);
+            const float median = from_total_key(mk);
 #pragma unroll
             for (int i = 0; i < PER; i++) score[i] = __float_as_uint(fabsf(__fsub_rn(v[i], median))) + 1u;
         }
@@ -349,8 +353,8 @@ __device__ void kvquant_quantize(const float* __restrict__ x, int rows, int toke
             kmax = __reduce_max_sync(FULL_MASK, kmax);
             float lo = 0.f, hi = 0.f;
             if (kmin != 0xffffffffu && kmin <= kmax) {
-                lo = __uint_as_float((kmin & 0x80000000u) ? (kmin & 0x7fffffffu) : ~kmin);
-                hi = __uint_as_float((kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax);
+                lo = from_total_key(kmin);
+                hi = from_total_key(kmax);
             }
             const __half ch = __float2half_rn(__fmul_rn(0.5f, __fadd_rn(lo, hi)));
             const float c = __half2float(ch);

@@ -353,6 +353,7 @@ fn value_check_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
 /// Each warp takes a run of rows that crosses stream boundaries (37 tokens a stream).
 fn kvquant_tie_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec<String>> {
     let (streams, kv_heads, tokens) = (6, 3, 37);
+    let all: Vec<usize> = (0..streams).collect();
     let mut failures = Vec::new();
     // The kernels divide with a reciprocal shared by a row (values) or a head (keys): checked
     // against IEEE division on 4M pairs over the range where they use it, half of the
@@ -396,7 +397,6 @@ fn kvquant_tie_probes(dev: &candle_core::cuda_backend::CudaDevice) -> Result<Vec
                 for keys in [true, false] {
                     let mut g = cuda::KvQuantGpu::new(dev, streams, tokens, d, bits, n_out)?;
                     g.quantize(&xd, kv_heads, &gcb, if keys { Some((&cd, &sd)) } else { None })?;
-                    let all: Vec<usize> = (0..streams).collect();
                     if let Some(m) = cuda::check_kvquant(&g, &x, &all, kv_heads, &cb, if keys { Some((&center[..], &scale[..])) } else { None })? {
                         failures.push(format!("KVQuant quantize, tied vectors (d {d}, {bits} bits, {n_out} outliers, {}): {m}", if keys { "keys" } else { "values" }));
                     }
