@@ -1067,10 +1067,6 @@ template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     static_assert(!(TK && HALF), "HALF is KIVI's");
     pdl_trigger();
-    // cuda.rs may launch this kernel early too: nothing the kernels ahead write (q, the
-    // cache, the splits an earlier step's merge reads) is touched before they end. Only the
-    // launch and the blocks' start overlap them.
-    pdl_wait();
     using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int VROW = D * VB / 8;  // bytes of one value row

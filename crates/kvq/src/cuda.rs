@@ -139,13 +139,6 @@ fn launch_after(dev: &CudaDevice, name: &str, cfg: LaunchConfig, params: &mut [*
     unsafe { sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(gpu)
 }
 
-/// Whether the tensor-core decode kernel, the first of a call, is launched early as well
-/// (`KVQ_TC_EARLY=0`: the ordinary way, for an A/B in one binary).
-fn tc_early() -> bool {
-    static EARLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *EARLY.get_or_init(|| std::env::var("KVQ_TC_EARLY").map_or(true, |v| v != "0"))
-}
-
 /// `x` as a kernel parameter for [`launch_after`].
 fn param<T>(x: &T) -> *mut std::ffi::c_void {
     x as *const T as *mut std::ffi::c_void
@@ -653,18 +646,13 @@ impl PackedGpuLayer {
             }
         };
         let block = (WARPS * 32, 1, 1);
-        // Later kernels and combine_splits may start before the kernel ahead ends (kivi.cu:
-        // pdl_trigger, pdl_wait); so may the tensor-core kernel, whose blocks wait for the
-        // kernels ahead of the call (appends, an earlier step's merge) before they read.
-        let early = matches!(kernel, AttnKernel::Auto);
         if tc_splits > 0 {
             let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
-            if early && tc_early() {
-                launch_after(&self.dev, &tc_name, cfg, &mut [param(&args)])?;
-            } else {
-                launch!(self.dev, &tc_name, cfg, &args);
-            }
+            launch!(self.dev, &tc_name, cfg, &args);
         }
+        // The first attention kernel starts after the appends that filled the cache; the
+        // others and combine_splits may start early (kivi.cu: pdl_trigger, pdl_wait).
+        let early = matches!(kernel, AttnKernel::Auto);
         let mut started = tc_splits > 0;
         let out_p = if merge_in_window { out.device_ptr_mut(&stream).0 } else { 0 };
         for (splits_here, per, tile0, tile_end, split0, name, out) in [
