@@ -438,19 +438,37 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 
 // Query r, channel c of stream s from its `splits` partial results:
 // Σ acc·2^(m−M) / Σ l·2^(m−M). The splits come from other blocks and kernels: read from L2
-// (ld.global.cg), never from a line this SM's L1 may hold from an earlier launch.
+// (ld.global.cg), never from a line this SM's L1 may hold from an earlier launch. Four
+// splits' loads go out together, then merge: one round trip to L2 for up to four splits
+// (a step's merge is on its critical path), where a loop whose every pass waited on its
+// own load made one a split, twice. Up to four splits, the same operations in the same
+// order as that loop; past four, each batch rescales the sums so far.
 __device__ __forceinline__ float merged_output(const float* part_acc, const float* part_ml, int splits, int rep, int D, int s, int r,
                                                int c) {
-    float M = -INFINITY;
-    for (int k = 0; k < splits; k++) M = fmaxf(M, __ldcg(part_ml + (((long)s * splits + k) * rep + r) * 2));
-    float L = 0.f, A = 0.f;
-    for (int k = 0; k < splits; k++) {
-        const long o = ((long)s * splits + k) * rep + r;
-        const float mk = __ldcg(part_ml + o * 2);
-        if (mk == -INFINITY) continue;
-        const float e = exp2f(mk - M);
-        L += __ldcg(part_ml + o * 2 + 1) * e;
-        A += __ldcg(part_acc + o * D + c) * e;
+    float M = -INFINITY, L = 0.f, A = 0.f;
+    for (int k0 = 0; k0 < splits; k0 += 4) {
+        float mk[4], lk[4], ak[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const long o = ((long)s * splits + k0 + j) * rep + r;
+            const bool in = k0 + j < splits;
+            mk[j] = in ? __ldcg(part_ml + o * 2) : -INFINITY;
+            lk[j] = in ? __ldcg(part_ml + o * 2 + 1) : 0.f;
+            ak[j] = in ? __ldcg(part_acc + o * D + c) : 0.f;
+        }
+        float Mn = M;
+#pragma unroll
+        for (int j = 0; j < 4; j++) Mn = fmaxf(Mn, mk[j]);
+        if (Mn == -INFINITY) continue;
+        const float back = exp2f(M - Mn);  // 0 while nothing is summed (M = −∞)
+        L *= back, A *= back, M = Mn;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (mk[j] == -INFINITY) continue;
+            const float e = exp2f(mk[j] - M);
+            L += lk[j] * e;
+            A += ak[j] * e;
+        }
     }
     return L > 0.f ? A / L : 0.f;
 }
