@@ -476,10 +476,10 @@ __device__ __forceinline__ float merged_output(const float* part_acc, const floa
 // After every warp of the block has left its online-softmax state (max, sum,
 // unnormalized output per query) in shared memory: merges them and writes the split's
 // partial result for queries r0 .. r0 + NQ of stream s.
-template <int D, int NQ, int W = WARPS>
+template <int D, int NQ>
 __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
                                             const float (*sm_acc)[NQ][D], int s, int split, int r0) {
-    merge_warps_write<W, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
+    merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
     // End no earlier than the kernel ahead: combine_splits waits for the last kernel
     // alone, and this makes that one's end mean every split is written.
     pdl_wait();
@@ -839,14 +839,14 @@ ATTN_REPS(128, 4, 2)
 // Then, as in full.cu's fp16_attn, lane j scores token j from its key row (the queries
 // broadcast from shared memory), and lane c accumulates channels c·D/32.. of Σ p_j·v_j.
 // Grid (stream, split, query chunk of REP).
-template <int D, int REP, int W>
+template <int D, int REP>
 __device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
     pdl_trigger();
     constexpr int C = D / 32;  // channels a lane accumulates
     __shared__ __align__(16) float sq[REP][D];
-    __shared__ float sp[W][REP][32];
-    __shared__ float sm_m[W][REP], sm_l[W][REP];
-    __shared__ float sm_acc[W][REP][D];
+    __shared__ float sp[WARPS][REP][32];
+    __shared__ float sm_m[WARPS][REP], sm_l[WARPS][REP];
+    __shared__ float sm_acc[WARPS][REP][D];
     const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -878,7 +878,7 @@ __device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
         }
     };
     load(tb + warp);
-    for (int i = threadIdx.x; i < REP * D; i += W * 32) {
+    for (int i = threadIdx.x; i < REP * D; i += WARPS * 32) {
         const int r = i / D, c = i % D;
         sq[r][c] = r0 + r < a.rep ? a.q[((long)b * a.Hq + h * a.rep + r0 + r) * D + c] * a.scale_log2 : 0.f;
     }
@@ -892,7 +892,7 @@ __device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
 #pragma unroll
         for (int c = 0; c < C; c++) acc[r][c] = 0.f;
     }
-    for (long tile = tb + warp; tile < te; tile += W) {
+    for (long tile = tb + warp; tile < te; tile += WARPS) {
         if (tile != tb + warp) load(tile);
         const bool live = tile * 32 + lane < a.n;
         float sc[REP];
@@ -946,27 +946,25 @@ __device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
         for (int c = 0; c < C; c++) sm_acc[warp][r][lane * C + c] = acc[r][c];
     }
     __syncthreads();
-    write_split<D, REP, W>(a, sm_m, sm_l, sm_acc, s, split, r0);
+    write_split<D, REP>(a, sm_m, sm_l, sm_acc, s, split, r0);
     // The kernels ahead have ended (write_split's pdl_wait) and this block holds the
     // stream's only window split: every split of its queries is in memory, so it merges
     // them here and the step needs no combine_splits (one kernel's end and start fewer).
     if (a.out != nullptr) {
         __syncthreads();  // this block's own split, written by its other threads
-        for (int i = threadIdx.x; i < REP * D; i += W * 32) {
+        for (int i = threadIdx.x; i < REP * D; i += WARPS * 32) {
             const int r = r0 + i / D, c = i % D;
             if (r < a.rep) a.out[((long)b * a.Hq + h * a.rep + r) * D + c] = merged_output(a.part_acc, a.part_ml, a.splits, a.rep, D, s, r, c);
         }
     }
 }
-// W warps a block: the window's blocks run beside the tensor-core kernel's, in the
-// registers those leave an SM, so their size decides how many start at once.
-#define WINDOW_ENTRY(D, REP, W)                                                            \
-    extern "C" __global__ void __launch_bounds__(W * 32)                                    \
-        window_decode_attn_d##D##_r##REP##_w##W(const AttnArgs a) {                        \
-        window_decode_attn<D, REP, W>(a);                                                  \
+#define WINDOW_ENTRY(D, REP)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
+        window_decode_attn_d##D##_r##REP(const AttnArgs a) {                               \
+        window_decode_attn<D, REP>(a);                                                     \
     }
-#define WINDOW_REPS(D, W) WINDOW_ENTRY(D, 1, W) WINDOW_ENTRY(D, 2, W) WINDOW_ENTRY(D, 3, W) WINDOW_ENTRY(D, 4, W)
-WINDOW_REPS(64, 2) WINDOW_REPS(64, 4) WINDOW_REPS(128, 2) WINDOW_REPS(128, 4)
+WINDOW_ENTRY(64, 1) WINDOW_ENTRY(64, 2) WINDOW_ENTRY(64, 3) WINDOW_ENTRY(64, 4)
+WINDOW_ENTRY(128, 1) WINDOW_ENTRY(128, 2) WINDOW_ENTRY(128, 3) WINDOW_ENTRY(128, 4)
 
 // ---------------------------------------------------------------- decode attention on tensor cores
 // The same attention over whole tiles of 32 tokens whose keys and values are both packed,

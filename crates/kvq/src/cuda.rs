@@ -139,20 +139,6 @@ fn launch_after(dev: &CudaDevice, name: &str, cfg: LaunchConfig, params: &mut [*
     unsafe { sys::cuLaunchKernelEx(&lc, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(gpu)
 }
 
-/// The window kernel's warps a block and query heads a block (`KVQ_WINDOW=warps,heads`
-/// overrides them, for A/B runs in one binary): by default 4 warps and the heads the
-/// CUDA-core kernel takes.
-fn window_shape(heads_per_block: usize) -> (usize, usize) {
-    static SHAPE: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
-    let set = SHAPE.get_or_init(|| {
-        let v = std::env::var("KVQ_WINDOW").ok()?;
-        let (w, h) = v.split_once(',')?;
-        let (w, h) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
-        ([2, 4].contains(&w) && (1..=4).contains(&h)).then_some((w, h))
-    });
-    set.unwrap_or((WARPS as usize, heads_per_block))
-}
-
 /// `x` as a kernel parameter for [`launch_after`].
 fn param<T>(x: &T) -> *mut std::ffi::c_void {
     x as *const T as *mut std::ffi::c_void
@@ -591,11 +577,8 @@ impl PackedGpuLayer {
         } else {
             format!("kivi_decode_attn_d{d}_k{}_v{}_r{rep_chunk}", self.k_bits, self.v_bits)
         };
+        let window_name = format!("window_decode_attn_d{d}_r{rep_chunk}");
         let w = WARPS as usize;
-        let (win_warps, win_heads) = window_shape(heads_per_block);
-        let win_rep = rep.min(win_heads);
-        let win_chunks = rep.div_ceil(win_rep);
-        let window_name = format!("window_decode_attn_d{d}_r{win_rep}_w{win_warps}");
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
             t if splits > 0 => fixed(t),
@@ -613,7 +596,7 @@ impl PackedGpuLayer {
             0 => (0, 1),
             t if merge_in_window => (1, t),
             t if splits > 0 && window == 0 => fixed(t),
-            t => plan_splits(t, s * win_chunks, blocks_per_sm(&self.dev, &window_name)? * self.sms, win_warps),
+            t => plan_splits(t, s * chunks, blocks_per_sm(&self.dev, &window_name)? * self.sms, w),
         };
         let total = tc_splits + cc_splits + win_splits + usize::from(fresh.is_some());
         let need_acc = s * total * rep * d;
@@ -672,15 +655,15 @@ impl PackedGpuLayer {
         let early = matches!(kernel, AttnKernel::Auto);
         let mut started = tc_splits > 0;
         let out_p = if merge_in_window { out.device_ptr_mut(&stream).0 } else { 0 };
-        for (splits_here, per, tile0, tile_end, split0, name, out, chunks, warps) in [
-            (cc_splits, cc_per, packed, window, tc_splits, &cc_name, 0, chunks, w),
-            (win_splits, win_per, window, ntiles, tc_splits + cc_splits, &window_name, out_p, win_chunks, win_warps),
+        for (splits_here, per, tile0, tile_end, split0, name, out) in [
+            (cc_splits, cc_per, packed, window, tc_splits, &cc_name, 0),
+            (win_splits, win_per, window, ntiles, tc_splits + cc_splits, &window_name, out_p),
         ] {
             if splits_here == 0 {
                 continue;
             }
             let args = AttnArgs { tiles_per_split: per as i32, tile0: tile0 as i32, tile_end: tile_end as i32, split0: split0 as i32, out, ..args };
-            let cfg = LaunchConfig { grid_dim: (s as u32, splits_here as u32, chunks as u32), block_dim: (warps as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: (s as u32, splits_here as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             if started && early {
                 launch_after(&self.dev, name, cfg, &mut [param(&args)])?;
             } else {
