@@ -566,7 +566,7 @@ impl PackedGpuLayer {
             (tiles.div_ceil(per), per)
         };
         // KVQ_TC_WARPS=6: 6 warps a tensor-core block (KIVI's HALF kernels at 2 or 4 bits), for an A/B.
-        let tc_warps = if !self.layout.token_keys && rep <= TC_QUERIES / 2 && self.k_bits == self.v_bits && std::env::var("KVQ_TC_WARPS").as_deref() == Ok("6") { 6 } else { WARPS as usize };
+        let tc_warps = if !self.layout.token_keys && rep <= TC_QUERIES / 2 && self.k_bits == self.v_bits && (d == 64 || self.k_bits == 2) && std::env::var("KVQ_TC_WARPS").as_deref() == Ok("6") { 6 } else { WARPS as usize };
         let tc_name = if self.layout.token_keys {
             format!("token_decode_attn_tc_d{d}_b{}_g{}", self.k_bits, d / self.value_group)
         } else {
