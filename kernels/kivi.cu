@@ -476,10 +476,10 @@ __device__ __forceinline__ float merged_output(const float* part_acc, const floa
 // After every warp of the block has left its online-softmax state (max, sum,
 // unnormalized output per query) in shared memory: merges them and writes the split's
 // partial result for queries r0 .. r0 + NQ of stream s.
-template <int D, int NQ, int W = WARPS>
+template <int D, int NQ>
 __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
                                             const float (*sm_acc)[NQ][D], int s, int split, int r0) {
-    merge_warps_write<W, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
+    merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
     // End no earlier than the kernel ahead: combine_splits waits for the last kernel
     // alone, and this makes that one's end mean every split is written.
     pdl_wait();
@@ -1061,14 +1061,14 @@ __device__ __forceinline__ int vchunk(int r, int w) {
 
 // One warp's tile in shared memory: key codes (channel by channel, 32 tokens each), key
 // params, 32 value rows, their params.
-template <int D, int KB, int VB, int W>
+template <int D, int KB, int VB>
 struct Tile {
     static constexpr int KC = D * 4 * KB;
     static constexpr int KP = D * 4;
     static constexpr int VC = 32 * D * VB / 8;
     static constexpr int VP = 32 * (D / 32) * 4;
     static constexpr int BYTES = KC + KP + VC + VP;
-    static constexpr int STAGES = W * 3 * BYTES <= 40 * 1024 ? 3 : 2;
+    static constexpr int STAGES = WARPS * 3 * BYTES <= 40 * 1024 ? 3 : 2;
 };
 constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's columns)
 
@@ -1081,15 +1081,15 @@ constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's column
 // lo), and a shuffle adds the halves: one MMA where two were, since 4 of the 8 columns
 // would be padding anyway. Lanes tq and tq + 2 then hold the same scores (bit for bit:
 // the sum is commutative), and the output's columns 4–7 repeat 0–3 (never written).
-template <int D, int KB, int VB, int GPT, bool TK, bool HALF, int W = WARPS>
+template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     static_assert(!(TK && HALF), "HALF is KIVI's");
     pdl_trigger();
-    using T = Tile<D, KB, VB, W>;
+    using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int VROW = D * VB / 8;  // bytes of one value row
-    static_assert(2 * W * NQ * 4 + W * NQ * D * 4 <= W * T::STAGES * T::BYTES, "merge area");
-    __shared__ __align__(16) unsigned char sm[W * T::STAGES * T::BYTES];
+    static_assert(2 * WARPS * NQ * 4 + WARPS * NQ * D * 4 <= WARPS * T::STAGES * T::BYTES, "merge area");
+    __shared__ __align__(16) unsigned char sm[WARPS * T::STAGES * T::BYTES];
     // q · scale_log2 split into f16 hi + lo, laid out as the B fragments of the score MMAs:
     // for query g, k-step ks and lane column tq, {hi(2tq, 2tq+1), hi(2tq+8, 2tq+9), lo(..), lo(..)}
     // (channels counted from 16ks): one 16-byte load a k-step. Rows padded by 16 words so
@@ -1107,13 +1107,13 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     const long kblocks = a.cap / a.G;
     const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
     const long te = min((long)a.tile_end, tb + a.tiles_per_split);
-    const int count = te > tb + warp ? (int)((te - tb - warp + W - 1) / W) : 0;
+    const int count = te > tb + warp ? (int)((te - tb - warp + WARPS - 1) / WARPS) : 0;
     unsigned char* mine = sm + warp * T::STAGES * T::BYTES;
-    // A warp's tiles are W·32 tokens apart: the source pointers step by constants,
+    // A warp's tiles are WARPS·32 tokens apart: the source pointers step by constants,
     // with one wrap into the next key block (no division in the loop).
     const long t_first = (tb + warp) * 32;
     int off = (int)(t_first % a.G);                          // token offset in its key block
-    const int doff = (W * 32) % a.G, dblk = (W * 32) / a.G;
+    const int doff = (WARPS * 32) % a.G, dblk = (WARPS * 32) / a.G;
     const long kat0 = ((long)s * kblocks + t_first / a.G) * D;
     // Key codes: KIVI's MMA tiles, or (TK) rows; either way 32 tokens are KROW·32 bytes in a row.
     // Sources point at this lane's first chunk (TK's swizzled rows: at the tile) and step by
@@ -1136,7 +1136,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             const uint32_t st0 = st - 16 * ld_lane;
             for (int j = ld_lane; j < T::KC / 16; j += 32) cp_async(st0 + 16 * vchunk<KROW / 16>(j / (KROW / 16), j % (KROW / 16)), ld_kc + 16 * j);
             copy_chunks<8 * GPT>(st + T::KC, ld_kp, ld_lane);
-            ld_kp += W * 32 * GPT * 4;
+            ld_kp += WARPS * 32 * GPT * 4;
             for (int j = ld_lane; j < T::VC / 16; j += 32) cp_async(st0 + T::KC + T::KP + 16 * vchunk<VROW / 16>(j / (VROW / 16), j % (VROW / 16)), ld_vc + 16 * j);
         } else {
             // The MMA tiles as they are: lane l's chunk i lands at 16(32i + l), conflict-free.
@@ -1151,7 +1151,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
             off += doff, ld_kp += dblk * D * 4;
             if (off >= a.G) off -= a.G, ld_kp += D * 4;
         }
-        ld_kc += W * 32 * KROW, ld_vc += W * 32 * VROW, ld_vp += W * 32 * GPT * 4;
+        ld_kc += WARPS * 32 * KROW, ld_vc += WARPS * 32 * VROW, ld_vp += WARPS * 32 * GPT * 4;
     };
 
     // The pipeline's first tiles in flight before q is staged: the two round trips to
@@ -1162,7 +1162,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         cp_commit();
     }
 
-    for (int i = threadIdx.x; i < NQ * 4 * KS; i += W * 32) {
+    for (int i = threadIdx.x; i < NQ * 4 * KS; i += WARPS * 32) {
         const int r = i / (4 * KS), ks = i / 4 % KS, t = i % 4;
         const int qi = HALF ? r & 3 : r;  // HALF: rows r and r + 4 both hold query r
         const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + qi) * D + 16 * ks + 2 * t;
@@ -1185,7 +1185,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         sq[r][4 * ks + t] = HALF && r < 4 ? make_uint4(0u, 0u, bits(h01), bits(h89)) : make_uint4(bits(h01), bits(h89), l01, l89);
     }
     if constexpr (TK) {
-        for (int i = threadIdx.x; i < NQ * GPT; i += W * 32) {
+        for (int i = threadIdx.x; i < NQ * GPT; i += WARPS * 32) {
             const int r = i / GPT, gr = i % GPT;
             const float* qr = a.q + ((long)b * a.Hq + h * a.rep + r0 + r) * D + gr * (D / GPT);
             float sum = 0.f;
@@ -1498,8 +1498,8 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     }
     __syncthreads();
     auto sm_m = reinterpret_cast<float (*)[NQ]>(sm);
-    auto sm_l = reinterpret_cast<float (*)[NQ]>(sm + W * NQ * 4);
-    auto sm_acc = reinterpret_cast<float (*)[NQ][D]>(sm + 2 * W * NQ * 4);
+    auto sm_l = reinterpret_cast<float (*)[NQ]>(sm + WARPS * NQ * 4);
+    auto sm_acc = reinterpret_cast<float (*)[NQ][D]>(sm + 2 * WARPS * NQ * 4);
     if (g == 0) {
 #pragma unroll
         for (int j = 0; j < 2; j++) {
@@ -1526,7 +1526,7 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         }
     }
     __syncthreads();
-    write_split<D, NQ, W>(a, sm_m, sm_l, sm_acc, s, split, r0);
+    write_split<D, NQ>(a, sm_m, sm_l, sm_acc, s, split, r0);
 }
 }  // namespace tc
 
@@ -1549,13 +1549,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
         token_decode_attn_tc_d##D##_b##B##_g##GPT(const AttnArgs a) {                        \
         tc::decode_attn<D, B, B, GPT, true, false>(a);                                              \
     }
-// 6 warps a block (name _w6), for an A/B: as many blocks, 1.5× the warps an SM.
-#define TC_ENTRY_W6(D, KB, VB, GPT)                                                         \
-    extern "C" __global__ void __launch_bounds__(6 * 32, D == 64 ? 3 : 2)                   \
-        kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT##_half_w6(const AttnArgs a) {     \
-        tc::decode_attn<D, KB, VB, GPT, false, true, 6>(a);                                  \
-    }
-TC_ENTRY_W6(64, 2, 2, 2) TC_ENTRY_W6(64, 4, 4, 2) TC_ENTRY_W6(128, 2, 2, 4)  // d128 at 4 bits: too much shared memory
 #define TC_BITS(D, GPT) TC_ENTRY(D, 2, 2, GPT) TC_ENTRY(D, 4, 4, GPT) TC_ENTRY(D, 2, 4, GPT) TC_ENTRY(D, 4, 2, GPT)
 TC_BITS(64, 1)
 TC_BITS(64, 2)

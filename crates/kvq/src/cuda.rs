@@ -565,15 +565,12 @@ impl PackedGpuLayer {
             let per = tiles.div_ceil(splits.min(tiles));
             (tiles.div_ceil(per), per)
         };
-        // KVQ_TC_WARPS=6: 6 warps a tensor-core block (KIVI's HALF kernels at 2 or 4 bits), for an A/B.
-        let tc_warps = if !self.layout.token_keys && rep <= TC_QUERIES / 2 && self.k_bits == self.v_bits && (d == 64 || self.k_bits == 2) && std::env::var("KVQ_TC_WARPS").as_deref() == Ok("6") { 6 } else { WARPS as usize };
         let tc_name = if self.layout.token_keys {
             format!("token_decode_attn_tc_d{d}_b{}_g{}", self.k_bits, d / self.value_group)
         } else {
             // At most 4 query heads a KV head: x's hi and lo parts share one MMA (kivi.cu: HALF).
             let half = if rep <= TC_QUERIES / 2 { "_half" } else { "" };
-            let w6 = if tc_warps == 6 { "_w6" } else { "" };
-            format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}{half}{w6}", self.k_bits, self.v_bits, d / self.value_group)
+            format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}{half}", self.k_bits, self.v_bits, d / self.value_group)
         };
         let cc_name = if self.layout.token_keys {
             format!("token_decode_attn_d{d}_b{}_r{rep_chunk}", self.k_bits)
@@ -585,7 +582,7 @@ impl PackedGpuLayer {
         let (tc_splits, tc_per) = match packed {
             0 => (0, 1),
             t if splits > 0 => fixed(t),
-            t => plan_splits_sm_bound(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)?, self.sms, tc_warps, TC_BUSY_WARPS),
+            t => plan_splits_sm_bound(t, s * tc_chunks, blocks_per_sm(&self.dev, &tc_name)?, self.sms, w, TC_BUSY_WARPS),
         };
         let (cc_splits, cc_per) = match window - packed {
             0 => (0, 1),
@@ -650,7 +647,7 @@ impl PackedGpuLayer {
         };
         let block = (WARPS * 32, 1, 1);
         if tc_splits > 0 {
-            let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: (tc_warps as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &tc_name, cfg, &args);
         }
         // The first attention kernel starts after the appends that filled the cache; the
