@@ -438,11 +438,10 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 
 // Query r, channel c of stream s from its `splits` partial results:
 // Σ acc·2^(m−M) / Σ l·2^(m−M). The splits come from other blocks and kernels: read from L2
-// (ld.global.cg), never from a line this SM's L1 may hold from an earlier launch. Four
-// splits' loads go out together, then merge: one round trip to L2 for up to four splits
-// (a step's merge is on its critical path), where a loop whose every pass waited on its
-// own load made one a split, twice. Up to four splits, the same operations in the same
-// order as that loop; past four, each batch rescales the sums so far.
+// (ld.global.cg), never from a line this SM's L1 may hold from an earlier launch. The
+// merge is on a step's critical path, so four splits' loads go out together: one round
+// trip to L2 for up to four splits, not one a pass of a loop. Past four, each batch of
+// four rescales the sums so far.
 __device__ __forceinline__ float merged_output(const float* part_acc, const float* part_ml, int splits, int rep, int D, int s, int r,
                                                int c) {
     float M = -INFINITY, L = 0.f, A = 0.f;
