@@ -424,16 +424,6 @@ struct AttnArgs {
     // The window's kernel, when it is the step's last and runs one split a stream: with
     // `out` set it merges every split into out [batch][Hq][D] (no combine_splits after).
     float* out;
-    // One kernel a step (cuda.rs: AttnKernel::Auto), when `arrivals` is set: the
-    // tensor-core kernel's grid is then 1-D, streams · tc_splits · tc_chunks blocks of
-    // packed tiles (splits from split0, as above) and after them blocks of the window, each
-    // for `window_streams` streams (tiles [win_tile0, ⌈n/32⌉), split win_split). Every block,
-    // and every block of the window's edge kernel after it, adds one to its stream's count
-    // once its split is written; the one that brings the count to `expected` merges the
-    // stream's splits into `out` and sets the count back to 0 for the next step.
-    unsigned* arrivals;
-    int streams, tc_splits, tc_chunks, window_streams;
-    int win_tile0, win_split, expected;
 };
 
 // Programmatic dependent launch (sm_90). A step's attention kernels (tensor cores, the
@@ -484,44 +474,14 @@ __device__ __forceinline__ float merged_output(const float* part_acc, const floa
 
 // After every warp of the block has left its online-softmax state (max, sum,
 // unnormalized output per query) in shared memory: merges them and writes the split's
-// partial result for queries r0 .. r0 + NQ of stream s. A kernel launched early then
-// ends with pdl_wait, no earlier than the kernel ahead: combine_splits (or the next
-// step) waits for the last kernel alone, and this makes that one's end mean every split
-// is written.
+// partial result for queries r0 .. r0 + NQ of stream s.
 template <int D, int NQ>
 __device__ __forceinline__ void write_split(const AttnArgs& a, const float (*sm_m)[NQ], const float (*sm_l)[NQ],
                                             const float (*sm_acc)[NQ][D], int s, int split, int r0) {
     merge_warps_write<WARPS, D, NQ>(sm_m, sm_l, sm_acc, a.part_acc, a.part_ml, a.splits, a.rep, s, split, r0);
-}
-
-// Queries r0 .. r0 + nq of stream s, merged from all its splits, into `out`.
-template <int D>
-__device__ __forceinline__ void merge_stream_out(const AttnArgs& a, int s, int r0, int nq) {
-    const int b = s / a.Hkv, h = s % a.Hkv;
-    for (int i = threadIdx.x; i < nq * D; i += WARPS * 32) {
-        const int r = r0 + i / D, c = i % D;
-        if (r < a.rep) a.out[((long)b * a.Hq + h * a.rep + r) * D + c] = merged_output(a.part_acc, a.part_ml, a.splits, a.rep, D, s, r, c);
-    }
-}
-
-// One kernel a step (AttnArgs::arrivals): once this block's split of stream s is written,
-// count it; the block that completes the count merges every split of the stream. The
-// writes are made visible GPU-wide before the count (the fence), and the last block reads
-// the others' from L2 (merged_output: ld.global.cg) after its own fence.
-template <int D>
-__device__ __forceinline__ void arrive(const AttnArgs& a, int s) {
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(a.arrivals + s, 1u) + 1 == (unsigned)a.expected;
-        if (last) {
-            a.arrivals[s] = 0;  // every block of the step has counted: ready for the next
-            __threadfence();
-        }
-    }
-    __syncthreads();
-    if (last) merge_stream_out<D>(a, s, 0, a.rep);
+    // End no earlier than the kernel ahead: combine_splits waits for the last kernel
+    // alone, and this makes that one's end mean every split is written.
+    pdl_wait();
 }
 
 // 32 consecutive rows of a per-token layout, from `row0`: the u32 word of each row that
@@ -843,23 +803,15 @@ __device__ __forceinline__ void kivi_decode_attn(const AttnArgs& a) {
     write_split<D, REP>(a, sm_m, sm_l, sm_acc, s, split, r0);
 }
 
-// A step's edge kernel in one-kernel mode counts its blocks too (arrive), before it
-// waits for the kernel ahead.
-template <int D, int KB, int VB, int REP, bool TK>
-__device__ __forceinline__ void edge_entry(const AttnArgs& a) {
-    kivi_decode_attn<D, KB, VB, REP, TK>(a);
-    if (a.arrivals != nullptr) arrive<D>(a, blockIdx.x);
-    pdl_wait();
-}
 #define ATTN_ENTRY(D, KB, VB, REP)                                                         \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
         kivi_decode_attn_d##D##_k##KB##_v##VB##_r##REP(const AttnArgs a) {                 \
-        edge_entry<D, KB, VB, REP, false>(a);                                              \
+        kivi_decode_attn<D, KB, VB, REP, false>(a);                                        \
     }
 #define TOKEN_ATTN_ENTRY(D, B, REP)                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
         token_decode_attn_d##D##_b##B##_r##REP(const AttnArgs a) {                         \
-        edge_entry<D, B, B, REP, true>(a);                                                 \
+        kivi_decode_attn<D, B, B, REP, true>(a);                                           \
     }
 #define ATTN_REPS(D, KB, VB) ATTN_ENTRY(D, KB, VB, 1) ATTN_ENTRY(D, KB, VB, 2) ATTN_ENTRY(D, KB, VB, 3) ATTN_ENTRY(D, KB, VB, 4)
 #define TOKEN_ATTN_REPS(D, B) TOKEN_ATTN_ENTRY(D, B, 1) TOKEN_ATTN_ENTRY(D, B, 2) TOKEN_ATTN_ENTRY(D, B, 3) TOKEN_ATTN_ENTRY(D, B, 4)
@@ -885,16 +837,20 @@ ATTN_REPS(128, 4, 2)
 // its tile at once, keys and values, before q is even in shared memory: one round trip.
 // Then, as in full.cu's fp16_attn, lane j scores token j from its key row (the queries
 // broadcast from shared memory), and lane c accumulates channels c·D/32.. of Σ p_j·v_j.
-// A block takes tiles [tb, te) of stream s for queries r0 .. r0 + REP, as split `split`.
+// Grid (stream, split, query chunk of REP).
 template <int D, int REP>
-__device__ __forceinline__ void window_tiles(const AttnArgs& a, int s, long tb, long te, int split, int r0) {
+__device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
+    pdl_trigger();
     constexpr int C = D / 32;  // channels a lane accumulates
     __shared__ __align__(16) float sq[REP][D];
     __shared__ float sp[WARPS][REP][32];
     __shared__ float sm_m[WARPS][REP], sm_l[WARPS][REP];
     __shared__ float sm_acc[WARPS][REP][D];
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * REP;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
+    const long te = min((long)a.tile_end, tb + a.tiles_per_split);
     const __half* kring = a.ktail + (long)s * a.kring * D;
     const __half* vring = a.vtail + (long)s * a.vring * D + lane * C;
 
@@ -990,22 +946,15 @@ __device__ __forceinline__ void window_tiles(const AttnArgs& a, int s, long tb, 
     }
     __syncthreads();
     write_split<D, REP>(a, sm_m, sm_l, sm_acc, s, split, r0);
-}
-
-// The window's own kernel: grid (stream, split, query chunk of REP).
-template <int D, int REP>
-__device__ __forceinline__ void window_decode_attn(const AttnArgs& a) {
-    pdl_trigger();
-    const int s = blockIdx.x, r0 = blockIdx.z * REP;
-    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
-    window_tiles<D, REP>(a, s, tb, min((long)a.tile_end, tb + a.tiles_per_split), a.split0 + blockIdx.y, r0);
-    pdl_wait();
-    // The kernels ahead have ended (pdl_wait) and this block holds the stream's only
-    // window split: every split of its queries is in memory, so it merges them here and
-    // the step needs no combine_splits (one kernel's end and start fewer).
+    // The kernels ahead have ended (write_split's pdl_wait) and this block holds the
+    // stream's only window split: every split of its queries is in memory, so it merges
+    // them here and the step needs no combine_splits (one kernel's end and start fewer).
     if (a.out != nullptr) {
         __syncthreads();  // this block's own split, written by its other threads
-        merge_stream_out<D>(a, s, r0, REP);
+        for (int i = threadIdx.x; i < REP * D; i += WARPS * 32) {
+            const int r = r0 + i / D, c = i % D;
+            if (r < a.rep) a.out[((long)b * a.Hq + h * a.rep + r) * D + c] = merged_output(a.part_acc, a.part_ml, a.splits, a.rep, D, s, r, c);
+        }
     }
 }
 #define WINDOW_ENTRY(D, REP)                                                               \
@@ -1132,7 +1081,7 @@ constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's column
 // would be padding anyway. Lanes tq and tq + 2 then hold the same scores (bit for bit:
 // the sum is commutative), and the output's columns 4–7 repeat 0–3 (never written).
 template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
-__device__ __forceinline__ void decode_attn(const AttnArgs& a, int s, int by, int bz) {
+__device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     static_assert(!(TK && HALF), "HALF is KIVI's");
     pdl_trigger();
     using T = Tile<D, KB, VB>;
@@ -1149,13 +1098,13 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a, int s, int by, in
     __shared__ float sqsum[NQ][GPT];  // TK: Σ q·scale_log2 over each key group's channels
     constexpr int KROW = D * KB / 8;  // bytes of one key row (TK); KIVI's key tile is 32 · KROW bytes too
 
-    // Block (s, by, bz): stream s, split by, queries r0 .. r0 + 8 of the KV head's `rep`.
-    const int split = a.split0 + by, r0 = bz * NQ;
+    // Block z serves queries r0 .. r0 + 8 of the KV head's `rep`.
+    const int s = blockIdx.x, split = a.split0 + blockIdx.y, r0 = blockIdx.z * NQ;
     const int b = s / a.Hkv, h = s % a.Hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
     const long kblocks = a.cap / a.G;
-    const long tb = a.tile0 + (long)by * a.tiles_per_split;
+    const long tb = a.tile0 + (long)blockIdx.y * a.tiles_per_split;
     const long te = min((long)a.tile_end, tb + a.tiles_per_split);
     const int count = te > tb + warp ? (int)((te - tb - warp + WARPS - 1) / WARPS) : 0;
     unsigned char* mine = sm + warp * T::STAGES * T::BYTES;
@@ -1585,57 +1534,19 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a, int s, int by, in
 // (gpu_plan.rs), and the planner asks for 2 or 3 blocks an SM at the goal shapes.
 // Per-token keys: 4 (without the bound the compiler took 154 registers at head size 128;
 // with 5 blocks, 96, it spilled).
-// One kernel a step (tc_entry): a 1-D grid of the packed tiles' blocks in the order a 3-D
-// grid would have them (stream fastest), then the window's, so the packed tiles' blocks are
-// placed first, evenly, as the planner assumed (cuda.rs), and the window's take the slots
-// left in the same wave. A window block takes `window_streams` streams, 2 query heads a pass.
-template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
-__device__ __forceinline__ void step_entry(const AttnArgs& a) {
-    const int id = blockIdx.x, packed = a.streams * a.tc_splits * a.tc_chunks;
-    if (id < packed) {
-        const int s = id % a.streams;
-        tc::decode_attn<D, KB, VB, GPT, TK, HALF>(a, s, id / a.streams % a.tc_splits, id / (a.streams * a.tc_splits));
-        arrive<D>(a, s);
-        return;
-    }
-    pdl_trigger();
-    const int s0 = (id - packed) * a.window_streams, s1 = min(a.streams, s0 + a.window_streams);
-    const long te = (a.n + 31) / 32;
-    for (int s = s0; s < s1; s++) {
-        for (int r0 = 0; r0 < a.rep; r0 += 2) {
-            window_tiles<D, 2>(a, s, a.win_tile0, te, a.win_split, r0);
-            __syncthreads();  // the shared buffers are the next pass's
-        }
-        arrive<D>(a, s);
-    }
-}
-
-// Without `arrivals`: grid (stream, split, query chunk), the packed tiles alone. With it,
-// one kernel for the step (step_entry). Head size 64 only: there the window's path fits
-// in the registers the bounds below give the packed tiles' (128), while at 128 it would
-// spill, and its buffers would pass the 48 KiB of static shared memory a block may have.
-template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
-__device__ __forceinline__ void tc_entry(const AttnArgs& a) {
-    if (D != 64 || a.arrivals == nullptr) {
-        tc::decode_attn<D, KB, VB, GPT, TK, HALF>(a, blockIdx.x, blockIdx.y, blockIdx.z);
-        pdl_wait();
-        return;
-    }
-    if constexpr (D == 64) step_entry<D, KB, VB, GPT, TK, HALF>(a);
-}
 #define TC_ENTRY(D, KB, VB, GPT)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, D == 64 ? 4 : 3)               \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT(const AttnArgs a) {               \
-        tc_entry<D, KB, VB, GPT, false, false>(a);                                           \
+        tc::decode_attn<D, KB, VB, GPT, false, false>(a);                                    \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, D == 64 ? 4 : 3)               \
         kivi_decode_attn_tc_d##D##_k##KB##_v##VB##_g##GPT##_half(const AttnArgs a) {         \
-        tc_entry<D, KB, VB, GPT, false, true>(a);                                            \
+        tc::decode_attn<D, KB, VB, GPT, false, true>(a);                                     \
     }
 #define TOKEN_TC_ENTRY(D, B, GPT)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
         token_decode_attn_tc_d##D##_b##B##_g##GPT(const AttnArgs a) {                        \
-        tc_entry<D, B, B, GPT, true, false>(a);                                              \
+        tc::decode_attn<D, B, B, GPT, true, false>(a);                                              \
     }
 #define TC_BITS(D, GPT) TC_ENTRY(D, 2, 2, GPT) TC_ENTRY(D, 4, 4, GPT) TC_ENTRY(D, 2, 4, GPT) TC_ENTRY(D, 4, 2, GPT)
 TC_BITS(64, 1)

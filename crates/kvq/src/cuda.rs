@@ -179,14 +179,6 @@ struct AttnArgs {
     tile_end: i32,
     split0: i32,
     out: u64,
-    arrivals: u64,
-    streams: i32,
-    tc_splits: i32,
-    tc_chunks: i32,
-    window_streams: i32,
-    win_tile0: i32,
-    win_split: i32,
-    expected: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnArgs {}
@@ -194,17 +186,9 @@ unsafe impl DeviceRepr for AttnArgs {}
 /// Which decode-attention kernel reads the packed tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// The default: one kernel a step where it applies (head size 64, a decode step, a
-    /// window of at most 8 tiles): the packed tiles' blocks and then the window's, each
-    /// counting itself once its split is written, the last of a stream merging them
-    /// (kivi.cu: step_entry, arrive). The tile across the window's edge, if any, still
-    /// gets a kernel of its own, launched early, counting its blocks the same way.
-    /// Elsewhere [`AttnKernel::WindowApart`].
+    /// The default: [`AttnKernel::TensorCores`]' kernels, each after the first launched so
+    /// that it may start before the one ahead of it ends (programmatic dependent launch).
     Auto,
-    /// [`AttnKernel::TensorCores`]' kernels, each after the first launched so that it may
-    /// start before the one ahead of it ends (programmatic dependent launch); the window's
-    /// kernel merges the splits. The default before one kernel a step.
-    WindowApart,
     /// Both products on tensor cores (`tc::decode_attn` in kivi.cu) for the tiles whose
     /// keys and values are all packed; the tile across the window's edge goes to the
     /// CUDA-core kernel, the window's own tiles to `window_decode_attn`; each kernel
@@ -269,9 +253,6 @@ pub struct PackedGpuLayer {
     nqv: usize,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
-    /// One kernel a step: each stream's count of the blocks that have written their split
-    /// (kivi.cu: arrive). 0 between steps: the last block of a step sets it back.
-    arrivals: CudaSlice<u32>,
     /// SMs of the GPU: how many blocks the attention should spread over.
     sms: usize,
 }
@@ -369,7 +350,6 @@ impl PackedGpuLayer {
         let vtail = dev.alloc_zeros::<f16>(s * vring * d).map_err(gpu)?;
         let part_acc = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
         let part_ml = dev.alloc_zeros::<f32>(1).map_err(gpu)?;
-        let arrivals = dev.alloc_zeros::<u32>(s).map_err(gpu)?;
         let sms = sm_count(dev)?;
         Ok(PackedGpuLayer {
             dev: dev.clone(),
@@ -394,7 +374,6 @@ impl PackedGpuLayer {
             nqv: 0,
             part_acc,
             part_ml,
-            arrivals,
             sms,
         })
     }
@@ -569,7 +548,7 @@ impl PackedGpuLayer {
             // The window's few tiles on CUDA cores: 2 query heads a block, not 4, gives them
             // more blocks and fewer registers (H100: kivi-2 at Llama-3-8B B16 8k 96 → 89 µs,
             // kivi-4 at SmolLM2 B64 8k 85 → 76 µs; 1 head a block: 91 and 83).
-            AttnKernel::Auto | AttnKernel::WindowApart | AttnKernel::TensorCores => (true, 2),
+            AttnKernel::Auto | AttnKernel::TensorCores => (true, 2),
             AttnKernel::CudaCores { heads_per_block: h } if !(1..=4).contains(&h) => {
                 return Err(KvqError::InvalidParam(format!("heads per block must be 1 to 4, got {h}")));
             }
@@ -664,51 +643,16 @@ impl PackedGpuLayer {
                 tile_end: packed as i32,
                 split0: 0,
                 out: 0,
-                arrivals: 0,
-                streams: s as i32,
-                tc_splits: tc_splits as i32,
-                tc_chunks: tc_chunks as i32,
-                window_streams: 1,
-                win_tile0: window as i32,
-                win_split: (tc_splits + cc_splits) as i32,
-                expected: 0,
             }
         };
         let block = (WARPS * 32, 1, 1);
-        // One kernel a step (AttnKernel::Auto; kivi.cu: step_entry): the window's blocks take
-        // the slots the packed tiles' blocks leave in their one wave, a few streams each.
-        let tc_blocks = s * tc_splits * tc_chunks;
-        let one_kernel = if matches!(kernel, AttnKernel::Auto) && fresh.is_none() && d == 64 && tc_splits > 0 && ntiles - window <= 2 * w {
-            let free = (blocks_per_sm(&self.dev, &tc_name)? * self.sms).saturating_sub(tc_blocks);
-            let per = s.div_ceil(free.max(1));
-            // Past a few streams a block, the window's blocks would outlast the packed tiles'.
-            (per <= 4).then_some(per)
-        } else {
-            None
-        };
-        if let Some(window_streams) = one_kernel {
-            let win_blocks = if win_splits > 0 { s.div_ceil(window_streams) } else { 0 };
-            let out_p = out.device_ptr_mut(&stream).0;
-            let arrivals = self.arrivals.device_ptr_mut(&stream).0;
-            let expected = tc_splits * tc_chunks + cc_splits * chunks + usize::from(win_blocks > 0);
-            let step = AttnArgs { out: out_p, arrivals, window_streams: window_streams as i32, expected: expected as i32, ..args };
-            let cfg = LaunchConfig { grid_dim: ((tc_blocks + win_blocks) as u32, 1, 1), block_dim: block, shared_mem_bytes: 0 };
-            launch!(self.dev, &tc_name, cfg, &step);
-            if cc_splits > 0 {
-                // The tile across the window's edge: its own kernel (its registers), counted as well.
-                let edge = AttnArgs { tiles_per_split: cc_per as i32, tile0: packed as i32, tile_end: window as i32, split0: tc_splits as i32, ..step };
-                let cfg = LaunchConfig { grid_dim: (s as u32, cc_splits as u32, chunks as u32), block_dim: block, shared_mem_bytes: 0 };
-                launch_after(&self.dev, &cc_name, cfg, &mut [param(&edge)])?;
-            }
-            return Ok(());
-        }
         if tc_splits > 0 {
             let cfg = LaunchConfig { grid_dim: (s as u32, tc_splits as u32, tc_chunks as u32), block_dim: block, shared_mem_bytes: 0 };
             launch!(self.dev, &tc_name, cfg, &args);
         }
         // The first attention kernel starts after the appends that filled the cache; the
         // others and combine_splits may start early (kivi.cu: pdl_trigger, pdl_wait).
-        let early = matches!(kernel, AttnKernel::Auto | AttnKernel::WindowApart);
+        let early = matches!(kernel, AttnKernel::Auto);
         let mut started = tc_splits > 0;
         let out_p = if merge_in_window { out.device_ptr_mut(&stream).0 } else { 0 };
         for (splits_here, per, tile0, tile_end, split0, name, out) in [
