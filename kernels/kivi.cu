@@ -1558,7 +1558,7 @@ TC_BITS(64, 2)
         tc::decode_attn<64, KB, VB, GPT, false, true, ST>(a);                                \
     }
 TC_STAGES_ENTRY(2, 2, 2, 4) TC_STAGES_ENTRY(2, 2, 2, 5) TC_STAGES_ENTRY(2, 2, 2, 6)
-TC_STAGES_ENTRY(4, 4, 2, 4) TC_STAGES_ENTRY(4, 4, 2, 5)
+TC_STAGES_ENTRY(4, 4, 2, 4)
 TC_BITS(128, 1)
 TC_BITS(128, 2)
 TC_BITS(128, 4)
