@@ -1060,14 +1060,14 @@ __device__ __forceinline__ int vchunk(int r, int w) {
 
 // One warp's tile in shared memory: key codes (channel by channel, 32 tokens each), key
 // params, 32 value rows, their params.
-template <int D, int KB, int VB, int ST = 0>
+template <int D, int KB, int VB>
 struct Tile {
     static constexpr int KC = D * 4 * KB;
     static constexpr int KP = D * 4;
     static constexpr int VC = 32 * D * VB / 8;
     static constexpr int VP = 32 * (D / 32) * 4;
     static constexpr int BYTES = KC + KP + VC + VP;
-    static constexpr int STAGES = ST ? ST : WARPS * 3 * BYTES <= 40 * 1024 ? 3 : 2;
+    static constexpr int STAGES = WARPS * 3 * BYTES <= 40 * 1024 ? 3 : 2;
 };
 constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's columns)
 
@@ -1080,11 +1080,11 @@ constexpr int NQ = 8;  // query heads a KV head may serve here (the MMA's column
 // lo), and a shuffle adds the halves: one MMA where two were, since 4 of the 8 columns
 // would be padding anyway. Lanes tq and tq + 2 then hold the same scores (bit for bit:
 // the sum is commutative), and the output's columns 4–7 repeat 0–3 (never written).
-template <int D, int KB, int VB, int GPT, bool TK, bool HALF, int ST = 0>
+template <int D, int KB, int VB, int GPT, bool TK, bool HALF>
 __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
     static_assert(!(TK && HALF), "HALF is KIVI's");
     pdl_trigger();
-    using T = Tile<D, KB, VB, ST>;
+    using T = Tile<D, KB, VB>;
     constexpr int KS = D / 16;        // channel steps of 16: k-steps of the scores, m-tiles of the output
     constexpr int VROW = D * VB / 8;  // bytes of one value row
     static_assert(2 * WARPS * NQ * 4 + WARPS * NQ * D * 4 <= WARPS * T::STAGES * T::BYTES, "merge area");
@@ -1551,14 +1551,6 @@ __device__ __forceinline__ void decode_attn(const AttnArgs& a) {
 #define TC_BITS(D, GPT) TC_ENTRY(D, 2, 2, GPT) TC_ENTRY(D, 4, 4, GPT) TC_ENTRY(D, 2, 4, GPT) TC_ENTRY(D, 4, 2, GPT)
 TC_BITS(64, 1)
 TC_BITS(64, 2)
-// EXPERIMENT: deeper pipelines at head size 64 (cuda.rs: KVQ_TC_STAGES).
-#define TC_STAGES_ENTRY(KB, VB, GPT, ST)                                                    \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                              \
-        kivi_decode_attn_tc_d64_k##KB##_v##VB##_g##GPT##_half_s##ST(const AttnArgs a) {     \
-        tc::decode_attn<64, KB, VB, GPT, false, true, ST>(a);                                \
-    }
-TC_STAGES_ENTRY(2, 2, 2, 4) TC_STAGES_ENTRY(2, 2, 2, 5) TC_STAGES_ENTRY(2, 2, 2, 6)
-TC_STAGES_ENTRY(4, 4, 2, 4)
 TC_BITS(128, 1)
 TC_BITS(128, 2)
 TC_BITS(128, 4)

@@ -570,12 +570,7 @@ impl PackedGpuLayer {
         } else {
             // At most 4 query heads a KV head: x's hi and lo parts share one MMA (kivi.cu: HALF).
             let half = if rep <= TC_QUERIES / 2 { "_half" } else { "" };
-            let name = format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}{half}", self.k_bits, self.v_bits, d / self.value_group);
-            // EXPERIMENT: a deeper pipeline at head size 64.
-            match std::env::var("KVQ_TC_STAGES") {
-                Ok(st) if d == 64 && !half.is_empty() => format!("{name}_s{st}"),
-                _ => name,
-            }
+            format!("kivi_decode_attn_tc_d{d}_k{}_v{}_g{}{half}", self.k_bits, self.v_bits, d / self.value_group)
         };
         let cc_name = if self.layout.token_keys {
             format!("token_decode_attn_d{d}_b{}_r{rep_chunk}", self.k_bits)
